@@ -1,0 +1,3 @@
+from cmc_kit.cli import main
+
+raise SystemExit(main())

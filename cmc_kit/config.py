@@ -1,0 +1,339 @@
+"""Run configuration: frozen dataclasses, named presets, JSON round trip, dotted overrides.
+
+Only this module (and `data.py` for Kaggle mounts) looks at the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ALL_VIEWS = ("terrain", "segmentation", "height", "overview")
+TRUNK_NAMES = (
+    "resnet34",
+    "original",
+    "regnetx-200mf",
+    "regnetx-400mf",
+    "regnetx-800mf",
+    "regnetx-1.6gf",
+    "regnetx-3.2gf",
+)
+
+
+from cmc_kit.errors import CmcKitError
+
+
+class ConfigError(CmcKitError, ValueError):
+    """A setting is unknown, has the wrong type, or does not match a saved run."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    crop_size: int = 256              # 256 as in the original; 64 for CPU runs
+    batch_size: int = 5               # global batch (split across replicas)
+    validation_fraction: float = 0.1  # held out by sample id, never trained on
+    split_seed: int = 0
+    augment: bool = False             # aligned flips / 90-degree rotations of the crops
+    cache: str = ""                   # path of a `cmc-kit prepare` cache; "" reads the PNGs
+
+    def __post_init__(self):
+        _check(self.crop_size >= 8, "data.crop_size", self.crop_size, "an integer >= 8")
+        _check(self.batch_size >= 2, "data.batch_size", self.batch_size, "an integer >= 2")
+        _check(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction",
+               self.validation_fraction, "a fraction in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    views: tuple[str, ...] = ALL_VIEWS
+    trunk: str = "resnet34"           # see TRUNK_NAMES; regnetx-* use grouped convs
+    width: float = 1.0                # channel multiplier of the trunk
+    head: str = "mlp"                 # "mlp" or "attention"
+    embedding_dim: int = 128
+    shared_trunk: bool = True         # one trunk for all views (seed Update 1) or one per view
+    share_overview_stem: bool = True  # overview reuses the terrain stem, as in the original
+    attention_heads: int = 3
+    attention_dim: int = 64
+
+    def __post_init__(self):
+        views = tuple(self.views)
+        object.__setattr__(self, "views", views)
+        unknown = [v for v in views if v not in ALL_VIEWS]
+        _check(not unknown and len(views) >= 2 and len(set(views)) == len(views),
+               "model.views", views, f"two or more distinct names from {ALL_VIEWS}")
+        _check(self.trunk in TRUNK_NAMES, "model.trunk", self.trunk, f"one of {TRUNK_NAMES}")
+        _check(self.head in ("mlp", "attention"), "model.head", self.head, "'mlp' or 'attention'")
+        _check(self.width > 0, "model.width", self.width, "a positive number")
+        _check(self.embedding_dim >= 2, "model.embedding_dim", self.embedding_dim, ">= 2")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 15
+    learning_rate: float = 1e-4       # Adam, as the original
+    beta_1: float = 0.9
+    clipnorm: float = 100.0
+    lr_schedule: str = "constant"     # "constant" or "cosine" (after warmup)
+    warmup_steps: int = 0
+    momentum: float = 0.99            # EMA of the key encoder
+    momentum_schedule: str = "constant"  # "constant" or "cosine" (ramps momentum to 1)
+    temperature: float = 0.07
+    loss: str = "infonce"             # "infonce" (MoCo) or "nce" (the original's CMC NCE)
+    pairs: str = "original"           # "original", "full", "core:<view>" or "a-b,c-d,..."
+    inter_weight: float = 1.0
+    intra_weight: float = 1.0
+    queue_multiplier: int = 10        # queue size K = multiplier x global batch
+    positive: str = "momentum"        # positive key from "momentum" (MoCo) or "online" (original)
+    seed: int = 0                     # data order, crops and initialisation
+    checkpoint_every_steps: int = 0   # 0: only at epoch end
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 20     # consecutive skipped steps before stopping
+    mixed_precision: str = "off"      # "off", "auto", "mixed_float16", "mixed_bfloat16"
+    jit_compile: bool = False         # XLA
+    deterministic: bool = False       # tf.config.experimental.enable_op_determinism
+    log_every_steps: int = 0          # per-step rows in log_steps.csv; 0 = off
+    eval_subset: int = 64             # fixed held-out samples embedded every epoch
+    knn_every_epoch: bool = True      # cheap online kNN accuracy on the eval subset
+    strategy: str = "auto"            # "auto", "default", "mirrored", "tpu"
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.temperature > 0, "train.temperature", self.temperature, "a positive number")
+        _check(0.0 <= self.momentum <= 1.0, "train.momentum", self.momentum, "a value in [0, 1]")
+        _check(self.loss in ("infonce", "nce"), "train.loss", self.loss, "'infonce' or 'nce'")
+        _check(self.positive in ("momentum", "online"), "train.positive", self.positive,
+               "'momentum' or 'online'")
+        _check(self.queue_multiplier >= 1, "train.queue_multiplier", self.queue_multiplier, ">= 1")
+        _check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", self.lr_schedule,
+               "'constant' or 'cosine'")
+        _check(self.momentum_schedule in ("constant", "cosine"), "train.momentum_schedule",
+               self.momentum_schedule, "'constant' or 'cosine'")
+        _check(self.mixed_precision in ("off", "auto", "mixed_float16", "mixed_bfloat16"),
+               "train.mixed_precision", self.mixed_precision,
+               "'off', 'auto', 'mixed_float16' or 'mixed_bfloat16'")
+        _check(self.strategy in ("auto", "default", "mirrored", "tpu"), "train.strategy",
+               self.strategy, "'auto', 'default', 'mirrored' or 'tpu'")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model"]["views"] = list(self.model.views)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        sections = {}
+        for f in dataclasses.fields(cls):
+            section_cls = f.default_factory
+            values = dict(raw.get(f.name, {}))
+            known = {sf.name for sf in dataclasses.fields(section_cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ConfigError(
+                    f"Unknown setting(s) {', '.join(f'{f.name}.{k}' for k in unknown)}. "
+                    f"Valid keys: {', '.join(valid_keys())}")
+            sections[f.name] = section_cls(**values)
+        return cls(**sections)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Config":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"Cannot read run config {path}: {err}. "
+                              "Delete it or start the run with --fresh.") from err
+        return cls.from_dict(raw)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), self.to_json() + "\n")
+
+    # -- overrides -------------------------------------------------------------------------
+    def with_overrides(self, overrides: dict[str, Any] | list[str] | None) -> "Config":
+        """Returns a copy with `section.key` settings replaced.
+
+        `overrides` is a dict of dotted names to values, or a list of "key=value" strings
+        (values parsed as JSON when possible, e.g. `model.width=0.25`, `data.augment=true`).
+        """
+        if not overrides:
+            return self
+        if isinstance(overrides, (list, tuple)):
+            overrides = dict(parse_assignment(item) for item in overrides)
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if section not in raw or key not in raw[section]:
+                raise ConfigError(f"Unknown setting '{dotted}'. Valid keys: {', '.join(valid_keys())}")
+            raw[section][key] = _coerce(dotted, value, _field_type(section, key))
+        return Config.from_dict(raw)
+
+    def model_differences(self, other: "Config") -> list[str]:
+        """Fields of the model config (and crop size) that differ: these break a resume."""
+        diffs = []
+        mine, theirs = dataclasses.asdict(self.model), dataclasses.asdict(other.model)
+        for key in mine:
+            if _normalise(mine[key]) != _normalise(theirs[key]):
+                diffs.append(f"model.{key}: saved {theirs[key]!r}, requested {mine[key]!r}")
+        for key in ("batch_size",):
+            if getattr(self.data, key) != getattr(other.data, key):
+                diffs.append(f"data.{key}: saved {getattr(other.data, key)!r}, "
+                             f"requested {getattr(self.data, key)!r}")
+        for key in ("queue_multiplier", "pairs", "seed"):
+            if getattr(self.train, key) != getattr(other.train, key):
+                diffs.append(f"train.{key}: saved {getattr(other.train, key)!r}, "
+                             f"requested {getattr(self.train, key)!r}")
+        return diffs
+
+
+def _normalise(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def parse_assignment(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"Override '{item}' must look like key=value, e.g. model.width=0.5")
+    key, _, value = item.partition("=")
+    return key.strip(), value.strip()
+
+
+def valid_keys() -> list[str]:
+    keys = []
+    for f in dataclasses.fields(Config):
+        keys += [f"{f.name}.{sf.name}" for sf in dataclasses.fields(f.default_factory)]
+    return keys
+
+
+def _field_type(section: str, key: str):
+    section_cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]
+    hints = typing.get_type_hints(section_cls)
+    return hints[key]
+
+
+def _coerce(dotted: str, value: Any, kind) -> Any:
+    if not isinstance(value, str):
+        return list(value) if isinstance(value, tuple) else value
+    text = value
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        # tuple[str, ...]: "terrain,height"
+        return [part.strip() for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"Setting '{dotted}' expects {getattr(kind, '__name__', kind)}. "
+                          f"Received: {text!r}") from None
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"Setting '{name}' must be {expected}. Received: {value!r}")
+
+
+# -- presets ------------------------------------------------------------------------------
+
+def _preset_cpu_demo() -> Config:
+    # Small enough for an epoch over ~100 synthetic samples in well under a minute on 2 cores.
+    return Config(
+        data=DataConfig(crop_size=64, batch_size=16),
+        model=ModelConfig(trunk="resnet34", width=0.125, embedding_dim=64),
+        train=TrainConfig(epochs=8, learning_rate=1e-3, queue_multiplier=4, momentum=0.99,
+                          eval_subset=32),
+    )
+
+
+def _preset_kaggle_t4() -> Config:
+    # 256 crops, full-width ResNet-34; batch 32 fits a 16 GB T4 in mixed precision
+    # (about 3.5 it/s per T4 expected; 2x T4 split the batch under MirroredStrategy).
+    return Config(
+        data=DataConfig(crop_size=256, batch_size=32),
+        model=ModelConfig(trunk="resnet34", width=1.0, embedding_dim=128),
+        train=TrainConfig(epochs=20, learning_rate=3e-4, lr_schedule="cosine", warmup_steps=500,
+                          mixed_precision="auto", jit_compile=True, checkpoint_every_steps=500,
+                          eval_subset=256),
+    )
+
+
+def _preset_original() -> Config:
+    # The seed's settings: batch 5, 256 crops, Adam 1e-4, NCE, positives from the online net.
+    return Config(
+        data=DataConfig(crop_size=256, batch_size=5),
+        model=ModelConfig(trunk="resnet34", width=1.0, embedding_dim=128),
+        train=TrainConfig(epochs=15, loss="nce", positive="online"),
+    )
+
+
+PRESETS = {
+    "cpu-demo": _preset_cpu_demo,
+    "kaggle-t4": _preset_kaggle_t4,
+    "original": _preset_original,
+    "seed": _preset_original,  # alias used in DESIGN.md
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown preset '{name}'. Choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# -- environment ----------------------------------------------------------------------------
+
+def on_kaggle() -> bool:
+    """True inside a Kaggle notebook (kernel env var, or the /kaggle/working mount)."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or Path("/kaggle/working").is_dir()
+
+
+def in_ci() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+def repository_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def default_paths() -> dict[str, Path]:
+    """Where data and runs live: /kaggle/working on Kaggle, the repository's data/ and runs/ locally."""
+    if on_kaggle():
+        working = Path("/kaggle/working")
+        return {"data": working / "data", "runs": working / "runs", "input": Path("/kaggle/input")}
+    root = repository_root()
+    if not (root / "pyproject.toml").exists():  # installed as a package, not a checkout
+        root = Path.cwd()
+    return {"data": root / "data", "runs": root / "runs", "input": root / "data"}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes through a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

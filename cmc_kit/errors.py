@@ -1,0 +1,21 @@
+"""Errors cmc_kit raises on purpose: each message names the file or setting and the fix."""
+
+
+class CmcKitError(Exception):
+    """Base class: the CLI prints these as one line instead of a traceback."""
+
+
+class DataError(CmcKitError):
+    """A dataset file or folder is missing, unreadable or has the wrong format."""
+
+
+class CredentialsError(CmcKitError):
+    """Kaggle credentials are missing or invalid."""
+
+
+class CheckpointError(CmcKitError):
+    """A run directory or checkpoint cannot be used (mismatched config, corrupt files)."""
+
+
+class TrainingError(CmcKitError):
+    """Training cannot continue (e.g. too many consecutive non-finite losses)."""

@@ -1,0 +1,55 @@
+"""The Terrain Map segmentation palette and the nearest-colour class mapping.
+
+Pure NumPy so validation and the synthetic generator need no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Index = class id. Order from the dataset; names are a community convention.
+PALETTE = np.array(
+    [
+        (17, 141, 215),   # 0 water
+        (225, 227, 155),  # 1 grassland
+        (127, 173, 123),  # 2 forest
+        (185, 122, 87),   # 3 hills
+        (230, 200, 181),  # 4 desert
+        (150, 150, 150),  # 5 mountain
+        (193, 190, 175),  # 6 tundra
+    ],
+    dtype=np.uint8,
+)
+PALETTE.setflags(write=False)
+CLASS_NAMES = ("water", "grassland", "forest", "hills", "desert", "mountain", "tundra")
+NUM_CLASSES = len(CLASS_NAMES)
+
+
+def nearest_class(rgb: np.ndarray) -> np.ndarray:
+    """Maps RGB pixels to the index of the nearest palette colour (L2 in RGB).
+
+    Args:
+        rgb: uint8 or float array [..., 3].
+    Returns:
+        uint8 array [...] of class ids in [0, 7).
+    """
+    rgb = np.asarray(rgb)
+    if rgb.shape[-1] != 3:
+        raise ValueError(f"nearest_class expects [..., 3] RGB input. Received shape={rgb.shape}")
+    pixels = rgb.reshape(-1, 3).astype(np.int32)  # [N, 3]
+    # Squared distances [N, 7]; int32 is exact and avoids float rounding ties.
+    distances = ((pixels[:, None, :] - PALETTE[None, :, :].astype(np.int32)) ** 2).sum(-1)
+    return distances.argmin(axis=1).astype(np.uint8).reshape(rgb.shape[:-1])
+
+
+def palette_distance(rgb: np.ndarray) -> np.ndarray:
+    """Euclidean distance from each RGB pixel to its nearest palette colour. [..., 3] -> [...]."""
+    rgb = np.asarray(rgb)
+    pixels = rgb.reshape(-1, 3).astype(np.int32)
+    distances = ((pixels[:, None, :] - PALETTE[None, :, :].astype(np.int32)) ** 2).sum(-1)
+    return np.sqrt(distances.min(axis=1)).reshape(rgb.shape[:-1])
+
+
+def class_to_rgb(class_ids: np.ndarray) -> np.ndarray:
+    """Class ids [...] -> palette colours uint8 [..., 3]."""
+    return PALETTE[np.asarray(class_ids, dtype=np.intp)]
