@@ -1,0 +1,859 @@
+"""Training: CMC + MoCo train step, memory queues, exact checkpoint/resume, progress and logs.
+
+One `Trainer` owns everything that must survive a restart (online and momentum weights, the
+queues and their write pointer, the optimizer, the step and epoch counters) inside one
+`tf.train.Checkpoint`, so resuming never rebuilds anything at random.
+
+Run directory layout:
+    RUN/config.json          the Config (model fields must match to resume)
+    RUN/split.json           train / validation ids, fixed when the run is created
+    RUN/checkpoints/         tf.train.CheckpointManager files (last few kept)
+    RUN/state.json           epoch, step, queue fill, latest checkpoint (written after each save)
+    RUN/log.csv              one row per epoch: every loss term, lr, momentum, skipped steps, seconds
+    RUN/log_steps.csv        optional per-step rows (train.log_every_steps)
+    RUN/tensorboard/         TensorBoard scalars
+    RUN/embeddings/          embeddings of a fixed evaluation subset per epoch
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cmc_kit.config import Config, ConfigError, atomic_write_text, default_paths, on_kaggle, preset
+from cmc_kit.errors import CheckpointError, DataError, TrainingError
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces
+# ---------------------------------------------------------------------------------------------
+
+def queue_size(multiplier: int, global_batch: int, num_train: int) -> int:
+    """K = multiplier x batch, capped below the training-set size.
+
+    Keys of the same sample must not come back as negatives, so K stays under the number of
+    training samples (the largest multiple of the batch below it), with a warning.
+    """
+    if num_train < 2 * global_batch:
+        raise DataError(
+            f"The training split has {num_train} samples, fewer than two batches of "
+            f"{global_batch}. Lower data.batch_size (e.g. --set data.batch_size="
+            f"{max(2, num_train // 2)}) or use more data.")
+    size = multiplier * global_batch
+    if size >= num_train:
+        capped = ((num_train - 1) // global_batch) * global_batch
+        warnings.warn(
+            f"Queue size {multiplier} x {global_batch} = {size} would reach the {num_train} "
+            f"training samples; capped at {capped}. Lower train.queue_multiplier to silence this.",
+            stacklevel=2)
+        size = capped
+    return size
+
+
+def momentum_at(step, total_steps, base: float, schedule: str):
+    """EMA momentum for a step: constant, or MoCo/BYOL-style cosine ramp from base to 1."""
+    import tensorflow as tf
+
+    if schedule == "constant":
+        return tf.constant(base, tf.float32)
+    progress = tf.minimum(tf.cast(step, tf.float32) / float(max(total_steps, 1)), 1.0)
+    return 1.0 - (1.0 - base) * (tf.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def make_learning_rate(train_config, total_steps: int):
+    import keras
+
+    if train_config.lr_schedule == "constant" and train_config.warmup_steps == 0:
+        return train_config.learning_rate
+    warmup = train_config.warmup_steps
+    if train_config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else train_config.learning_rate,
+            decay_steps=max(total_steps - warmup, 1),
+            warmup_target=train_config.learning_rate if warmup else None,
+            warmup_steps=warmup)
+    # constant after a linear warmup
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, decay_steps=1, alpha=1.0,
+        warmup_target=train_config.learning_rate, warmup_steps=warmup)
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    if text is None or isinstance(text, (int, float)):
+        return text
+    units = {"s": 1, "m": 60, "h": 3600}
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"Cannot read {path}: {err}. The run directory may be damaged; "
+                              "restore the file or start over with --fresh.") from err
+
+
+def select_strategy(name: str = "auto"):
+    """The tf.distribute strategy: TPU if attached, Mirrored for >1 GPU, else the default."""
+    import tensorflow as tf
+
+    if name in ("auto", "tpu"):
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+            return tf.distribute.TPUStrategy(resolver)
+        except (ValueError, RuntimeError, tf.errors.NotFoundError):
+            if name == "tpu":
+                raise TrainingError("train.strategy=tpu but no TPU was found. Attach a TPU "
+                                    "or use --set train.strategy=auto.") from None
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """'auto' -> mixed_float16 on tensor-core GPUs, mixed_bfloat16 on TPU, else float32."""
+    import tensorflow as tf
+
+    if setting != "auto":
+        return "float32" if setting == "off" else setting
+    if tf.config.list_logical_devices("TPU"):
+        return "mixed_bfloat16"
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        if details.get("compute_capability", (0, 0)) >= (7, 0):
+            return "mixed_float16"
+    return "float32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory queues
+# ---------------------------------------------------------------------------------------------
+
+def _make_queues_module(views, size: int, dim: int):
+    import tensorflow as tf
+
+    class MemoryQueues(tf.Module):
+        """One FIFO queue of momentum keys per key view, shape (K, dim), plus a shared write pointer.
+
+        Non-trainable variables: saved in every checkpoint, so resume continues the same queue.
+        """
+
+        def __init__(self):
+            super().__init__(name="memory_queues")
+            self.size = size
+            self.views = tuple(views)
+            agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+            self.queues = {
+                view: tf.Variable(tf.zeros([size, dim], tf.float32), trainable=False,
+                                  name=f"queue_{view}", aggregation=agg)
+                for view in self.views
+            }
+            self.pointer = tf.Variable(0, dtype=tf.int64, trainable=False, name="pointer",
+                                       aggregation=agg)
+            self.filled = tf.Variable(0, dtype=tf.int64, trainable=False, name="filled",
+                                      aggregation=agg)
+
+        def enqueue(self, keys: dict):
+            """Writes keys {view: [B, dim]} at the pointer (FIFO); K is a multiple of B."""
+            batch = tf.shape(next(iter(keys.values())), out_type=tf.int64)[0]
+            indices = (self.pointer + tf.range(batch, dtype=tf.int64)) % self.size  # [B]
+            for view in self.views:
+                normalised = tf.math.l2_normalize(tf.cast(keys[view], tf.float32), axis=-1)
+                self.queues[view].scatter_nd_update(indices[:, None], normalised)
+            self.pointer.assign((self.pointer + batch) % self.size)
+            self.filled.assign(tf.minimum(self.filled + batch, self.size))
+
+    return MemoryQueues()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    status: str            # "completed", "time_limit"
+    epoch: int
+    step: int
+    run: Path
+    checkpoint: str | None
+    history: list[dict]
+
+
+class Trainer:
+    """Builds models, optimizer, queues and checkpoint for one run directory and trains them.
+
+    Args:
+        config: the run's Config.
+        run_dir: where checkpoints and logs go.
+        train_catalog: DataFrame of training samples (id, terrain, height, segmentation).
+        eval_catalog: held-out samples for per-epoch embeddings / kNN (optional).
+        verbose: 0 silent, 1 progress bar per epoch.
+    """
+
+    def __init__(self, config: Config, run_dir: Path, train_catalog, eval_catalog=None, *,
+                 verbose: int = 1, strategy=None, dataset_transform: Callable | None = None):
+        import keras
+        import tensorflow as tf
+
+        from cmc_kit import models, objectives
+
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.train_catalog = train_catalog.reset_index(drop=True)
+        self.eval_catalog = eval_catalog
+        self.verbose = verbose
+        self.dataset_transform = dataset_transform
+        tc, dc, mc = config.train, config.data, config.model
+
+        if tc.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(tc.seed)
+        self.precision = resolve_mixed_precision(tc.mixed_precision)
+        keras.mixed_precision.set_global_policy(self.precision)
+
+        self.strategy = strategy or select_strategy(tc.strategy)
+        self.replicas = self.strategy.num_replicas_in_sync
+        if dc.batch_size % self.replicas:
+            raise ConfigError(f"Setting 'data.batch_size' ({dc.batch_size}) must be divisible by "
+                              f"the {self.replicas} replicas in sync.")
+        self.global_batch = dc.batch_size
+        self.steps_per_epoch = len(self.train_catalog) // self.global_batch
+        self.pairs = objectives.resolve_pairs(tc.pairs, mc.views)
+        self.key_views = tuple(sorted({key for _, key in self.pairs}, key=mc.views.index))
+        self.queue_size = queue_size(tc.queue_multiplier, self.global_batch, len(self.train_catalog))
+        self.total_steps = tc.epochs * self.steps_per_epoch
+
+        with self.strategy.scope():
+            self.online = models.build_encoder(mc, crop_size=dc.crop_size, name="online")
+            self.momentum = models.build_momentum_twin(self.online, name="momentum")
+            optimizer = keras.optimizers.Adam(
+                learning_rate=make_learning_rate(tc, self.total_steps), beta_1=tc.beta_1,
+                clipnorm=tc.clipnorm)
+            if self.precision == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            self.optimizer = optimizer
+            self.optimizer.build(self.online.trainable_variables)
+            self.queues = _make_queues_module(self.key_views, self.queue_size, mc.embedding_dim)
+            agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step", aggregation=agg)
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch", aggregation=agg)
+            self.skipped_total = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped",
+                                             aggregation=agg)
+        self.checkpoint = tf.train.Checkpoint(
+            online=self.online, momentum=self.momentum, optimizer=self.optimizer,
+            queues=self.queues, step=self.step, epoch=self.epoch, skipped=self.skipped_total)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, str(self.run_dir / CHECKPOINT_DIR), max_to_keep=tc.keep_checkpoints,
+            checkpoint_name="ckpt")
+        self.term_names = [f"{kind}_{q}-{k}" for q, k in self.pairs for kind in ("inter", "intra")]
+        self._train_step = self._compile_train_step()
+
+    # -- data -----------------------------------------------------------------------------------
+    def dataset(self, epoch: int, seed: int | None = None):
+        from cmc_kit import views
+
+        dc = self.config.data
+        ds = views.make_dataset(
+            self.train_catalog, views=self.config.model.views, crop_size=dc.crop_size,
+            batch_size=self.global_batch, training=True,
+            seed=self.config.train.seed if seed is None else seed, epoch=epoch,
+            augment=dc.augment, cache=dc.cache or None)
+        if self.dataset_transform is not None:
+            ds = self.dataset_transform(ds)
+        return ds
+
+    # -- the compiled step ----------------------------------------------------------------------
+    def _compile_train_step(self):
+        import tensorflow as tf
+
+        from cmc_kit import models, objectives
+
+        tc = self.config.train
+        pairs, key_views, replicas = self.pairs, self.key_views, self.replicas
+        online, momentum_net, optimizer, queues = self.online, self.momentum, self.optimizer, self.queues
+        loss_scaled = self.precision == "mixed_float16"
+
+        def replica_step(batch, momentum_value):
+            # Momentum keys first: no gradient, and they are the positives and the new queue entries.
+            keys = momentum_net(batch, training=False)                      # {view: [b, D]}
+            keys = {v: tf.stop_gradient(tf.cast(keys[v], tf.float32)) for v in key_views}
+            with tf.GradientTape() as tape:
+                queries = online(batch, training=True)                      # {view: [b, D]}
+                terms = {}
+                for q_view, k_view in pairs:
+                    positive = keys[k_view] if tc.positive == "momentum" else queries[k_view]
+                    terms[f"inter_{q_view}-{k_view}"] = objectives.inter_batch_loss(
+                        queries[q_view], positive, queues.queues[k_view].read_value(),
+                        temperature=tc.temperature, kind=tc.loss)
+                    terms[f"intra_{q_view}-{k_view}"] = objectives.intra_batch_loss(
+                        queries[q_view], positive, temperature=tc.temperature, kind=tc.loss)
+                total = tf.add_n([
+                    (tc.inter_weight if name.startswith("inter") else tc.intra_weight) * value
+                    for name, value in terms.items()])
+                # Keras sums gradients over replicas, so each replica carries 1/replicas.
+                replica_loss = total / replicas
+                if loss_scaled:
+                    replica_loss = optimizer.scale_loss(replica_loss)
+            grads = tape.gradient(replica_loss, online.trainable_variables)
+            finite = tf.math.is_finite(total)
+            if not loss_scaled:  # the loss-scale optimizer handles overflowing grads itself
+                finite = tf.logical_and(finite, tf.math.is_finite(tf.linalg.global_norm(grads)))
+            ctx = tf.distribute.get_replica_context()
+            finite_all = ctx.all_reduce("min", tf.cast(finite, tf.float32)) > 0.5
+
+            def apply():
+                optimizer.apply_gradients(zip(grads, online.trainable_variables))
+                return tf.constant(True)
+
+            tf.cond(finite_all, apply, lambda: tf.constant(False))
+            first = pairs[0]
+            accuracy = objectives.contrastive_accuracy(queries[first[0]], keys[first[1]])
+            gathered = {v: ctx.all_gather(keys[v], axis=0) for v in key_views}  # global batch
+            return total, terms, accuracy, finite_all, gathered
+
+        def step_fn(batch):
+            momentum_value = momentum_at(self.step, self.total_steps, tc.momentum,
+                                         tc.momentum_schedule)
+            total, terms, accuracy, finite, keys = self.strategy.run(
+                replica_step, args=(batch, momentum_value))
+            reduce = lambda x: self.strategy.reduce("MEAN", x, axis=None)  # noqa: E731
+            total = reduce(total)
+            terms = {name: reduce(value) for name, value in terms.items()}
+            accuracy = reduce(accuracy)
+            finite = self.strategy.experimental_local_results(finite)[0]
+            keys = {v: self.strategy.experimental_local_results(k)[0] for v, k in keys.items()}
+
+            def commit():
+                # Cross-replica: every replica's copy gets the same EMA and queue update.
+                models.momentum_update(online, momentum_net, momentum_value)
+                queues.enqueue(keys)
+                self.step.assign_add(1)
+                return tf.constant(0, tf.int64)
+
+            def skip():
+                self.skipped_total.assign_add(1)
+                self.step.assign_add(1)
+                return tf.constant(1, tf.int64)
+
+            skipped = tf.cond(finite, commit, skip)
+            return {"loss": total, "accuracy": accuracy, "skipped": skipped,
+                    "momentum": momentum_value, **terms}
+
+        jit = tc.jit_compile and self.replicas == 1
+        return tf.function(step_fn, jit_compile=jit if jit else None, reduce_retracing=True)
+
+    # -- queue fill -----------------------------------------------------------------------------
+    def fill_queues(self):
+        """Fills the queues with momentum keys of the first K / batch batches (no random vectors)."""
+        import tensorflow as tf
+
+        batches = self.queue_size // self.global_batch
+        # A different shuffle than epoch 0, so the first training batches are not all queued.
+        dataset = self.dataset(epoch=0, seed=self.config.train.seed + 1_000_003).take(batches)
+        dataset = self.strategy.experimental_distribute_dataset(dataset)
+
+        @tf.function
+        def keys_of(batch):
+            def replica(b):
+                keys = self.momentum(b, training=False)
+                ctx = tf.distribute.get_replica_context()
+                return {v: ctx.all_gather(tf.cast(keys[v], tf.float32), axis=0) for v in self.key_views}
+            out = self.strategy.run(replica, args=(batch,))
+            return {v: self.strategy.experimental_local_results(k)[0] for v, k in out.items()}
+
+        for batch in dataset:
+            self.queues.enqueue(keys_of(batch))
+        if int(self.queues.filled.numpy()) < self.queue_size:
+            raise TrainingError(f"Could fill only {int(self.queues.filled.numpy())} of "
+                                f"{self.queue_size} queue entries; some samples could not be read.")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> str:
+        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        self.write_state(path)
+        return path
+
+    def write_state(self, checkpoint_path: str | None):
+        state = {
+            "epoch": int(self.epoch.numpy()),
+            "step": int(self.step.numpy()),
+            "steps_per_epoch": self.steps_per_epoch,
+            "queue_size": self.queue_size,
+            "queue_fill": int(self.queues.filled.numpy()),
+            "queue_pointer": int(self.queues.pointer.numpy()),
+            "skipped_steps": int(self.skipped_total.numpy()),
+            "latest_checkpoint": checkpoint_path,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+    def restore_or_initialize(self) -> bool:
+        """Restores the latest checkpoint (True) or fills the queues for a fresh run (False)."""
+        latest = self.manager.latest_checkpoint
+        if latest:
+            status = self.checkpoint.restore(latest)
+            try:
+                status.assert_existing_objects_matched()
+            except AssertionError as err:
+                raise CheckpointError(
+                    f"Checkpoint {latest} does not match the model built from "
+                    f"{self.run_dir / CONFIG_FILE}: {str(err)[:300]}. Start over with --fresh.") from err
+            return True
+        self.fill_queues()
+        return False
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, *, time_limit: float | None = None) -> TrainResult:
+        import keras
+        import tensorflow as tf
+
+        started = time.monotonic()
+        tc = self.config.train
+        resumed = self.restore_or_initialize()
+        if self.verbose:
+            where = f"resumed at step {int(self.step.numpy())}" if resumed else "fresh run"
+            print(f"Training {self.run_dir} ({where}): {len(self.train_catalog)} samples, "
+                  f"{self.steps_per_epoch} steps/epoch, batch {self.global_batch}, queue "
+                  f"{self.queue_size}, pairs {len(self.pairs)}, {self.replicas} replica(s), "
+                  f"precision {self.precision}")
+        writer = tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
+        history = []
+        consecutive_bad = 0
+        step_seconds = None
+        status = "completed"
+        last_path = self.manager.latest_checkpoint
+
+        while int(self.epoch.numpy()) < tc.epochs:
+            epoch = int(self.epoch.numpy())
+            done_in_epoch = int(self.step.numpy()) - epoch * self.steps_per_epoch
+            dataset = self.dataset(epoch).skip(done_in_epoch)
+            dataset = self.strategy.experimental_distribute_dataset(dataset)
+            progbar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
+                                          stateful_metrics=["samples/s"]) if self.verbose else None
+            if progbar is not None:
+                print(f"Epoch {epoch + 1}/{tc.epochs}")
+                progbar.update(done_in_epoch)
+            sums = {}
+            counted = 0
+            skipped_epoch = 0
+            epoch_started = time.monotonic()
+            for batch in dataset:
+                step_started = time.monotonic()
+                logs = self._train_step(batch)
+                logs = {k: float(v.numpy()) for k, v in logs.items()}
+                seconds = time.monotonic() - step_started
+                step_seconds = seconds if step_seconds is None else 0.9 * step_seconds + 0.1 * seconds
+                if logs["skipped"]:
+                    skipped_epoch += 1
+                    consecutive_bad += 1
+                    if consecutive_bad >= tc.max_nonfinite_steps:
+                        raise TrainingError(
+                            f"{consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                            f"(step {int(self.step.numpy())}); training stopped. The last good "
+                            f"checkpoint is intact: {last_path}. Lower train.learning_rate, check "
+                            f"the data with `cmc-kit validate`, or raise train.max_nonfinite_steps.")
+                else:
+                    consecutive_bad = 0
+                    counted += 1
+                    for name, value in logs.items():
+                        sums[name] = sums.get(name, 0.0) + value
+                step = int(self.step.numpy())
+                if progbar is not None:
+                    values = [("loss", logs["loss"]), ("acc", logs["accuracy"]),
+                              ("samples/s", self.global_batch / max(step_seconds, 1e-9))]
+                    progbar.update(step - epoch * self.steps_per_epoch, values=values)
+                if tc.log_every_steps and step % tc.log_every_steps == 0:
+                    self._append_csv(self.run_dir / "log_steps.csv", {"step": step, **logs})
+                    with writer.as_default(step=step):
+                        for name, value in logs.items():
+                            tf.summary.scalar(f"step/{name}", value)
+                if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0:
+                    last_path = self.save()
+                if time_limit is not None and self._out_of_time(started, time_limit, step_seconds):
+                    last_path = self.save()
+                    status = "time_limit"
+                    break
+            if status == "time_limit":
+                break
+            # epoch end
+            self.epoch.assign_add(1)
+            means = {k: v / max(counted, 1) for k, v in sums.items() if k != "skipped"}
+            row = {"epoch": epoch + 1, "step": int(self.step.numpy()), **means,
+                   "learning_rate": self._current_lr(), "skipped_steps": skipped_epoch,
+                   "seconds": round(time.monotonic() - epoch_started, 3),
+                   "samples_per_s": round(counted * self.global_batch /
+                                          max(time.monotonic() - epoch_started, 1e-9), 2)}
+            row.update(self._epoch_evaluation(epoch + 1))
+            self._append_csv(self.run_dir / "log.csv", row)
+            with writer.as_default(step=int(self.step.numpy())):
+                for name, value in row.items():
+                    if name not in ("epoch", "step") and isinstance(value, (int, float)):
+                        tf.summary.scalar(f"epoch/{name}", value)
+            writer.flush()
+            history.append(row)
+            last_path = self.save()
+            if self.verbose:
+                extra = f", knn_acc {row['knn_accuracy']:.3f}" if "knn_accuracy" in row else ""
+                print(f"  loss {row.get('loss', float('nan')):.4f}{extra}; saved {last_path}")
+            if time_limit is not None and self._out_of_time(started, time_limit, step_seconds):
+                status = "time_limit" if int(self.epoch.numpy()) < tc.epochs else status
+                break
+        if status == "time_limit" and self.verbose:
+            print(f"Stopped before the time limit at step {int(self.step.numpy())}; "
+                  f"run the same command again to continue.")
+        return TrainResult(status=status, epoch=int(self.epoch.numpy()), step=int(self.step.numpy()),
+                           run=self.run_dir, checkpoint=last_path, history=history)
+
+    def _out_of_time(self, started: float, limit: float, step_seconds: float | None) -> bool:
+        # Leave room for one more step and a checkpoint (about 3 steps' worth, at least 30 s).
+        margin = max(30.0, 3 * (step_seconds or 0.0)) if limit > 120 else 3 * (step_seconds or 0.0)
+        return time.monotonic() - started + margin >= limit
+
+    def _current_lr(self) -> float:
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        lr = optimizer.learning_rate
+        return float(np.asarray(lr.numpy() if hasattr(lr, "numpy") else lr))
+
+    def _epoch_evaluation(self, epoch: int) -> dict:
+        """Embeds a fixed held-out subset (saved for the explorer) and, if enabled, a kNN accuracy."""
+        tc = self.config.train
+        if self.eval_catalog is None or len(self.eval_catalog) == 0 or tc.eval_subset <= 0:
+            return {}
+        from cmc_kit import embed, probes
+
+        eval_subset = self.eval_catalog.iloc[:tc.eval_subset]
+        kwargs = dict(view=self.config.model.views[0], source="trunk",
+                      crop_size=self.config.data.crop_size,
+                      batch_size=max(self.global_batch, 16), progress=False)
+        table = embed.compute_embeddings(self.online, eval_subset, **kwargs)
+        embed.save_table(table, self.run_dir / "embeddings" / f"epoch_{epoch:03d}.parquet")
+        if not tc.knn_every_epoch:
+            return {}
+        bank = self.train_catalog.iloc[:max(2 * tc.eval_subset, 32)]
+        bank_table = embed.compute_embeddings(self.online, bank, **kwargs)
+        predictions = probes.knn_classify(
+            embed.embedding_matrix(bank_table), bank_table["dominant_class_id"].to_numpy(),
+            embed.embedding_matrix(table), k=min(20, len(bank_table)), num_classes=7)
+        accuracy = float(np.mean(predictions == table["dominant_class_id"].to_numpy()))
+        return {"knn_accuracy": round(accuracy, 4)}
+
+    @staticmethod
+    def _append_csv(path: Path, row: dict):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        exists = path.exists()
+        if exists:
+            with open(path, newline="") as handle:
+                header = next(csv.reader(handle), None) or []
+            missing = [k for k in row if k not in header]
+            if missing:  # new columns (e.g. knn enabled later): rewrite with the wider header
+                import pandas as pd
+                frame = pd.read_csv(path)
+                frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
+                atomic_write_text(path, frame.to_csv(index=False))
+                return
+        else:
+            header = list(row)
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
+            if not exists:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories
+# ---------------------------------------------------------------------------------------------
+
+def _catalog_for(data) -> Any:
+    from cmc_kit import data as data_module
+
+    if hasattr(data, "columns"):
+        return data
+    report = data_module.validate(data, check_pixels=False)
+    if report.num_usable == 0:
+        report.require_usable()
+    problems = len(report.problems)
+    if problems:
+        warnings.warn(f"{problems} problem(s) found in {data}; {report.num_usable} usable samples "
+                      f"kept. Run `cmc-kit validate {data}` for the list.", stacklevel=2)
+    return report.usable
+
+
+def prepare_run_split(run_dir: Path, catalog, config: Config) -> dict:
+    """Creates RUN/split.json once (train / validation ids); later calls read it back."""
+    from cmc_kit import data as data_module
+
+    path = Path(run_dir) / SPLIT_FILE
+    if path.exists():
+        return read_json(path)
+    train_df, val_df = data_module.split_catalog(
+        catalog, validation_fraction=config.data.validation_fraction, seed=config.data.split_seed)
+    split = {"train": list(train_df["id"]), "validation": list(val_df["id"])}
+    atomic_write_text(path, json.dumps(split) + "\n")
+    return split
+
+
+def apply_split(catalog, split: dict) -> dict:
+    """{'train': df, 'validation': df} from a catalog and a stored split (ids absent are dropped)."""
+    out = {}
+    for name in ("train", "validation"):
+        wanted = set(split[name])
+        out[name] = catalog[catalog["id"].isin(wanted)].reset_index(drop=True)
+    missing = len(split["train"]) - len(out["train"])
+    if missing:
+        warnings.warn(f"{missing} training id(s) of this run are not in the dataset; continuing "
+                      "without them.", stacklevel=2)
+    return out
+
+
+def resolve_config(run_dir: Path, *, preset_name: str | None, epochs: int | None,
+                   overrides: list[str] | dict | None, fresh: bool) -> Config:
+    """The config to train with: saved (resume) or preset (new run) plus overrides.
+
+    On resume, the model fields, batch, queue multiplier, pairs and seed must match the saved
+    config; anything else (epochs, learning rate, time limit...) may change.
+    """
+    config_path = Path(run_dir) / CONFIG_FILE
+    saved = None if fresh or not config_path.exists() else Config.load(config_path)
+    if saved is not None and preset_name is None:
+        base = saved
+    else:
+        base = preset(preset_name or "cpu-demo")
+    config = base.with_overrides(overrides or [])
+    if epochs is not None:
+        config = config.with_overrides({"train.epochs": epochs})
+    if saved is not None:
+        diffs = config.model_differences(saved)
+        if diffs:
+            raise CheckpointError(
+                f"{run_dir} was trained with different settings ({'; '.join(diffs)}). Resume with "
+                f"the saved settings (drop --preset/--set for these), use another --run, or "
+                f"start over with --fresh.")
+    return config
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    import tensorflow as tf
+
+    return tf.train.latest_checkpoint(str(Path(run_dir) / CHECKPOINT_DIR)) is not None
+
+
+def find_previous_run(source: Path) -> Path | None:
+    """A run directory (holding config.json and checkpoints/) at or below `source`."""
+    source = Path(source)
+    if (source / CONFIG_FILE).exists() and (source / CHECKPOINT_DIR).is_dir():
+        return source
+    for config_path in sorted(source.rglob(CONFIG_FILE)):
+        if (config_path.parent / CHECKPOINT_DIR).is_dir():
+            return config_path.parent
+    return None
+
+
+def import_previous_run(source: Path, run_dir: Path) -> Path:
+    """Copies a previous run (e.g. a Kaggle notebook version's output under /kaggle/input) into
+    the writable run directory, unless that already holds a checkpoint."""
+    previous = find_previous_run(source)
+    if previous is None:
+        raise CheckpointError(f"No run directory (config.json + checkpoints/) found under {source}. "
+                              "Attach the previous notebook version's output, or omit --resume-from.")
+    run_dir = Path(run_dir)
+    if _has_checkpoint(run_dir):
+        return run_dir
+    if previous.resolve() == run_dir.resolve():
+        return run_dir
+    tmp = run_dir.with_name(run_dir.name + ".importing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(previous, tmp)
+    if run_dir.exists():
+        for child in tmp.iterdir():
+            target = run_dir / child.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            shutil.move(str(child), str(target))
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, run_dir)
+    # CheckpointManager stores absolute paths: point them at the new location.
+    state_file = run_dir / CHECKPOINT_DIR / "checkpoint"
+    if state_file.exists():
+        text = state_file.read_text()
+        text = text.replace(str(previous / CHECKPOINT_DIR), str(run_dir / CHECKPOINT_DIR))
+        atomic_write_text(state_file, text)
+    return run_dir
+
+
+def train(data, run, config: Config | None = None, *, fresh: bool = False,
+          time_limit: float | str | None = None, resume_from: Path | None = None,
+          verbose: int = 1, dataset_transform: Callable | None = None) -> TrainResult:
+    """Trains a run directory on a dataset, resuming from its latest checkpoint if present.
+
+    Args:
+        data: dataset root (PNG triplets, any depth) or a catalog DataFrame.
+        run: run directory; created if needed.
+        config: settings for a new run (default: saved config.json, else the cpu-demo preset).
+        fresh: delete the run's checkpoints, logs and split and start over.
+        time_limit: seconds (or "11.5h") after which to checkpoint and return cleanly.
+        resume_from: a previous run directory to copy in and continue (Kaggle inputs).
+    """
+    run_dir = Path(run)
+    if fresh and run_dir.exists():
+        for name in (CHECKPOINT_DIR, "tensorboard", "embeddings"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in (STATE_FILE, "log.csv", "log_steps.csv", SPLIT_FILE, CONFIG_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+    if resume_from is not None:
+        import_previous_run(Path(resume_from), run_dir)
+    if config is None:
+        config = resolve_config(run_dir, preset_name=None, epochs=None, overrides=None, fresh=fresh)
+    saved_path = run_dir / CONFIG_FILE
+    if saved_path.exists() and _has_checkpoint(run_dir):
+        diffs = config.model_differences(Config.load(saved_path))
+        if diffs:
+            raise CheckpointError(f"{run_dir} was trained with different settings "
+                                  f"({'; '.join(diffs)}). Use another run directory or fresh=True.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    catalog = _catalog_for(data)
+    split = apply_split(catalog, prepare_run_split(run_dir, catalog, config))
+    config.save(saved_path)
+    trainer = Trainer(config, run_dir, split["train"], split["validation"], verbose=verbose,
+                      dataset_transform=dataset_transform)
+    return trainer.fit(time_limit=parse_duration(time_limit))
+
+
+def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, fresh=False,
+                   time_limit=None, resume_from=None) -> TrainResult:
+    if resume_from is None and on_kaggle():
+        resume_from = _kaggle_previous_output(Path(run))
+    if resume_from is not None:
+        import_previous_run(Path(resume_from), Path(run))
+    config = resolve_config(Path(run), preset_name=preset_name, epochs=epochs,
+                            overrides=overrides, fresh=fresh)
+    result = train(data, run, config, fresh=fresh, time_limit=time_limit)
+    print(f"{result.status}: epoch {result.epoch}, step {result.step}; run directory {result.run}")
+    return result
+
+
+def _kaggle_previous_output(run_dir: Path) -> Path | None:
+    """On Kaggle, a previous version's output attached under /kaggle/input with the same run name."""
+    if _has_checkpoint(run_dir):
+        return None
+    input_root = default_paths()["input"]
+    if not input_root.is_dir():
+        return None
+    for config_path in sorted(input_root.rglob(CONFIG_FILE)):
+        candidate = config_path.parent
+        if candidate.name == run_dir.name and (candidate / CHECKPOINT_DIR).is_dir():
+            print(f"Continuing from the previous notebook output {candidate}")
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs back
+# ---------------------------------------------------------------------------------------------
+
+def list_checkpoints(run_dir: Path) -> list[dict]:
+    import tensorflow as tf
+
+    state = tf.train.get_checkpoint_state(str(Path(run_dir) / CHECKPOINT_DIR))
+    if state is None:
+        return []
+    info = read_json(Path(run_dir) / STATE_FILE) if (Path(run_dir) / STATE_FILE).exists() else {}
+    steps_per_epoch = info.get("steps_per_epoch") or 0
+    out = []
+    for path in state.all_model_checkpoint_paths:
+        path = str(Path(run_dir) / CHECKPOINT_DIR / Path(path).name)
+        step = int(path.rsplit("-", 1)[-1])
+        epoch = step // steps_per_epoch if steps_per_epoch else None
+        out.append({"path": path, "step": step, "epoch": epoch})
+    return out
+
+
+def run_info(run) -> dict:
+    run_dir = Path(run)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG_FILE}). Train one with "
+                              f"`cmc-kit train --data DATA --run {run_dir}`.")
+    config = Config.load(run_dir / CONFIG_FILE)
+    state = read_json(run_dir / STATE_FILE) if (run_dir / STATE_FILE).exists() else {}
+    checkpoints = list_checkpoints(run_dir)
+    return {
+        "run": str(run_dir),
+        "epoch": state.get("epoch", 0),
+        "epochs": config.train.epochs,
+        "step": state.get("step", 0),
+        "queue_fill": state.get("queue_fill", 0),
+        "queue_size": state.get("queue_size"),
+        "skipped_steps": state.get("skipped_steps", 0),
+        "latest_checkpoint": checkpoints[-1]["path"] if checkpoints else None,
+        "checkpoints": [c["path"] for c in checkpoints],
+        "config": config.to_dict(),
+    }
+
+
+class RunHandle:
+    """A trained run, read back: config, split, checkpoints and encoders with restored weights."""
+
+    def __init__(self, run_dir: Path, checkpoint: str | None = None):
+        self.run_dir = Path(run_dir)
+        info = run_info(self.run_dir)
+        self.config = Config.load(self.run_dir / CONFIG_FILE)
+        self.checkpoints = list_checkpoints(self.run_dir)
+        if checkpoint is None and not self.checkpoints:
+            raise CheckpointError(f"{self.run_dir} has no checkpoint yet. Train it first.")
+        self.checkpoint_path = checkpoint or self.checkpoints[-1]["path"]
+        self.epoch, self.step = info["epoch"], info["step"]
+        for entry in self.checkpoints:
+            if entry["path"] == self.checkpoint_path:
+                self.epoch, self.step = entry["epoch"], entry["step"]
+        self._encoders = {}
+
+    def encoder(self, network: str = "online"):
+        import tensorflow as tf
+
+        from cmc_kit import models
+
+        if network not in ("online", "momentum"):
+            raise ValueError(f"network must be 'online' or 'momentum'. Received: {network!r}")
+        if network not in self._encoders:
+            online = models.build_encoder(self.config.model, crop_size=self.config.data.crop_size,
+                                          name="online")
+            momentum = models.build_momentum_twin(online, name="momentum")
+            checkpoint = tf.train.Checkpoint(online=online, momentum=momentum)
+            checkpoint.restore(self.checkpoint_path).expect_partial().assert_existing_objects_matched()
+            self._encoders = {"online": online, "momentum": momentum}
+        return self._encoders[network]
+
+    def split(self, catalog) -> dict:
+        split_path = self.run_dir / SPLIT_FILE
+        if not split_path.exists():
+            raise CheckpointError(f"{split_path} is missing, so the held-out samples are unknown. "
+                                  "Restore it from the run's output.")
+        return apply_split(catalog, read_json(split_path))
+
+
+def load_run(run, checkpoint: str | None = None) -> RunHandle:
+    return RunHandle(Path(run), checkpoint)

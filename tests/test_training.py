@@ -1,0 +1,255 @@
+"""Training: queues, schedules, loss going down, exact resume after SIGKILL, bad-input handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cmc_kit.config import preset
+from cmc_kit.errors import CheckpointError, DataError, TrainingError
+
+
+def tiny_config(**overrides):
+    """cpu-demo shrunk for tests: 32 px crops, batch 4, 2 epochs."""
+    base = {
+        "data.crop_size": 32, "data.batch_size": 4, "data.validation_fraction": 0.2,
+        "model.width": 0.125, "model.embedding_dim": 16, "model.views": "terrain,height,segmentation",
+        "train.epochs": 2, "train.queue_multiplier": 2, "train.eval_subset": 8,
+        "train.pairs": "full",
+    }
+    base.update(overrides)
+    return preset("cpu-demo").with_overrides(base)
+
+
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory):
+    from cmc_kit import synth
+
+    root = tmp_path_factory.mktemp("train_data")
+    synth.generate(root, n=30, size=64, seed=3, progress=False)
+    return root
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+def test_queue_size_is_capped_below_the_training_set():
+    from cmc_kit.training import queue_size
+
+    assert queue_size(10, 5, 1000) == 50
+    with pytest.warns(UserWarning, match="capped at 20"):
+        assert queue_size(10, 5, 24) == 20
+    with pytest.warns(UserWarning):
+        assert queue_size(10, 5, 25) == 20  # K must stay below N
+    with pytest.raises(DataError, match="fewer than two batches"):
+        queue_size(10, 5, 9)
+
+
+def test_queue_is_fifo_with_a_wrapping_pointer():
+    import tensorflow as tf
+
+    from cmc_kit.training import _make_queues_module
+
+    queues = _make_queues_module(("terrain",), size=6, dim=2)
+    reference = np.zeros((6, 2), np.float32)
+    pointer = 0
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # 5 batches of 2 into 6 slots: wraps around
+        keys = rng.normal(size=(2, 2)).astype(np.float32)
+        queues.enqueue({"terrain": tf.constant(keys)})
+        normalised = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+        for row in normalised:
+            reference[pointer] = row
+            pointer = (pointer + 1) % 6
+    np.testing.assert_allclose(queues.queues["terrain"].numpy(), reference, rtol=1e-6)
+    assert int(queues.pointer.numpy()) == pointer
+    assert int(queues.filled.numpy()) == 6
+
+
+def test_cosine_momentum_ramps_to_one():
+    from cmc_kit.training import momentum_at
+
+    assert float(momentum_at(0, 100, 0.99, "cosine")) == pytest.approx(0.99)
+    assert float(momentum_at(50, 100, 0.99, "cosine")) == pytest.approx(0.995)
+    assert float(momentum_at(100, 100, 0.99, "cosine")) == pytest.approx(1.0)
+    assert float(momentum_at(70, 100, 0.99, "constant")) == pytest.approx(0.99)
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_short_cpu_demo_run_lowers_the_loss_and_writes_its_outputs(train_root, tmp_path):
+    from cmc_kit import training
+
+    config = preset("cpu-demo").with_overrides({
+        "data.crop_size": 32, "data.batch_size": 8, "data.validation_fraction": 0.2,
+        "train.epochs": 5, "train.queue_multiplier": 2, "train.eval_subset": 6})
+    run = tmp_path / "run"
+    result = training.train(train_root, run, config, verbose=0)
+    log = pd.read_csv(run / "log.csv")
+    assert list(log["epoch"]) == [1, 2, 3, 4, 5]
+    assert log["loss"].iloc[-1] < log["loss"].iloc[0]
+    for column in ("inter_terrain-segmentation", "intra_overview-terrain", "learning_rate",
+                   "skipped_steps", "seconds", "knn_accuracy"):
+        assert column in log.columns
+    assert (run / "embeddings" / "epoch_005.parquet").exists()
+    assert list((run / "tensorboard").iterdir())
+    info = training.run_info(run)
+    assert info["epoch"] == 5 and info["step"] == result.step == 5 * (24 // 8)
+    assert info["queue_fill"] == info["queue_size"] == 16
+    # Held-out ids never trained on.
+    split = json.loads((run / "split.json").read_text())
+    assert not set(split["train"]) & set(split["validation"])
+
+
+@pytest.mark.slow
+def test_momentum_keys_and_online_positives_both_train(train_root, tmp_path):
+    from cmc_kit import training
+
+    for positive in ("momentum", "online"):
+        result = training.train(train_root, tmp_path / positive,
+                                tiny_config(**{"train.positive": positive, "train.epochs": 1}),
+                                verbose=0)
+        assert result.status == "completed" and result.step == 6
+
+
+def test_resume_with_a_different_model_names_the_fields(train_root, tmp_path):
+    from cmc_kit import training
+
+    run = tmp_path / "run"
+    training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
+    with pytest.raises(CheckpointError, match="model.embedding_dim: saved 16, requested 32"):
+        training.train(train_root, run, tiny_config(**{"model.embedding_dim": 32}), verbose=0)
+    # Epochs may change on resume: training continues from the checkpoint.
+    result = training.train(train_root, run, tiny_config(**{"train.epochs": 2}), verbose=0)
+    assert result.step == 12 and result.epoch == 2
+
+
+def test_non_finite_losses_skip_updates_then_stop_with_the_checkpoint_intact(train_root, tmp_path):
+    import tensorflow as tf
+
+    from cmc_kit import training
+
+    run = tmp_path / "run"
+    training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
+    before = training.load_run(run).encoder("online").get_weights()
+    checkpoints_before = sorted(p.name for p in (run / "checkpoints").iterdir())
+
+    def poison(dataset):
+        return dataset.map(lambda batch: {k: v * np.float32("nan") for k, v in batch.items()})
+
+    config = tiny_config(**{"train.epochs": 2, "train.max_nonfinite_steps": 3})
+    with pytest.raises(TrainingError, match="3 consecutive steps had a non-finite loss") as err:
+        training.train(train_root, run, config, verbose=0, dataset_transform=poison)
+    assert "checkpoint is intact" in str(err.value)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints_before
+    after = training.load_run(run).encoder("online").get_weights()
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    del tf
+
+
+def test_time_limit_checkpoints_and_returns_then_resumes(train_root, tmp_path):
+    from cmc_kit import training
+
+    run = tmp_path / "run"
+    result = training.train(train_root, run, tiny_config(**{"train.epochs": 3}), time_limit=0.001,
+                            verbose=0)
+    assert result.status == "time_limit"
+    assert 1 <= result.step < 18
+    assert training.run_info(run)["step"] == result.step
+    finished = training.train(train_root, run, tiny_config(**{"train.epochs": 3}), verbose=0)
+    assert finished.status == "completed" and finished.step == 18
+
+
+def test_training_split_smaller_than_two_batches_is_a_clear_error(tmp_path):
+    from cmc_kit import synth, training
+
+    root = synth.generate(tmp_path / "small", n=6, size=48, seed=1, progress=False)
+    with pytest.raises(DataError, match="fewer than two batches"):
+        training.train(root, tmp_path / "run", tiny_config(), verbose=0)
+
+
+# -- exact resume across a killed process ----------------------------------------------------------
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import tensorflow as tf
+    from cmc_kit import training
+    from cmc_kit.config import Config
+    data, run, config_path, slow = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "slow"
+
+    def slow_down(dataset):
+        # Test-only: sleeps between batches so the parent can SIGKILL mid-epoch.
+        def pause(batch):
+            tf.py_function(lambda: time.sleep(0.4), [], [])
+            return batch
+        return dataset.map(pause) if slow else dataset
+
+    config = Config.load(config_path)
+    training.train(data, run, config, verbose=0, dataset_transform=slow_down)
+""")
+
+
+def _run_training(script, data, run, config_path, mode):
+    env = dict(os.environ, PYTHONHASHSEED="0", TF_DETERMINISTIC_OPS="1")
+    return subprocess.Popen([sys.executable, str(script), str(data), str(run), str(config_path), mode],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill_matches_a_straight_run(train_root, tmp_path):
+    from cmc_kit import training
+
+    config = tiny_config(**{"train.epochs": 2, "train.checkpoint_every_steps": 2,
+                            "train.deterministic": True, "train.eval_subset": 0})
+    config_path = tmp_path / "config.json"
+    config.save(config_path)
+    script = tmp_path / "train_script.py"
+    script.write_text(RESUME_SCRIPT)
+
+    straight = _run_training(script, train_root, tmp_path / "straight", config_path, "fast")
+    killed_run = tmp_path / "killed"
+    victim = _run_training(script, train_root, killed_run, config_path, "slow")
+    deadline = time.monotonic() + 300
+    state_file = killed_run / "state.json"
+    while time.monotonic() < deadline:
+        if state_file.exists() and json.loads(state_file.read_text())["step"] >= 4:
+            break
+        assert victim.poll() is None, victim.stdout.read().decode()[-2000:]
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be interrupted"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = json.loads(state_file.read_text())["step"]
+    assert 4 <= killed_at < 12
+
+    resumed = _run_training(script, train_root, killed_run, config_path, "fast")
+    for process in (straight, resumed):
+        output = process.communicate(timeout=600)[0].decode()
+        assert process.returncode == 0, output[-3000:]
+
+    a, b = training.load_run(tmp_path / "straight"), training.load_run(killed_run)
+    assert a.step == b.step == 12
+    for network in ("online", "momentum"):
+        for wa, wb in zip(a.encoder(network).get_weights(), b.encoder(network).get_weights()):
+            np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    qa, qb = _queues(a), _queues(b)
+    assert qa.keys() == qb.keys()
+    for name in qa:
+        np.testing.assert_allclose(qa[name], qb[name], rtol=1e-5, atol=1e-6)
+
+
+def _queues(handle):
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(handle.checkpoint_path)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith("queues/") and "OPTIMIZER" not in name}
