@@ -1,0 +1,417 @@
+"""Encoders: per-view stems -> shared (or per-view) trunk -> per-view heads, and the momentum twin.
+
+    view x [B, H, W, C_view] --stem (5x5 s2)--> [B, H/2, W/2, C0] --trunk--> [B, h, w, F]
+        --head (mlp | attention)--> float32 [B, embedding_dim]
+
+Trunks are pre-activation residual networks of `NormalizedConv2D` (no BatchNorm), leaky ReLU
+0.2 before every convolution. Each family has one list-driven builder; ResNet-34, the seed's
+first trunk and the RegNetX sizes are data in `TRUNK_SPECS`.
+
+CPU cost of grouped convolutions (TF 2.21, 2 cores, forward+backward, batch 8 at 32x32,
+`benchmarks`-style timing in the helper's report): a RegNetX X block at 64 channels,
+group width 8 (8 groups) takes about the time of a dense block at 8x its FLOPs; see
+`GROUPED_VS_DENSE_NOTE` below for the measured numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from cmc_kit.config import TRUNK_NAMES, ModelConfig
+from cmc_kit.layers import AttentionPooling2D, NormalizedConv2D
+
+VIEW_CHANNELS = {"terrain": 3, "segmentation": 7, "height": 1, "overview": 3}
+LEAKY_SLOPE = 0.2
+STEM_KERNEL, STEM_STRIDE = 5, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrunkSpec:
+    """One trunk as data: residual stages of `depths[i]` blocks with `widths[i]` output channels.
+
+    family: "basic" (two 3x3 convs) or "bottleneck" (1x1 -> 3x3 -> 1x1).
+    stem_width: channels the trunk expects at its input (the stems' output) at width 1.
+    strides: stride of each stage's first block.
+    bottleneck_ratio: output channels / inner channels of a bottleneck block.
+    group_width: channels per group of the 3x3 conv (0: not grouped). Widths scaled by the
+        width multiplier are rounded to multiples of it.
+    """
+
+    family: str
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
+    stem_width: int
+    strides: tuple[int, ...]
+    bottleneck_ratio: int = 1
+    group_width: int = 0
+
+
+def _regnetx(depths, widths, group_width):
+    return TrunkSpec("bottleneck", depths, widths, stem_width=32, strides=(2, 2, 2, 2),
+                     bottleneck_ratio=1, group_width=group_width)
+
+
+TRUNK_SPECS = {
+    # torchvision's ResNet-34 stages (its 7x7 stem and max-pool replaced by our 5x5 s2 stems).
+    "resnet34": TrunkSpec("basic", (3, 4, 6, 3), (64, 128, 256, 512), stem_width=64,
+                          strides=(1, 2, 2, 2)),
+    # The seed's first trunk: 5 stride-2 bottleneck stages. Its exact widths are not
+    # published; these follow ResNet's doubling with a bottleneck ratio of 4.
+    "original": TrunkSpec("bottleneck", (2, 2, 2, 2, 2), (64, 128, 256, 512, 1024),
+                          stem_width=64, strides=(2, 2, 2, 2, 2), bottleneck_ratio=4),
+    # Radosavovic et al. 2020, "Designing Network Design Spaces", table of RegNetX models.
+    "regnetx-200mf": _regnetx((1, 1, 4, 7), (24, 56, 152, 368), 8),
+    "regnetx-400mf": _regnetx((1, 2, 7, 12), (32, 64, 160, 384), 16),
+    "regnetx-800mf": _regnetx((1, 3, 7, 5), (64, 128, 288, 672), 16),
+    "regnetx-1.6gf": _regnetx((2, 4, 10, 2), (72, 168, 408, 912), 24),
+    "regnetx-3.2gf": _regnetx((2, 6, 15, 2), (96, 192, 432, 1008), 48),
+}
+assert tuple(TRUNK_SPECS) == TRUNK_NAMES, "TRUNK_SPECS must list exactly config.TRUNK_NAMES"
+
+
+# -- trunk geometry ---------------------------------------------------------------------------
+
+def _trunk_spec(name: str) -> TrunkSpec:
+    if name not in TRUNK_SPECS:
+        raise ValueError(f"Unknown trunk '{name}'. Set model.trunk to one of {TRUNK_NAMES}. "
+                         f"Received: name={name!r}")
+    return TRUNK_SPECS[name]
+
+
+def _check_width(width) -> float:
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise ValueError(f"The trunk width multiplier (model.width) must be a positive number. "
+                         f"Received: width={width!r}")
+    return float(width)
+
+
+def _scaled(channels: int, width: float, divisor: int) -> int:
+    """`channels * width` rounded to the nearest multiple of `divisor`, at least `divisor`."""
+    return max(divisor, int(channels * width / divisor + 0.5) * divisor)
+
+
+def _channel_divisor(spec: TrunkSpec) -> int:
+    return spec.group_width or 8
+
+
+def trunk_input_channels(name: str, width: float = 1.0) -> int:
+    """Channels the trunk `name` takes at its input (what every stem outputs)."""
+    spec, width = _trunk_spec(name), _check_width(width)
+    return spec.stem_width if width == 1.0 else _scaled(spec.stem_width, width, 8)
+
+
+def trunk_stage_channels(name: str, width: float = 1.0) -> list[int]:
+    """Output channels of each stage of trunk `name` at `width`."""
+    spec, width = _trunk_spec(name), _check_width(width)
+    if width == 1.0:
+        return list(spec.widths)
+    return [_scaled(w, width, _channel_divisor(spec)) for w in spec.widths]
+
+
+def trunk_stride(name: str) -> int:
+    """Total stride of trunk `name` (input size / output size); the stems add another 2."""
+    stride = 1
+    for s in _trunk_spec(name).strides:
+        stride *= s
+    return stride
+
+
+# -- blocks ---------------------------------------------------------------------------------
+
+def _act(x, name):
+    return keras.layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name=name)(x)
+
+
+def _shortcut(x, preactivated, filters, stride, name):
+    """Identity, or a 1x1 projection of the pre-activated input when the shape changes."""
+    if stride == 1 and x.shape[-1] == filters:
+        return x
+    return NormalizedConv2D(filters, 1, strides=stride, name=f"{name}_proj")(preactivated)
+
+
+def basic_block(x, filters, stride, name):
+    """Pre-activation basic residual block: act -> 3x3 (stride) -> act -> 3x3, plus shortcut."""
+    a = _act(x, f"{name}_act1")
+    shortcut = _shortcut(x, a, filters, stride, name)
+    y = NormalizedConv2D(filters, 3, strides=stride, name=f"{name}_conv1")(a)
+    y = NormalizedConv2D(filters, 3, name=f"{name}_conv2")(_act(y, f"{name}_act2"))
+    return keras.layers.Add(name=f"{name}_add")([shortcut, y])
+
+
+def bottleneck_block(x, filters, stride, bottleneck_ratio, group_width, name):
+    """Pre-activation bottleneck block: act -> 1x1 -> act -> 3x3 (stride, grouped) -> act -> 1x1.
+
+    RegNetX's X block is this with `bottleneck_ratio=1` and `group_width` channels per group.
+    """
+    inner = filters // bottleneck_ratio
+    groups = inner // group_width if group_width else 1
+    a = _act(x, f"{name}_act1")
+    shortcut = _shortcut(x, a, filters, stride, name)
+    y = NormalizedConv2D(inner, 1, name=f"{name}_conv1")(a)
+    y = NormalizedConv2D(inner, 3, strides=stride, groups=groups,
+                         name=f"{name}_conv2")(_act(y, f"{name}_act2"))
+    y = NormalizedConv2D(filters, 1, name=f"{name}_conv3")(_act(y, f"{name}_act3"))
+    return keras.layers.Add(name=f"{name}_add")([shortcut, y])
+
+
+def _stages(x, spec: TrunkSpec, stage_widths: list[int], block):
+    for stage, (depth, filters, stride) in enumerate(
+            zip(spec.depths, stage_widths, spec.strides), start=1):
+        for index in range(depth):
+            x = block(x, filters, stride if index == 0 else 1, name=f"stage{stage}_block{index + 1}")
+        x = keras.layers.Identity(name=f"stage{stage}_output")(x)
+    return x
+
+
+def _trunk_model(spec: TrunkSpec, width: float, block, model_name: str) -> keras.Model:
+    in_channels = spec.stem_width if width == 1.0 else _scaled(spec.stem_width, width, 8)
+    stage_widths = (list(spec.widths) if width == 1.0 else
+                    [_scaled(w, width, _channel_divisor(spec)) for w in spec.widths])
+    inputs = keras.Input(shape=(None, None, in_channels), name=f"{model_name}_input")
+    x = _stages(inputs, spec, stage_widths, block)                      # [B, h, w, F]
+    outputs = _act(x, "final_act")  # pre-activation nets end with one more activation
+    return keras.Model(inputs, outputs, name=model_name)
+
+
+def build_resnet(spec: TrunkSpec, width: float = 1.0, model_name: str = "trunk") -> keras.Model:
+    """Basic-block pre-activation ResNet from a `TrunkSpec` (family "basic")."""
+    return _trunk_model(spec, _check_width(width), basic_block, model_name)
+
+
+def build_bottleneck_resnet(spec: TrunkSpec, width: float = 1.0,
+                            model_name: str = "trunk") -> keras.Model:
+    """Bottleneck pre-activation ResNet / RegNetX from a `TrunkSpec` (family "bottleneck")."""
+    def block(x, filters, stride, name):
+        return bottleneck_block(x, filters, stride, spec.bottleneck_ratio, spec.group_width, name)
+    return _trunk_model(spec, _check_width(width), block, model_name)
+
+
+_FAMILY_BUILDERS = {"basic": build_resnet, "bottleneck": build_bottleneck_resnet}
+
+
+def build_trunk(name: str, width: float = 1.0, model_name: str = "trunk") -> keras.Model:
+    """Trunk `name` (one of `config.TRUNK_NAMES`) at channel multiplier `width`.
+
+    Input `[B, H, W, trunk_input_channels(name, width)]` with H, W divisible by
+    `trunk_stride(name)`; output `[B, H / stride, W / stride, F]`. Stage outputs are the
+    layers `stage{i}_output` (see `stage_model`).
+    """
+    spec = _trunk_spec(name)
+    return _FAMILY_BUILDERS[spec.family](spec, width, model_name)
+
+
+_STAGE_LAYER = re.compile(r"stage(\d+)_output")
+
+
+def stage_model(trunk: keras.Model) -> keras.Model:
+    """A model sharing `trunk`'s layers that returns the list of its stage feature maps."""
+    stages = sorted((int(m.group(1)), layer) for layer in trunk.layers
+                    if (m := _STAGE_LAYER.fullmatch(layer.name)))
+    if not stages:
+        raise ValueError(f"Model '{trunk.name}' has no 'stage<i>_output' layers; "
+                         "pass a trunk made by cmc_kit.models.build_trunk.")
+    return keras.Model(trunk.inputs, [layer.output for _, layer in stages],
+                       name=f"{trunk.name}_stages")
+
+
+# -- stems and heads ------------------------------------------------------------------------
+
+def build_stem(view: str, out_channels: int, name: str | None = None) -> NormalizedConv2D:
+    """5x5 stride-2 normalised conv from the view's channels to the trunk's input width."""
+    stem = NormalizedConv2D(out_channels, STEM_KERNEL, strides=STEM_STRIDE,
+                            name=name or f"stem_{view}")
+    stem.build((None, None, None, VIEW_CHANNELS[view]))
+    return stem
+
+
+def build_head(kind: str, feature_channels: int, embedding_dim: int, *, attention_heads: int = 3,
+               attention_dim: int = 64, name: str = "head") -> keras.Model:
+    """Feature map `[B, h, w, F]` -> float32 embedding `[B, embedding_dim]`.
+
+    "mlp": global mean -> dense(F) -> dense(E) -> dense(E), leaky ReLU between (the seed's).
+    "attention": `AttentionPooling2D` (layer "attention_pool") with a float32 output projection.
+    """
+    inputs = keras.Input(shape=(None, None, feature_channels), name=f"{name}_input")
+    if kind == "mlp":
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(inputs)              # [B, F]
+        x = keras.layers.Dense(feature_channels, name="dense1")(x)
+        x = keras.layers.Dense(embedding_dim, name="dense2")(_act(x, "act1"))
+        outputs = keras.layers.Dense(embedding_dim, name="dense3", dtype="float32")(
+            _act(x, "act2"))                                                     # [B, E]
+    elif kind == "attention":
+        outputs = AttentionPooling2D(attention_heads, attention_dim, embedding_dim,
+                                     output_dtype="float32", name="attention_pool")(inputs)
+    else:
+        raise ValueError(f"Unknown head '{kind}'. Set model.head to 'mlp' or 'attention'. "
+                         f"Received: kind={kind!r}")
+    return keras.Model(inputs, outputs, name=name)
+
+
+# -- the encoder ------------------------------------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="cmc_kit")
+class CMCEncoder(keras.Model):
+    """All views' stems, the trunk(s) and heads of one CMC encoder, built from a ModelConfig.
+
+    `encoder(inputs)` maps a dict `{view: [B, H, W, VIEW_CHANNELS[view]]}` (extra keys are
+    ignored) to `{view: float32 [B, embedding_dim]}` raw (unnormalised) embeddings.
+    Every weight exists after construction; `weights` has a fixed, config-determined order.
+    """
+
+    def __init__(self, model_config: ModelConfig, crop_size: int, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(model_config, dict):
+            model_config = ModelConfig(**model_config)
+        if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size <= 0:
+            raise ValueError("crop_size (data.crop_size) must be a positive integer. "
+                             f"Received: crop_size={crop_size!r}")
+        self.config = model_config
+        self.crop_size = crop_size
+        self.views = tuple(model_config.views)
+
+        stem_width = trunk_input_channels(model_config.trunk, model_config.width)
+        feature_channels = trunk_stage_channels(model_config.trunk, model_config.width)[-1]
+        # Which stem each view uses: overview borrows terrain's when configured and present.
+        self._stem_owner = {view: view for view in self.views}
+        if model_config.share_overview_stem and {"overview", "terrain"} <= set(self.views):
+            self._stem_owner["overview"] = "terrain"
+        stem_views = [v for v in self.views if self._stem_owner[v] == v]
+        trunk_views = ["shared"] if model_config.shared_trunk else list(self.views)
+
+        # Lists (not dicts) in view order keep the variable order deterministic.
+        self.stems = [build_stem(v, stem_width) for v in stem_views]
+        self.trunks = [build_trunk(model_config.trunk, model_config.width,
+                                   model_name="trunk" if v == "shared" else f"trunk_{v}")
+                       for v in trunk_views]
+        self.heads = [build_head(model_config.head, feature_channels,
+                                 model_config.embedding_dim,
+                                 attention_heads=model_config.attention_heads,
+                                 attention_dim=model_config.attention_dim, name=f"head_{v}")
+                      for v in self.views]
+        self._stem_index = {v: stem_views.index(self._stem_owner[v]) for v in self.views}
+        self.built = True
+
+    # -- lookup ------------------------------------------------------------------------------
+    def _check_view(self, view: str) -> None:
+        if view not in self.views:
+            raise ValueError(f"View '{view}' is not part of this encoder (model.views = "
+                             f"{self.views}). Received: view={view!r}")
+
+    def stem(self, view: str) -> NormalizedConv2D:
+        self._check_view(view)
+        return self.stems[self._stem_index[view]]
+
+    def trunk(self, view: str) -> keras.Model:
+        self._check_view(view)
+        return self.trunks[0 if self.config.shared_trunk else self.views.index(view)]
+
+    def head(self, view: str) -> keras.Model:
+        self._check_view(view)
+        return self.heads[self.views.index(view)]
+
+    def _view_input(self, inputs, view):
+        if view not in inputs:
+            raise ValueError(f"Encoder input has no '{view}' entry; model.views = {self.views} "
+                             f"needs all of them. Received keys: {sorted(inputs)}")
+        x = inputs[view]
+        channels = x.shape[-1]
+        if len(x.shape) != 4 or channels != VIEW_CHANNELS[view]:
+            raise ValueError(f"View '{view}' must be [B, H, W, {VIEW_CHANNELS[view]}]. "
+                             f"Received: shape={tuple(x.shape)}")
+        return x
+
+    # -- forward -----------------------------------------------------------------------------
+    def __call__(self, inputs, *args, **kwargs):
+        if isinstance(inputs, dict):  # drop extras such as "id" before Keras converts inputs
+            inputs = {v: inputs[v] for v in self.views if v in inputs}
+        return super().__call__(inputs, *args, **kwargs)
+
+    def call(self, inputs, training=None):
+        stemmed = [self.stem(v)(self._view_input(inputs, v)) for v in self.views]  # [B, h, w, C0]
+        spatial = {tuple(s.shape[1:3]) for s in stemmed}
+        if self.config.shared_trunk and len(spatial) == 1 and None not in next(iter(spatial)):
+            # One trunk call on all views stacked along the batch: much faster than V calls.
+            sizes = [ops.shape(s)[0] for s in stemmed]
+            stacked = ops.concatenate(stemmed, axis=0)                          # [V*B, h, w, C0]
+            features = self.trunks[0](stacked, training=training)               # [V*B, h', w', F]
+            per_view = tf.split(features, tf.stack(sizes), num=len(self.views), axis=0)
+        else:
+            per_view = [self.trunk(v)(s, training=training) for v, s in zip(self.views, stemmed)]
+        return {v: self.head(v)(f, training=training) for v, f in zip(self.views, per_view)}
+
+    def _features(self, x, view):
+        x = self._view_input({view: x}, view)
+        return self.trunk(view)(self.stem(view)(x))                            # [B, h, w, F]
+
+    def encode_features(self, x, view: str = "terrain"):
+        """Trunk output of one view, mean-pooled over space: float32 `[B, F]`."""
+        return ops.cast(ops.mean(self._features(x, view), axis=(1, 2)), "float32")
+
+    def stage_features(self, x, view: str = "terrain") -> list:
+        """Stage feature maps of one view: list of `[B, h_i, w_i, c_i]`."""
+        x = self._view_input({view: x}, view)
+        return stage_model(self.trunk(view))(self.stem(view)(x))
+
+    def attention_weights(self, x, view: str = "terrain"):
+        """Attention of each head over the trunk's output positions: float32 `[B, heads, h*w]`."""
+        if self.config.head != "attention":
+            raise ValueError("attention_weights needs model.head='attention'. "
+                             f"Received: model.head={self.config.head!r}")
+        features = self._features(x, view)
+        _, attention = self.head(view).get_layer("attention_pool")(features,
+                                                                   return_attention=True)
+        return attention
+
+    # -- serialisation -----------------------------------------------------------------------
+    def get_config(self):
+        model_config = dataclasses.asdict(self.config)
+        model_config["views"] = list(self.config.views)
+        return {"name": self.name, "trainable": self.trainable,
+                "model_config": model_config, "crop_size": self.crop_size}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def build_encoder(model_config: ModelConfig, crop_size: int = 64,
+                  name: str = "online") -> CMCEncoder:
+    """The encoder for `model_config`, every weight created. See `CMCEncoder`."""
+    if not isinstance(model_config, ModelConfig):
+        raise ValueError("build_encoder expects a cmc_kit.config.ModelConfig. "
+                         f"Received: model_config={type(model_config).__name__}")
+    return CMCEncoder(model_config, crop_size, name=name)
+
+
+def build_momentum_twin(encoder: CMCEncoder, name: str = "momentum") -> CMCEncoder:
+    """A non-trainable copy of `encoder` holding IDENTICAL weights (copied, not re-initialised)."""
+    twin = CMCEncoder(encoder.config, encoder.crop_size, name=name)
+    _check_pairing(encoder, twin)
+    for target, source in zip(twin.weights, encoder.weights):
+        target.assign(source)
+    twin.trainable = False
+    return twin
+
+
+def _check_pairing(online, momentum_model):
+    online_weights, twin_weights = online.weights, momentum_model.weights
+    if len(online_weights) != len(twin_weights) or any(
+            tuple(a.shape) != tuple(b.shape) for a, b in zip(online_weights, twin_weights)):
+        raise ValueError(f"Models '{online.name}' and '{momentum_model.name}' have different "
+                         "weights; build the momentum model with build_momentum_twin(online).")
+
+
+def momentum_update(online: keras.Model, momentum_model: keras.Model, m) -> None:
+    """theta_k <- m * theta_k + (1 - m) * theta_q over all weights, paired by position.
+
+    `m` is a Python float or a scalar tensor; works eagerly and inside `tf.function`.
+    """
+    _check_pairing(online, momentum_model)
+    m = ops.cast(m, "float32")
+    for theta_q, theta_k in zip(online.weights, momentum_model.weights):
+        theta_k.assign(m * theta_k.value + (1.0 - m) * theta_q.value)
