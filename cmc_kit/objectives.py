@@ -153,7 +153,8 @@ def _check_temperature(temperature) -> None:
     # Plain numbers are checked here; a tensor (e.g. a scheduled temperature) is trusted.
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) and not hasattr(
             temperature, "dtype"):
-        raise ValueError(f"temperature must be a positive number. Received: temperature={temperature!r}")
+        raise ValueError("temperature must be a positive number. "
+                         f"Received: temperature={temperature!r}")
     if isinstance(temperature, numbers.Real):
         value = float(temperature)
         if not math.isfinite(value) or value <= 0:
@@ -173,7 +174,8 @@ def _as_float32(x):
 def _check_rank2(x, name: str) -> None:
     rank = len(x.shape) if x.shape is not None else None
     if rank is not None and rank != 2:
-        raise ValueError(f"{name} must have shape [rows, dim]. Received: {name}.shape={tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape [rows, dim]. "
+                         f"Received: {name}.shape={tuple(x.shape)}")
 
 
 def _check_same_dim(a, b, name_a: str, name_b: str) -> None:
@@ -191,7 +193,8 @@ def _check_pair(query, key, name_q: str, name_k: str):
     rows_q, rows_k = q.shape[0], k.shape[0]
     if rows_q is not None and rows_k is not None and rows_q != rows_k:
         raise ValueError(f"{name_q} and {name_k} must have one row per sample, row for row. "
-                         f"Received: {name_q}.shape={tuple(q.shape)}, {name_k}.shape={tuple(k.shape)}")
+                         f"Received: {name_q}.shape={tuple(q.shape)}, "
+                         f"{name_k}.shape={tuple(k.shape)}")
     return q, k
 
 

@@ -1,0 +1,307 @@
+"""Probes on frozen features: weighted kNN and linear probes (NumPy + scikit-learn only).
+
+Everything that is fitted (neighbour bank, scaler, regularisation strength) is fitted on the
+training split alone; the test split is only ever transformed and scored.
+
+- `knn_scores` / `knn_classify` / `knn_accuracy`: cosine-similarity kNN with votes weighted by
+  exp(sim / T), summed per class, as solo-learn's `WeightedKNNClassifier` (Wu et al. 2018).
+- `knn_regress`: the same neighbours and weights, averaging the neighbours' targets.
+- `linear_probe_classification`: StandardScaler + LogisticRegression, C chosen by stratified
+  cross-validation on the training split.
+- `linear_probe_regression`: StandardScaler + RidgeCV (efficient leave-one-out on train).
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.metrics import r2_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from cmc_kit.errors import CmcKitError
+
+DEFAULT_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+DEFAULT_ALPHA_GRID = tuple(np.logspace(-3, 4, 15))
+
+
+class ProbeError(CmcKitError, ValueError):
+    """Features or labels cannot be probed (wrong shape, non-finite, too few classes)."""
+
+
+# -- kNN -------------------------------------------------------------------------------------
+
+def knn_scores(train_features, train_labels, test_features, *, k=20, temperature=0.07,
+               num_classes=None, chunk_size=1024) -> np.ndarray:
+    """Temperature-weighted kNN class scores.
+
+    Args:
+        train_features: [N, D] bank of features (any scale; cosine similarity is used).
+        train_labels: [N] integer class ids in [0, num_classes).
+        test_features: [M, D] queries.
+        k: neighbours per query (capped at N).
+        temperature: T in the vote weight exp(sim / T).
+        num_classes: number of classes C; default max(train_labels) + 1.
+        chunk_size: test rows per similarity block (bounds memory to chunk_size x N).
+    Returns:
+        float64 [M, C]: each row's weighted votes per class, normalised to sum to 1. The
+        argmax equals solo-learn's prediction (its unnormalised sums differ by a per-row factor).
+    """
+    train, test = _feature_pair(train_features, test_features, "train_features", "test_features")
+    labels = _labels(train_labels, "train_labels", len(train))
+    if labels.dtype.kind not in "iu":
+        raise ProbeError("knn_scores needs integer class ids in train_labels. "
+                         f"Received: dtype={labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ProbeError(f"train_labels must be class ids >= 0. Received: min={labels.min()}")
+    needed = int(labels.max()) + 1
+    if num_classes is None:
+        num_classes = needed
+    elif num_classes < needed:
+        raise ProbeError(f"num_classes={num_classes} is smaller than the largest train label + 1 "
+                         f"({needed}). Pass num_classes >= {needed} or leave it as None.")
+    scores = []
+    for top_similarity, top_index in _neighbours(train, test, k=k, temperature=temperature,
+                                                 chunk_size=chunk_size):
+        weights = _vote_weights(top_similarity, temperature)  # [m, k], rows sum to 1
+        rows = np.arange(len(weights))[:, None]                # [m, 1]
+        flat = (rows * num_classes + labels[top_index]).ravel()
+        votes = np.bincount(flat, weights=weights.ravel(), minlength=len(weights) * num_classes)
+        scores.append(votes.reshape(len(weights), num_classes))
+    return np.concatenate(scores, axis=0)
+
+
+def knn_classify(train_features, train_labels, test_features, *, k=20, temperature=0.07,
+                 num_classes=None, chunk_size=1024) -> np.ndarray:
+    """Predicted class ids [M] (int64) of the weighted kNN; see `knn_scores`."""
+    scores = knn_scores(train_features, train_labels, test_features, k=k,
+                        temperature=temperature, num_classes=num_classes, chunk_size=chunk_size)
+    return np.argmax(scores, axis=1)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, *, k=20,
+                 temperature=0.07, num_classes=None, chunk_size=1024) -> float:
+    """Top-1 accuracy of `knn_classify` on labelled test features."""
+    test_rows = len(_features(test_features, "test_features"))
+    test_labels = _labels(test_labels, "test_labels", test_rows)
+    predictions = knn_classify(train_features, train_labels, test_features, k=k,
+                               temperature=temperature, num_classes=num_classes,
+                               chunk_size=chunk_size)
+    return float(np.mean(predictions == test_labels))
+
+
+def knn_regress(train_features, train_targets, test_features, *, k=20, temperature=0.07,
+                chunk_size=1024) -> np.ndarray:
+    """Weighted mean of the neighbours' targets, with the same weights as `knn_scores`.
+
+    train_targets is [N] or [N, T]; the result is [M] or [M, T] float64.
+    """
+    train, test = _feature_pair(train_features, test_features, "train_features", "test_features")
+    targets = _targets(train_targets, "train_targets", len(train))
+    predictions = []
+    for top_similarity, top_index in _neighbours(train, test, k=k, temperature=temperature,
+                                                 chunk_size=chunk_size):
+        weights = _vote_weights(top_similarity, temperature)  # [m, k]
+        neighbour_targets = targets[top_index]                 # [m, k] or [m, k, T]
+        if targets.ndim == 2:
+            weights = weights[..., None]
+        predictions.append(np.sum(weights * neighbour_targets, axis=1))
+    return np.concatenate(predictions, axis=0)
+
+
+def _neighbours(train, test, *, k, temperature, chunk_size):
+    """Yields (cosine similarity [m, k'], train index [m, k']) per block of test rows.
+
+    train [N, D] and test [M, D] are validated float64 arrays; k' = min(k, N).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ProbeError(f"k must be a positive integer. Received: k={k!r}")
+    if not (isinstance(temperature, numbers.Real) and np.isfinite(temperature) and temperature > 0):
+        raise ProbeError("temperature must be a positive number. "
+                         f"Received: temperature={temperature!r}")
+    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+            or chunk_size < 1):
+        raise ProbeError("chunk_size must be a positive integer. "
+                         f"Received: chunk_size={chunk_size!r}")
+    train, test = _unit_rows(train), _unit_rows(test)  # [N, D], [M, D]
+    k = min(int(k), len(train))
+    for start in range(0, len(test), chunk_size):
+        similarity = test[start:start + chunk_size] @ train.T  # [m, N]
+        if k < len(train):
+            top_index = np.argpartition(-similarity, k - 1, axis=1)[:, :k]  # [m, k], unordered
+        else:
+            top_index = np.broadcast_to(np.arange(len(train)), similarity.shape)
+        yield np.take_along_axis(similarity, top_index, axis=1), top_index
+
+
+def _vote_weights(top_similarity, temperature):
+    # exp(sim/T) normalised per row; subtracting the row max first keeps small T finite.
+    logits = top_similarity / temperature
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+# -- linear probes -----------------------------------------------------------------------------
+
+def linear_probe_classification(train_x, train_y, test_x, test_y, *, seed=0,
+                                c_grid=DEFAULT_C_GRID, folds=5, max_iter=1000) -> dict:
+    """Logistic regression on standardised frozen features, C chosen by CV on train only.
+
+    Cross-validation uses stratified folds (shuffled with `seed`); with rare classes the number
+    of folds drops to the smallest class count (at least 2), and folds whose training part has a
+    single class are skipped. If no fold is usable (e.g. 3 training samples), C = 1.0.
+
+    Returns:
+        dict with accuracy (test top-1), C (chosen), cv_accuracy (its mean validation accuracy,
+        NaN when CV was impossible), cv_folds (folds used) and predictions ([M] test predictions).
+    """
+    train_x, test_x = _feature_pair(train_x, test_x, "train_x", "test_x")
+    train_y = _labels(train_y, "train_y", len(train_x))
+    test_y = _labels(test_y, "test_y", len(test_x))
+    classes, counts = np.unique(train_y, return_counts=True)
+    if len(classes) < 2:
+        raise ProbeError(f"The linear probe needs at least two classes in train_y; all "
+                         f"{len(train_y)} training samples are class {classes[0].item()!r}. "
+                         "Use more training samples (a larger data set or validation split) "
+                         "or the kNN probe.")
+    if not c_grid or any(not np.isfinite(c) or c <= 0 for c in c_grid):
+        raise ProbeError("c_grid must list positive regularisation strengths. "
+                         f"Received: c_grid={c_grid!r}")
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    n_splits = min(int(folds), max(2, int(counts.min())), len(train_y))
+    splits = []
+    if counts.max() >= n_splits:  # otherwise every class is a singleton: nothing to validate on
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            # Classes smaller than the fold count are expected here; those folds just lack them.
+            warnings.filterwarnings("ignore", message="The least populated class",
+                                    category=UserWarning)
+            splits = [(fit, val) for fit, val in splitter.split(train_x, train_y)
+                      if len(np.unique(train_y[fit])) >= 2]
+
+    best_c, best_score = 1.0, float("nan")
+    for c in sorted(c_grid):  # ascending: on a tie the stronger regularisation wins
+        if not splits:
+            break
+        scores = [clone(probe).set_params(logisticregression__C=c)
+                  .fit(train_x[fit], train_y[fit]).score(train_x[val], train_y[val])
+                  for fit, val in splits]
+        if np.isnan(best_score) or np.mean(scores) > best_score:
+            best_c, best_score = float(c), float(np.mean(scores))
+
+    final = clone(probe).set_params(logisticregression__C=best_c).fit(train_x, train_y)
+    predictions = final.predict(test_x)
+    return {
+        "accuracy": float(np.mean(predictions == test_y)),
+        "C": best_c,
+        "cv_accuracy": best_score,
+        "cv_folds": len(splits),
+        "predictions": predictions,
+    }
+
+
+def linear_probe_regression(train_x, train_y, test_x, test_y, *,
+                            alpha_grid=DEFAULT_ALPHA_GRID) -> dict:
+    """Ridge regression on standardised frozen features, alpha by leave-one-out on train only.
+
+    train_y / test_y are [N] or [N, T] (e.g. per-class area fractions). R^2 is computed per
+    target; a target that is constant over the test set has no defined R^2 and reports NaN.
+
+    Returns:
+        dict with r2 (mean R^2 over targets with a defined value), r2_per_target (list of T
+        floats), alpha (chosen, shared by all targets) and predictions ([M] or [M, T]).
+    """
+    train_x, test_x = _feature_pair(train_x, test_x, "train_x", "test_x")
+    train_y = _targets(train_y, "train_y", len(train_x))
+    test_y = _targets(test_y, "test_y", len(test_x))
+    if train_y.shape[1:] != test_y.shape[1:]:
+        raise ProbeError(f"train_y and test_y must have the same number of targets. Received: "
+                         f"train_y.shape={train_y.shape}, test_y.shape={test_y.shape}")
+    if len(train_x) < 3:
+        raise ProbeError(f"The regression probe needs at least 3 training samples. "
+                         f"Received: {len(train_x)}")
+
+    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=tuple(alpha_grid)))
+    probe.fit(train_x, train_y)
+    predictions = probe.predict(test_x)
+
+    truth_2d = test_y.reshape(len(test_y), -1)          # [M, T]
+    predicted_2d = predictions.reshape(len(test_y), -1)  # [M, T]
+    r2 = []
+    for target in range(truth_2d.shape[1]):
+        truth = truth_2d[:, target]
+        if len(truth) < 2 or np.ptp(truth) == 0:
+            r2.append(float("nan"))
+        else:
+            r2.append(float(r2_score(truth, predicted_2d[:, target])))
+    defined = [value for value in r2 if np.isfinite(value)]
+    return {
+        "r2": float(np.mean(defined)) if defined else float("nan"),
+        "r2_per_target": r2,
+        "alpha": float(probe[-1].alpha_),
+        "predictions": predictions,
+    }
+
+
+# -- validation ------------------------------------------------------------------------------
+
+def _features(x, name: str) -> np.ndarray:
+    array = np.asarray(x, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ProbeError(f"{name} must be a non-empty 2-D array [samples, dims]. "
+                         f"Received: {name}.shape={array.shape}")
+    bad = ~np.all(np.isfinite(array), axis=1)
+    if bad.any():
+        raise ProbeError(f"{name} has {int(bad.sum())} row(s) with NaN or infinite values "
+                         f"(first: row {int(np.argmax(bad))}); re-embed with a finite checkpoint "
+                         "or drop those rows.")
+    return array
+
+
+def _feature_pair(train, test, name_train: str, name_test: str):
+    train, test = _features(train, name_train), _features(test, name_test)
+    if train.shape[1] != test.shape[1]:
+        raise ProbeError(f"{name_train} and {name_test} must have the same feature size. "
+                         f"Received: {name_train}.shape={train.shape}, "
+                         f"{name_test}.shape={test.shape}")
+    return train, test
+
+
+def _labels(y, name: str, rows: int) -> np.ndarray:
+    array = np.asarray(y)
+    if array.ndim != 1 or len(array) != rows:
+        raise ProbeError(f"{name} must be 1-D with one label per feature row ({rows}). "
+                         f"Received: {name}.shape={array.shape}")
+    return array
+
+
+def _targets(y, name: str, rows: int) -> np.ndarray:
+    array = np.asarray(y, dtype=np.float64)
+    if array.ndim not in (1, 2) or len(array) != rows:
+        raise ProbeError(f"{name} must be [samples] or [samples, targets] with one row per "
+                         f"feature row ({rows}). Received: {name}.shape={array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ProbeError(f"{name} contains NaN or infinite values; drop those samples.")
+    return array
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    # Same clamp as torch.nn.functional.normalize: a zero row stays zero.
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+__all__ = [
+    "ProbeError",
+    "knn_accuracy",
+    "knn_classify",
+    "knn_regress",
+    "knn_scores",
+    "linear_probe_classification",
+    "linear_probe_regression",
+]
