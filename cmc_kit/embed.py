@@ -93,7 +93,7 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
         if source == "trunk":
             vectors = encoder.encode_features(x, view=view)  # [B, F]
         else:
-            vectors = encoder({view: x})[view]  # [B, D]
+            vectors = _head_embedding(encoder, x, view)  # [B, D]
         embeddings.append(np.asarray(vectors, dtype=np.float32))
         ids.extend(_decode_ids(batch["id"]))
         segmentation = np.asarray(batch["segmentation"], dtype=np.float32)  # [B, H, W, 7]
@@ -159,8 +159,16 @@ def embed_run(run: str | os.PathLike, data: str | os.PathLike, *, split: str = "
     table["split"] = table["id"].map(split_by_id)
     table.attrs.update({"run": str(run), "network": network, "split": split,
                         "checkpoint": str(checkpoint) if checkpoint else "latest",
-                        "epoch": int(handle.epoch), "step": int(handle.step)})
+                        "epoch": handle.epoch, "step": handle.step})
     return table
+
+
+def _head_embedding(encoder, x, view: str):
+    """Head embedding [B, D] of one view."""
+    if all(callable(getattr(encoder, name, None)) for name in ("stem", "trunk", "head")):
+        # CMCEncoder.call needs every view at once; run this view's stem -> trunk -> head alone.
+        return encoder.head(view)(encoder.trunk(view)(encoder.stem(view)(x)))
+    return encoder({view: x})[view]
 
 
 def embeddings_frame(ids, matrix: np.ndarray) -> pd.DataFrame:

@@ -308,3 +308,44 @@ def test_umap_works_below_n_neighbors(count):
 def test_umap_three_components():
     points, _ = two_clusters(n_per_cluster=15)
     assert embed.umap_layout(points, n_components=3).shape == (30, 3)
+
+
+# -- with the real pipeline and encoder ------------------------------------------------------
+
+def test_real_encoder_on_synthetic_data_matches_its_own_forward_pass(synthetic_root):
+    from cmc_kit import models, views
+    from cmc_kit.config import ModelConfig
+
+    folder = synthetic_root / "_dataset"
+    ids = sorted(p.name.split("_")[0] for p in folder.glob("*_t.png"))[:6]
+    catalog = pd.DataFrame({"id": ids,
+                            "terrain": [str(folder / f"{i}_t.png") for i in ids],
+                            "height": [str(folder / f"{i}_h.png") for i in ids],
+                            "segmentation": [str(folder / f"{i}_i2.png") for i in ids]})
+    config = ModelConfig(views=("terrain", "height", "segmentation"), trunk="original",
+                         width=0.125, embedding_dim=8)
+    encoder = models.build_encoder(config, crop_size=32)
+    metadata = embed.find_metadata_csv(synthetic_root)
+    assert metadata is not None
+    trunk = embed.compute_embeddings(encoder, catalog, crop_size=32, batch_size=4,
+                                     progress=False, metadata_csv=metadata)
+    head = embed.compute_embeddings(encoder, catalog, source="head", crop_size=32,
+                                    batch_size=4, progress=False)
+    # Reference: the encoder's full multi-view forward pass on the same centre crops.
+    batch = next(iter(views.make_dataset(catalog, views=config.views, crop_size=32,
+                                         batch_size=6, training=False, seed=0)))
+    np.testing.assert_allclose(embed.embedding_matrix(head),
+                               np.asarray(encoder(batch)["terrain"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(embed.embedding_matrix(trunk),
+                               np.asarray(encoder.encode_features(batch["terrain"])),
+                               rtol=1e-4, atol=1e-5)
+    assert head.shape[0] == trunk.shape[0] == 6
+    assert embed.embedding_matrix(head).shape[1] == 8
+    # Generator parameters from metadata.csv arrive, row-aligned by id.
+    generated = pd.read_csv(metadata, dtype={"id": str}).set_index("id")
+    extra = [c for c in generated.columns if not c.startswith("fraction_")]
+    assert extra and set(extra) <= set(trunk.columns)
+    np.testing.assert_allclose(trunk.set_index("id")[extra[0]],
+                               generated.loc[list(trunk["id"]), extra[0]])
+    fractions = trunk[list(embed.FRACTION_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(fractions.sum(axis=1), 1.0, atol=1e-5)
