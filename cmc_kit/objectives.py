@@ -143,7 +143,8 @@ def _nce(l_pos, l_neg, negative_mask, num_negatives):
     log_c = ops.log(noise + NCE_EPS)
     log_d_pos = l_pos - ops.logaddexp(l_pos, log_c)    # [B]
     log_d_neg = ops.log(noise) - ops.logaddexp(l_neg, log_c)  # [B, N]
-    log_d_neg = ops.sum(log_d_neg * negative_mask, axis=1)    # [B]
+    # where, not a product: with no negatives (a batch of 1) log Pn = -inf and -inf * 0 = NaN.
+    log_d_neg = ops.sum(ops.where(negative_mask > 0, log_d_neg, 0.0), axis=1)  # [B]
     return -ops.mean(log_d_pos + log_d_neg)
 
 

@@ -173,6 +173,17 @@ def test_graph_and_xla_match_eager():
     np.testing.assert_allclose(xla, eager, rtol=1e-5)
 
 
+def test_intra_batch_of_one_inside_a_graph_is_finite():
+    # A partial last batch of 1 cannot be rejected at trace time when the batch size is None.
+    spec = tf.TensorSpec([None, 4], tf.float32)
+    loss = tf.function(lambda q, k: tf.stack([intra_batch_loss(q, k, kind="infonce"),
+                                              intra_batch_loss(q, k, kind="nce")]),
+                       input_signature=[spec, spec])
+    values = loss(tf.ones([1, 4]), tf.ones([1, 4])).numpy()
+    # No negatives: only the positive term remains, -log(P/(P + 0 + eps)) ~ 0.
+    np.testing.assert_allclose(values, [0.0, 0.0], atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["infonce", "nce"])
 def test_gradients_match_finite_differences_of_reference(kind):
     q, k, queue = random_embeddings(7, 3, 4, dim=5)
