@@ -215,7 +215,7 @@ def stage_model(trunk: keras.Model) -> keras.Model:
     if not stages:
         raise ValueError(f"Model '{trunk.name}' has no 'stage<i>_output' layers; "
                          "pass a trunk made by cmc_kit.models.build_trunk.")
-    return keras.Model(trunk.inputs, [layer.output for _, layer in stages],
+    return keras.Model(trunk.input, [layer.output for _, layer in stages],
                        name=f"{trunk.name}_stages")
 
 
@@ -315,6 +315,7 @@ class CMCEncoder(keras.Model):
         return self.heads[self.views.index(view)]
 
     def _view_input(self, inputs, view):
+        self._check_view(view)
         if view not in inputs:
             raise ValueError(f"Encoder input has no '{view}' entry; model.views = {self.views} "
                              f"needs all of them. Received keys: {sorted(inputs)}")

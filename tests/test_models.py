@@ -1,0 +1,281 @@
+"""Trunks, heads, the CMC encoder and the momentum twin (tiny widths and crops)."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cmc_kit import models
+from cmc_kit.config import TRUNK_NAMES, Config, ModelConfig
+from cmc_kit.layers import NormalizedConv2D
+from cmc_kit.models import (VIEW_CHANNELS, CMCEncoder, build_encoder, build_momentum_twin,
+                            build_trunk, momentum_update, stage_model)
+
+TINY = 0.125
+
+
+def view_batch(views, batch=2, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return {v: rng.normal(size=(batch, size, size, VIEW_CHANNELS[v])).astype("float32")
+            for v in views}
+
+
+def conv_weight_count(model):
+    return sum(int(np.prod(layer.kernel.shape)) for layer in model.layers
+               if isinstance(layer, NormalizedConv2D))
+
+
+@pytest.fixture
+def restore_policy():
+    previous = keras.mixed_precision.dtype_policy()
+    yield
+    keras.mixed_precision.set_dtype_policy(previous)
+
+
+# -- trunks ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TRUNK_NAMES)
+def test_trunk_shapes_and_stage_outputs(name):
+    trunk = build_trunk(name, width=TINY)
+    stride = models.trunk_stride(name)
+    channels = models.trunk_input_channels(name, TINY)
+    stage_channels = models.trunk_stage_channels(name, TINY)
+    x = np.random.default_rng(0).normal(size=(2, 2 * stride, 4 * stride, channels))
+    y = trunk(x.astype("float32"))
+    assert tuple(y.shape) == (2, 2, 4, stage_channels[-1])
+
+    maps = stage_model(trunk)(x.astype("float32"))
+    spec = models.TRUNK_SPECS[name]
+    assert len(maps) == len(spec.depths)
+    height, width = x.shape[1:3]
+    for feature_map, stage_stride, stage_width in zip(maps, spec.strides, stage_channels):
+        height, width = height // stage_stride, width // stage_stride
+        assert tuple(feature_map.shape) == (2, height, width, stage_width)
+    # The trunk's output is the last stage after the final leaky ReLU.
+    last = maps[-1].numpy()
+    np.testing.assert_allclose(y.numpy(), np.where(last > 0, last, 0.2 * last), rtol=1e-6)
+
+
+def test_resnet34_stages_hold_torchvision_conv_weight_count():
+    # torchvision ResNet-34 layer1..layer4 conv weights (3x3 convs + 1x1 downsample convs).
+    trunk = build_trunk("resnet34", width=1.0)
+    assert conv_weight_count(trunk) == 21_258_240
+    assert trunk.count_params() == 21_258_240  # no biases, no BatchNorm
+
+
+@pytest.mark.parametrize("name, torchvision_params, stem_width", [
+    ("regnetx-200mf", 2_684_792, 32),
+    ("regnetx-800mf", 7_259_656, 32),
+])
+def test_regnetx_matches_torchvision_conv_weights(name, torchvision_params, stem_width):
+    # torchvision's total minus its 3x3 stem conv, every BatchNorm (2 params per channel)
+    # and the 1000-way classifier leaves exactly the stages' conv weights.
+    spec = models.TRUNK_SPECS[name]
+    batchnorm = 2 * stem_width + sum(d * 6 * w + 2 * w for d, w in zip(spec.depths, spec.widths))
+    classifier = spec.widths[-1] * 1000 + 1000
+    expected = torchvision_params - 3 * 9 * stem_width - batchnorm - classifier
+    assert conv_weight_count(build_trunk(name, width=1.0)) == expected
+
+
+def test_regnetx_width_multiplier_rounds_to_group_width():
+    widths = models.trunk_stage_channels("regnetx-1.6gf", 0.5)
+    assert widths == [48, 96, 216, 456]  # 72, 168, 408, 912 halved, multiples of 24
+    trunk = build_trunk("regnetx-1.6gf", width=0.5)
+    conv = trunk.get_layer("stage2_block1_conv2")
+    assert conv.groups == 96 // 24 and conv.kernel.shape == (3, 3, 24, 96)
+
+
+def test_trunk_invalid_arguments():
+    with pytest.raises(ValueError, match="model.trunk"):
+        build_trunk("resnet50")
+    with pytest.raises(ValueError, match="Received: width=0"):
+        build_trunk("resnet34", width=0)
+
+
+def test_trunk_keras_file_round_trip(tmp_path):
+    trunk = build_trunk("regnetx-200mf", width=TINY)
+    path = tmp_path / "trunk.keras"
+    trunk.save(path)
+    loaded = keras.models.load_model(path)
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 8)).astype("float32")
+    np.testing.assert_array_equal(loaded(x).numpy(), trunk(x).numpy())
+
+
+# -- encoder -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", ["mlp", "attention"])
+def test_encoder_embeddings_and_features(head):
+    config = ModelConfig(width=TINY, head=head, embedding_dim=16)
+    encoder = build_encoder(config, crop_size=32)
+    inputs = view_batch(config.views)
+    inputs["id"] = np.array([b"0001", b"0002"])  # extra keys are ignored
+    embeddings = encoder(inputs, training=True)
+    assert set(embeddings) == set(config.views)
+    for value in embeddings.values():
+        assert value.dtype == "float32" and tuple(value.shape) == (2, 16)
+
+    features = encoder.encode_features(inputs["terrain"], view="terrain")
+    trunk_out = encoder.trunk("terrain")(encoder.stem("terrain")(inputs["terrain"])).numpy()
+    np.testing.assert_allclose(features.numpy(), trunk_out.mean(axis=(1, 2)), rtol=1e-5,
+                               atol=1e-6)
+    maps = encoder.stage_features(inputs["height"], view="height")
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 16, 8), (2, 8, 8, 16), (2, 4, 4, 32),
+                                              (2, 2, 2, 64)]
+    if head == "attention":
+        weights = encoder.attention_weights(inputs["terrain"], view="terrain").numpy()
+        assert weights.shape == (2, config.attention_heads, 4)
+        np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="model.head='attention'"):
+            encoder.attention_weights(inputs["terrain"])
+
+
+def test_stacked_trunk_call_equals_per_view_calls():
+    config = ModelConfig(width=TINY, embedding_dim=8)
+    encoder = build_encoder(config, crop_size=32)
+    inputs = view_batch(config.views, batch=3)
+    stacked = encoder(inputs)
+    for view in config.views:
+        features = encoder.trunk(view)(encoder.stem(view)(inputs[view]))
+        expected = encoder.head(view)(features).numpy()
+        np.testing.assert_allclose(stacked[view].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_views_of_different_sizes_fall_back_to_per_view_calls():
+    config = ModelConfig(views=("terrain", "height"), width=TINY, embedding_dim=8)
+    encoder = build_encoder(config, crop_size=32)
+    inputs = {"terrain": view_batch(["terrain"], size=32)["terrain"],
+              "height": view_batch(["height"], size=64)["height"]}
+    embeddings = encoder(inputs)
+    expected = encoder.head("height")(encoder.trunk("height")(encoder.stem("height")(
+        inputs["height"])))
+    np.testing.assert_allclose(embeddings["height"].numpy(), expected.numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_stem_sharing_and_separate_trunks():
+    shared = build_encoder(ModelConfig(width=TINY), crop_size=32)
+    assert shared.stem("overview") is shared.stem("terrain")
+    assert shared.trunk("height") is shared.trunk("terrain")
+    assert [v for v in shared.views if shared.stem(v).kernel.shape[2] == 3] == [
+        "terrain", "overview"]
+
+    separate = build_encoder(ModelConfig(width=TINY, shared_trunk=False,
+                                         share_overview_stem=False), crop_size=32)
+    assert separate.stem("overview") is not separate.stem("terrain")
+    trunks = {id(separate.trunk(v)) for v in separate.views}
+    assert len(trunks) == 4
+    # Each trunk adds its own weights: 3 more copies than the shared encoder, 1 more stem.
+    trunk_params = shared.trunk("terrain").count_params()
+    stem_params = shared.stem("terrain").count_params()
+    assert separate.count_params() == shared.count_params() + 3 * trunk_params + stem_params
+    embeddings = separate(view_batch(separate.views))
+    assert all(tuple(e.shape) == (2, 128) for e in embeddings.values())
+
+
+def test_encoder_bad_inputs_raise_clear_errors():
+    encoder = build_encoder(ModelConfig(views=("terrain", "height"), width=TINY), crop_size=32)
+    inputs = view_batch(["terrain", "height"])
+    with pytest.raises(ValueError, match="no 'height' entry"):
+        encoder({"terrain": inputs["terrain"]})
+    with pytest.raises(ValueError, match=r"\[B, H, W, 1\]"):
+        encoder({"terrain": inputs["terrain"], "height": inputs["terrain"]})
+    with pytest.raises(ValueError, match="Received: view='segmentation'"):
+        encoder.encode_features(inputs["terrain"], view="segmentation")
+    with pytest.raises(ValueError, match="Received: crop_size=0"):
+        build_encoder(ModelConfig(width=TINY), crop_size=0)
+
+
+def test_encoder_mixed_precision_gives_float32_embeddings(restore_policy):
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    config = ModelConfig(views=("terrain", "segmentation"), trunk="regnetx-200mf", width=TINY,
+                         head="attention", embedding_dim=8)
+    encoder = build_encoder(config, crop_size=64)
+    assert all(w.dtype == "float32" for w in encoder.weights)
+    embeddings = encoder(view_batch(config.views, size=64))
+    for value in embeddings.values():
+        assert value.dtype == "float32" and np.all(np.isfinite(value.numpy()))
+    maps = encoder.stage_features(view_batch(["terrain"], size=64)["terrain"])
+    assert maps[0].dtype == "float16"
+
+
+def test_same_config_builds_same_architecture_and_round_trips():
+    config = ModelConfig(views=("terrain", "height", "overview"), trunk="regnetx-400mf",
+                         width=TINY, head="attention", embedding_dim=12, shared_trunk=False)
+    # ModelConfig survives the run's JSON.
+    assert Config.from_dict(Config(model=config).to_dict()).model == config
+
+    first, second = build_encoder(config, 32), build_encoder(config, 32, name="other")
+    describe = lambda m: [(w.path, tuple(w.shape)) for w in m.weights]  # noqa: E731
+    assert describe(first) == describe(second)
+    clone = CMCEncoder.from_config(first.get_config())
+    assert clone.config == config and clone.crop_size == 32 and clone.name == first.name
+    assert describe(clone) == describe(first)
+
+
+def test_encoder_keras_file_round_trip(tmp_path):
+    config = ModelConfig(views=("terrain", "segmentation"), width=TINY, head="attention",
+                         embedding_dim=8)
+    encoder = build_encoder(config, crop_size=32)
+    path = tmp_path / "encoder.keras"
+    encoder.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, CMCEncoder) and loaded.config == config
+    inputs = view_batch(config.views)
+    for view, value in encoder(inputs).items():
+        np.testing.assert_array_equal(loaded(inputs)[view].numpy(), value.numpy())
+
+
+# -- momentum twin ------------------------------------------------------------------------------
+
+def test_momentum_twin_copies_weights_and_is_frozen():
+    config = ModelConfig(views=("terrain", "height"), width=TINY, embedding_dim=8)
+    online = build_encoder(config, crop_size=32)
+    twin = build_momentum_twin(online, name="momentum")
+    assert twin.name == "momentum" and not twin.trainable and twin.trainable_weights == []
+    assert [w.path for w in twin.weights] == [w.path for w in online.weights]
+    for q, k in zip(online.weights, twin.weights):
+        assert q is not k
+        np.testing.assert_array_equal(k.numpy(), q.numpy())
+    inputs = view_batch(config.views)
+    for view, value in online(inputs).items():
+        np.testing.assert_array_equal(twin(inputs)[view].numpy(), value.numpy())
+    # Independent storage: changing the online weights leaves the twin alone.
+    online.weights[0].assign(online.weights[0] + 1.0)
+    assert not np.array_equal(online.weights[0].numpy(), twin.weights[0].numpy())
+
+
+def test_momentum_update_follows_numpy_recursion_inside_tf_function():
+    config = ModelConfig(views=("terrain", "height"), width=TINY, embedding_dim=8)
+    online = build_encoder(config, crop_size=32)
+    twin = build_momentum_twin(online)
+    rng = np.random.default_rng(7)
+    theta_k = [w.numpy() for w in twin.weights]
+
+    update = tf.function(momentum_update)
+    for step, m in enumerate([0.9, 0.5, 0.99]):
+        for w in online.weights:  # pretend the optimizer moved the online weights
+            w.assign(w.numpy() + rng.normal(size=w.shape).astype("float32"))
+        theta_q = [w.numpy() for w in online.weights]
+        m_arg = tf.constant(m) if step % 2 else m
+        update(online, twin, m_arg)
+        m32 = np.float32(m)
+        theta_k = [m32 * k + (np.float32(1) - m32) * q for k, q in zip(theta_k, theta_q)]
+    for expected, actual in zip(theta_k, twin.weights):
+        np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_momentum_update_rejects_mismatched_models():
+    a = build_encoder(ModelConfig(views=("terrain", "height"), width=TINY), crop_size=32)
+    b = build_encoder(ModelConfig(views=("terrain", "height"), width=0.25), crop_size=32)
+    with pytest.raises(ValueError, match="build_momentum_twin"):
+        momentum_update(a, b, 0.99)
+
+
+def test_config_dataclass_fields_are_all_used():
+    # Guard: a new ModelConfig field must be handled by the encoder (and this list updated).
+    assert [f.name for f in dataclasses.fields(ModelConfig)] == [
+        "views", "trunk", "width", "head", "embedding_dim", "shared_trunk",
+        "share_overview_stem", "attention_heads", "attention_dim"]
