@@ -99,7 +99,7 @@ def generate_sample(
     pixel_m = PATCH_WIDTH_M / size
     # Coastlines of a rough field are speckled with one-pixel lakes and islets: smooth the
     # water mask, then flatten the coast so "below sea level" and "water" stay the same thing.
-    water = fields.blur((elevation < 0.0).astype(np.float32), 0.006 * size) > 0.5
+    water = fields.blur((elevation < 0.0).astype(np.float32), max(0.8, 0.006 * size)) > 0.5
     elevation = np.where(water, np.minimum(elevation, -1.0), np.maximum(elevation, 1.0))
     # Slope of the smoothed land surface (the sea floor would ring every coast with "hills").
     slope = _slope(fields.blur(np.maximum(elevation, 0.0), 0.012 * size), pixel_m)  # [C, C]
@@ -113,7 +113,7 @@ def generate_sample(
                    - params["hemisphere"] * 4.0 * (0.5 - rows) + 1.5 * jitter)
 
     classes = _classify(water, elevation, slope, temperature, moisture, jitter)
-    classes = _smooth_land_classes(fields, classes, water, sigma=0.008 * size)
+    classes = _smooth_land_classes(fields, classes, water, sigma=max(1.0, 0.008 * size))
     terrain = _colour(fields, classes, elevation, moisture, temperature, pixel_m,
                       edge_sigma=0.1 + 0.002 * size)
 
