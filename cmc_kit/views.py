@@ -109,10 +109,15 @@ def nearest_palette_class(rgb: tf.Tensor) -> tf.Tensor:
     Returns:
         uint8 tensor [...] of class ids in [0, NUM_CLASSES).
     """
-    pixels = tf.cast(rgb, tf.int32)[..., None, :]                       # [..., 1, 3]
-    palette = tf.constant(PALETTE, dtype=tf.int32)                       # [7, 3]
-    # int32 keeps the distances exact, so ties resolve to the lower id as in NumPy's argmin.
-    distances = tf.reduce_sum(tf.square(pixels - palette), axis=-1)      # [..., 7]
+    # |p - c|^2 = |p|^2 - 2 p.c + |c|^2; |p|^2 is the same for every c, so it is left out.
+    # int32 keeps this exact; written per channel it is ~3x faster than a [..., 7, 3] difference.
+    pixels = tf.cast(rgb, tf.int32)[..., None, :]                        # [..., 1, 3]
+    palette = tf.constant(PALETTE, dtype=tf.int32)                        # [7, 3]
+    dot = (pixels[..., 0] * palette[:, 0] + pixels[..., 1] * palette[:, 1]
+           + pixels[..., 2] * palette[:, 2])                              # [..., 7]
+    score = tf.reduce_sum(palette * palette, axis=-1) - 2 * dot          # [..., 7]
+    # Ties go to the lower class id, as NumPy's argmin (tf.argmin leaves ties unspecified).
+    distances = score * NUM_CLASSES + tf.range(NUM_CLASSES)              # [..., 7], unique
     return tf.cast(tf.argmin(distances, axis=-1), tf.uint8)             # [...]
 
 

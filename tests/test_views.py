@@ -128,8 +128,13 @@ def test_decode_sample_decodes_only_given_paths(coordinate_catalog):
 def test_nearest_palette_class_matches_numpy_on_off_palette_colours():
     rng = np.random.default_rng(1)
     noisy = PALETTE[rng.integers(0, NUM_CLASSES, 3996)].astype(int) + rng.integers(-60, 61, (3996, 3))
+    # Colours exactly halfway between two palette colours must go to the lower class id.
+    candidates = rng.integers(0, 256, (400_000, 3)).astype(np.int32)
+    distances = np.sort(((candidates[:, None] - PALETTE.astype(np.int32)) ** 2).sum(-1), axis=1)
+    ties = candidates[distances[:, 0] == distances[:, 1]][:100]
+    assert len(ties) > 20
     colours = np.concatenate([np.clip(noisy, 0, 255), rng.integers(0, 256, (3997, 3)), PALETTE])
-    colours = colours.astype(np.uint8).reshape(40, -1, 3)
+    colours = np.concatenate([colours, ties]).astype(np.uint8).reshape(1, -1, 3)
     got = views.nearest_palette_class(tf.constant(colours)).numpy()
     np.testing.assert_array_equal(got, nearest_class(colours))
     assert got.dtype == np.uint8
