@@ -283,17 +283,20 @@ class CMCEncoder(keras.Model):
         stem_views = [v for v in self.views if self._stem_owner[v] == v]
         trunk_views = ["shared"] if model_config.shared_trunk else list(self.views)
 
-        # Lists (not dicts) in view order keep the variable order deterministic.
-        self.stems = [build_stem(v, stem_width) for v in stem_views]
-        self.trunks = [build_trunk(model_config.trunk, model_config.width,
-                                   model_name="trunk" if v == "shared" else f"trunk_{v}")
-                       for v in trunk_views]
-        self.heads = [build_head(model_config.head, feature_channels,
-                                 model_config.embedding_dim,
-                                 attention_heads=model_config.attention_heads,
-                                 attention_dim=model_config.attention_dim, name=f"head_{v}")
-                      for v in self.views]
-        self._stem_index = {v: stem_views.index(self._stem_owner[v]) for v in self.views}
+        # One plain attribute per sub-model, assigned in view order: Keras then lists the
+        # weights in a fixed order, and tf.train.Checkpoint tracks each one (it does not see
+        # into Keras's tracked lists or dicts).
+        for v in stem_views:
+            setattr(self, f"stem_{v}", build_stem(v, stem_width))
+        for v in trunk_views:
+            setattr(self, f"trunk_{v}", build_trunk(
+                model_config.trunk, model_config.width,
+                model_name="trunk" if v == "shared" else f"trunk_{v}"))
+        for v in self.views:
+            setattr(self, f"head_{v}", build_head(
+                model_config.head, feature_channels, model_config.embedding_dim,
+                attention_heads=model_config.attention_heads,
+                attention_dim=model_config.attention_dim, name=f"head_{v}"))
         self.built = True
 
     # -- lookup ------------------------------------------------------------------------------
@@ -304,15 +307,15 @@ class CMCEncoder(keras.Model):
 
     def stem(self, view: str) -> NormalizedConv2D:
         self._check_view(view)
-        return self.stems[self._stem_index[view]]
+        return getattr(self, f"stem_{self._stem_owner[view]}")
 
     def trunk(self, view: str) -> keras.Model:
         self._check_view(view)
-        return self.trunks[0 if self.config.shared_trunk else self.views.index(view)]
+        return getattr(self, "trunk_shared" if self.config.shared_trunk else f"trunk_{view}")
 
     def head(self, view: str) -> keras.Model:
         self._check_view(view)
-        return self.heads[self.views.index(view)]
+        return getattr(self, f"head_{view}")
 
     def _view_input(self, inputs, view):
         self._check_view(view)
@@ -339,7 +342,7 @@ class CMCEncoder(keras.Model):
             # One trunk call on all views stacked along the batch: much faster than V calls.
             sizes = [ops.shape(s)[0] for s in stemmed]
             stacked = ops.concatenate(stemmed, axis=0)                          # [V*B, h, w, C0]
-            features = self.trunks[0](stacked, training=training)               # [V*B, h', w', F]
+            features = self.trunk_shared(stacked, training=training)               # [V*B, h', w', F]
             per_view = tf.split(features, tf.stack(sizes), num=len(self.views), axis=0)
         else:
             per_view = [self.trunk(v)(s, training=training) for v, s in zip(self.views, stemmed)]

@@ -279,3 +279,20 @@ def test_config_dataclass_fields_are_all_used():
     assert [f.name for f in dataclasses.fields(ModelConfig)] == [
         "views", "trunk", "width", "head", "embedding_dim", "shared_trunk",
         "share_overview_stem", "attention_heads", "attention_dim"]
+
+
+def test_tf_checkpoint_restores_encoder_and_twin(tmp_path):
+    # The trainer checkpoints both networks with tf.train.Checkpoint.
+    config = ModelConfig(views=("terrain", "height", "overview"), width=TINY, head="attention",
+                         shared_trunk=False, embedding_dim=8)
+    online = build_encoder(config, crop_size=32)
+    twin = build_momentum_twin(online)
+    path = tf.train.Checkpoint(online=online, momentum=twin).save(str(tmp_path / "ckpt"))
+
+    fresh_online = build_encoder(config, crop_size=32)  # new random initialisation
+    fresh_twin = build_momentum_twin(fresh_online)
+    status = tf.train.Checkpoint(online=fresh_online, momentum=fresh_twin).restore(path)
+    status.assert_consumed()
+    for saved, restored in zip(online.weights + twin.weights,
+                               fresh_online.weights + fresh_twin.weights):
+        np.testing.assert_array_equal(restored.numpy(), saved.numpy())
