@@ -88,7 +88,8 @@ def discover(root: str | os.PathLike, *, include_incomplete: bool = False) -> pd
         what = "no sample files" if not found else f"only incomplete samples ({len(found)})"
         raise DataError(f"Dataset folder {root} holds {what}: expected <id>_t.png, <id>_h.png and "
                         f"<id>_i2.png triplets at any depth. {_HINT_NO_DATA}")
-    catalog = pd.DataFrame(rows, columns=list(CATALOG_COLUMNS))
+    # object dtype keeps None for missing partners (pandas' str dtype would turn it into NaN).
+    catalog = pd.DataFrame(rows, columns=list(CATALOG_COLUMNS), dtype=object)
     order = sorted(range(len(catalog)), key=lambda i: _id_sort_key(catalog.at[i, "id"]))
     return catalog.iloc[order].reset_index(drop=True)
 
@@ -261,7 +262,7 @@ def validate(
 
 def _check_sample(record: dict[str, Any], check_pixels: bool) -> list[Problem]:
     sample_id = record["id"]
-    present = {view: record[view] for view in VIEW_SUFFIXES if record[view]}
+    present = {view: record[view] for view in VIEW_SUFFIXES if isinstance(record[view], str)}
     if len(present) < len(VIEW_SUFFIXES):
         folder = Path(next(iter(present.values()))).parent
         return [Problem(sample_id, str(folder / f"{sample_id}_{suffix}.png"), "missing",

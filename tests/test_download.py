@@ -1,0 +1,185 @@
+"""Kaggle download and attached-input discovery, with fake API objects (never the network)."""
+
+import os
+import sys
+import types
+import zipfile
+
+import pytest
+
+from cmc_kit import cli, data, synth
+from cmc_kit.errors import CredentialsError, DataError
+
+SECRET = "s3cr3t-kaggle-key-0123456789"
+OWNER, SLUG = data.KAGGLE_DATASET.split("/")
+
+
+@pytest.fixture(scope="module")
+def dataset_zip(tmp_path_factory):
+    """A zip laid out like the Kaggle archive: _dataset/NNNN_{t,h,i2}.png."""
+    root = synth.generate(tmp_path_factory.mktemp("zipsrc"), n=3, size=24, seed=0, progress=False)
+    archive = tmp_path_factory.mktemp("zip") / f"{SLUG}.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in sorted((root / "_dataset").iterdir()):
+            bundle.write(path, f"_dataset/{path.name}")
+    return archive
+
+
+class FakeApi:
+    """KaggleApi stand-in: records calls and 'downloads' a prepared zip."""
+
+    def __init__(self, archive=None, extra_entries=(), fail_auth=False):
+        self.archive, self.extra_entries, self.fail_auth = archive, extra_entries, fail_auth
+        self.calls = []
+
+    def authenticate(self):
+        self.calls.append("authenticate")
+        if self.fail_auth:
+            print("Kaggle says: key " + SECRET)  # must not reach the user through our error
+            raise SystemExit(1)
+
+    def dataset_download_files(self, dataset, path=None, force=False, quiet=True, unzip=False):
+        self.calls.append(("download", dataset, unzip))
+        target = os.path.join(path, f"{SLUG}.zip")
+        with zipfile.ZipFile(self.archive) as source, zipfile.ZipFile(target, "w") as out:
+            for info in source.infolist():
+                out.writestr(info, source.read(info))
+            for name in self.extra_entries:
+                out.writestr(name, b"evil")
+
+
+class ExplodingApi:
+    def __getattr__(self, name):
+        raise AssertionError(f"the Kaggle API must not be used here (called {name})")
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path):
+    """An environment without any Kaggle credentials, outside Kaggle, kaggle import forbidden."""
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN",
+                 "KAGGLE_KERNEL_RUN_TYPE", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    monkeypatch.setattr(data, "on_kaggle", lambda: False)
+    monkeypatch.setitem(sys.modules, "kaggle", None)  # importing it now raises ImportError
+    return tmp_path
+
+
+def test_download_unzips_returns_root_and_marks_complete(tmp_path, dataset_zip, no_credentials):
+    api = FakeApi(dataset_zip)
+    root = data.download(tmp_path / "terrain", api=api)
+    assert root == tmp_path / "terrain"
+    assert api.calls == ["authenticate", ("download", data.KAGGLE_DATASET, False)]
+    assert list(data.discover(root)["id"]) == ["0001", "0002", "0003"]
+    assert (root / data.COMPLETE_MARKER).is_file()
+    leftovers = [p.name for p in root.iterdir() if p.name not in ("_dataset", data.COMPLETE_MARKER)]
+    assert leftovers == []  # zip and staging folders are gone
+
+
+def test_second_download_is_cached_without_touching_the_api(tmp_path, dataset_zip, no_credentials):
+    data.download(tmp_path / "terrain", api=FakeApi(dataset_zip))
+    assert data.download(tmp_path / "terrain", api=ExplodingApi()) == tmp_path / "terrain"
+    assert data.download(tmp_path / "terrain") == tmp_path / "terrain"  # no credentials needed
+    again = FakeApi(dataset_zip)
+    data.download(tmp_path / "terrain", api=again, force=True)
+    assert ("download", data.KAGGLE_DATASET, False) in again.calls
+
+
+def test_missing_credentials_message_lists_every_way_and_leaks_no_key(
+        tmp_path, no_credentials, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)  # a key without a username is not enough
+    with pytest.raises(CredentialsError) as err:
+        data.download(tmp_path / "terrain")  # would raise ImportError had it imported kaggle
+    message = str(err.value)
+    for needle in ("KAGGLE_USERNAME", "KAGGLE_KEY", "kaggle.json", "chmod 600", "KAGGLE_CONFIG_DIR",
+                   str(tmp_path / "kaggle-config" / "kaggle.json"), "KAGGLE_API_TOKEN", "Secrets",
+                   "KAGGLE_USERNAME is not set"):
+        assert needle in message, needle
+    assert SECRET not in message
+    assert cli.main(["download", "--dest", str(tmp_path / "terrain")]) == 2
+    captured = capsys.readouterr()
+    assert "KAGGLE_USERNAME" in captured.err and SECRET not in captured.out + captured.err
+
+
+def test_failed_authentication_becomes_credentials_error_without_kaggle_output(
+        tmp_path, dataset_zip, no_credentials, capsys):
+    with pytest.raises(CredentialsError) as err:
+        data.download(tmp_path / "terrain", api=FakeApi(dataset_zip, fail_auth=True))
+    assert SECRET not in str(err.value) and err.value.__cause__ is None
+    assert SECRET not in capsys.readouterr().out
+    assert not (tmp_path / "terrain" / data.COMPLETE_MARKER).exists()
+
+
+def _fake_kaggle_modules(monkeypatch, api_class):
+    package = types.ModuleType("kaggle")
+    api_package = types.ModuleType("kaggle.api")
+    extended = types.ModuleType("kaggle.api.kaggle_api_extended")
+    extended.KaggleApi = api_class
+    for name, module in (("kaggle", package), ("kaggle.api", api_package),
+                         ("kaggle.api.kaggle_api_extended", extended)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_kaggle_json_is_found_and_a_readable_one_warns(tmp_path, dataset_zip, no_credentials, monkeypatch):
+    config = tmp_path / "kaggle-config"
+    config.mkdir()
+    (config / "kaggle.json").write_text('{"username": "someone", "key": "%s"}' % SECRET)
+    os.chmod(config / "kaggle.json", 0o644)
+    _fake_kaggle_modules(monkeypatch, lambda: FakeApi(dataset_zip))
+    with pytest.warns(UserWarning, match=r"chmod 600") as caught:
+        root = data.download(tmp_path / "terrain")
+    assert all(SECRET not in str(w.message) for w in caught)
+    assert len(data.discover(root)) == 3
+
+
+def test_kaggle_import_that_exits_becomes_credentials_error(tmp_path, no_credentials, monkeypatch):
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
+
+    class ExitingModule(types.ModuleType):
+        def __getattr__(self, name):  # kaggle < 2 authenticated at import and called exit(1)
+            raise SystemExit(1)
+
+    monkeypatch.setitem(sys.modules, "kaggle", types.ModuleType("kaggle"))
+    monkeypatch.setitem(sys.modules, "kaggle.api", types.ModuleType("kaggle.api"))
+    monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", ExitingModule("x"))
+    with pytest.raises(CredentialsError) as err:
+        data.download(tmp_path / "terrain")
+    assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize("evil", ["../evil.txt", "_dataset/../../evil.txt", "/tmp/cmc_kit_abs_evil.txt"])
+def test_zip_entries_outside_dest_are_rejected_and_nothing_is_left(tmp_path, dataset_zip, no_credentials, evil):
+    dest = tmp_path / "terrain"
+    with pytest.raises(DataError) as err:
+        data.download(dest, api=FakeApi(dataset_zip, extra_entries=[evil]))
+    assert repr(evil) in str(err.value)
+    assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/tmp/cmc_kit_abs_evil.txt")
+    assert list(dest.iterdir()) == []  # no partial extraction, no zip, no marker
+
+
+def test_failed_download_is_a_data_error_naming_the_dataset(tmp_path, no_credentials):
+    class OfflineApi(FakeApi):
+        def dataset_download_files(self, *args, **kwargs):
+            raise ConnectionError("network unreachable")
+
+    with pytest.raises(DataError, match=r"earth-terrain.*network unreachable.*retry"):
+        data.download(tmp_path / "terrain", api=OfflineApi())
+
+
+@pytest.mark.parametrize("layout", [(SLUG,), ("datasets", OWNER, SLUG), ("terrain-copy-v2",)])
+def test_kaggle_input_is_found_in_both_mount_layouts_without_download(tmp_path, layout):
+    input_root = tmp_path / "input"
+    (input_root / "some-other-dataset").mkdir(parents=True)
+    (input_root / "some-other-dataset" / "readme.txt").write_text("unrelated")
+    synth.generate(input_root.joinpath(*layout), n=2, size=24, seed=0, progress=False)
+    root = data.download(kaggle_input=input_root, api=ExplodingApi())
+    assert root == input_root.joinpath(*layout)
+    assert list(data.discover(root)["id"]) == ["0001", "0002"]
+
+
+def test_kaggle_input_without_the_dataset_explains_how_to_attach(tmp_path):
+    (tmp_path / "input" / "other").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"Add Input.*" + OWNER):
+        data.download(kaggle_input=tmp_path / "input", api=ExplodingApi())
