@@ -499,9 +499,10 @@ def _find_credentials() -> str | None:
             warnings.warn(f"{config_file} is readable by other users; protect your Kaggle key with "
                           f"`chmod 600 {config_file}`.", stacklevel=3)
         try:
-            from_file = json.loads(config_file.read_text()) or {}
+            from_file = json.loads(config_file.read_text())
         except (OSError, ValueError):
             from_file = {}
+        from_file = from_file if isinstance(from_file, dict) else {}
     username = os.environ.get("KAGGLE_USERNAME") or from_file.get("username")
     key = os.environ.get("KAGGLE_KEY") or from_file.get("key")
     if username and key:

@@ -7,10 +7,14 @@ Trunks are pre-activation residual networks of `NormalizedConv2D` (no BatchNorm)
 0.2 before every convolution. Each family has one list-driven builder; ResNet-34, the seed's
 first trunk and the RegNetX sizes are data in `TRUNK_SPECS`.
 
-CPU cost of grouped convolutions (TF 2.21, 2 cores, forward+backward, batch 8 at 32x32,
-`benchmarks`-style timing in the helper's report): a RegNetX X block at 64 channels,
-group width 8 (8 groups) takes about the time of a dense block at 8x its FLOPs; see
-`GROUPED_VS_DENSE_NOTE` below for the measured numbers.
+Measured CPU cost (TF 2.21, 2 shared cores, forward+backward in a tf.function, median ms):
+  RegNetX-200MF trunk, batch 8, trunk input 32x32: grouped 19.0 vs a dense trunk of equal
+  FLOPs (widths 16/31/72/164, no groups) 12.0 (1.6x); input 64x64: 80.3 vs 72.6 (1.1x);
+  RegNetX-800MF at width 0.5, 32x32: 12.4 vs 12.3 (1.0x). The seed's 5-6x gap is gone
+  because NormalizedConv2D calls TF's native grouped conv (see layers.py). Under XLA
+  (jit_compile=True) on CPU grouped convs are ~9x slower (326 vs 36 ms): jit only on GPU.
+  Shared trunk on 4 stacked views (resnet34 at width 0.125, batch 16, crop 64): 108 ms
+  vs 156 ms for four separate trunk calls.
 """
 
 from __future__ import annotations
@@ -95,22 +99,25 @@ def _scaled(channels: int, width: float, divisor: int) -> int:
     return max(divisor, int(channels * width / divisor + 0.5) * divisor)
 
 
-def _channel_divisor(spec: TrunkSpec) -> int:
-    return spec.group_width or 8
+def _input_channels(spec: TrunkSpec, width: float) -> int:
+    return spec.stem_width if width == 1.0 else _scaled(spec.stem_width, width, 8)
+
+
+def _stage_widths(spec: TrunkSpec, width: float) -> list[int]:
+    # Exact widths at 1.0; otherwise multiples of the group width (of 8 when not grouped).
+    if width == 1.0:
+        return list(spec.widths)
+    return [_scaled(w, width, spec.group_width or 8) for w in spec.widths]
 
 
 def trunk_input_channels(name: str, width: float = 1.0) -> int:
     """Channels the trunk `name` takes at its input (what every stem outputs)."""
-    spec, width = _trunk_spec(name), _check_width(width)
-    return spec.stem_width if width == 1.0 else _scaled(spec.stem_width, width, 8)
+    return _input_channels(_trunk_spec(name), _check_width(width))
 
 
 def trunk_stage_channels(name: str, width: float = 1.0) -> list[int]:
     """Output channels of each stage of trunk `name` at `width`."""
-    spec, width = _trunk_spec(name), _check_width(width)
-    if width == 1.0:
-        return list(spec.widths)
-    return [_scaled(w, width, _channel_divisor(spec)) for w in spec.widths]
+    return _stage_widths(_trunk_spec(name), _check_width(width))
 
 
 def trunk_stride(name: str) -> int:
@@ -163,17 +170,16 @@ def _stages(x, spec: TrunkSpec, stage_widths: list[int], block):
     for stage, (depth, filters, stride) in enumerate(
             zip(spec.depths, stage_widths, spec.strides), start=1):
         for index in range(depth):
-            x = block(x, filters, stride if index == 0 else 1, name=f"stage{stage}_block{index + 1}")
+            first = index == 0
+            x = block(x, filters, stride if first else 1, name=f"stage{stage}_block{index + 1}")
         x = keras.layers.Identity(name=f"stage{stage}_output")(x)
     return x
 
 
 def _trunk_model(spec: TrunkSpec, width: float, block, model_name: str) -> keras.Model:
-    in_channels = spec.stem_width if width == 1.0 else _scaled(spec.stem_width, width, 8)
-    stage_widths = (list(spec.widths) if width == 1.0 else
-                    [_scaled(w, width, _channel_divisor(spec)) for w in spec.widths])
-    inputs = keras.Input(shape=(None, None, in_channels), name=f"{model_name}_input")
-    x = _stages(inputs, spec, stage_widths, block)                      # [B, h, w, F]
+    inputs = keras.Input(shape=(None, None, _input_channels(spec, width)),
+                         name=f"{model_name}_input")                     # [B, H, W, C0]
+    x = _stages(inputs, spec, _stage_widths(spec, width), block)        # [B, h, w, F]
     outputs = _act(x, "final_act")  # pre-activation nets end with one more activation
     return keras.Model(inputs, outputs, name=model_name)
 
@@ -342,7 +348,7 @@ class CMCEncoder(keras.Model):
             # One trunk call on all views stacked along the batch: much faster than V calls.
             sizes = [ops.shape(s)[0] for s in stemmed]
             stacked = ops.concatenate(stemmed, axis=0)                          # [V*B, h, w, C0]
-            features = self.trunk_shared(stacked, training=training)               # [V*B, h', w', F]
+            features = self.trunk_shared(stacked, training=training)           # [V*B, h', w', F]
             per_view = tf.split(features, tf.stack(sizes), num=len(self.views), axis=0)
         else:
             per_view = [self.trunk(v)(s, training=training) for v, s in zip(self.views, stemmed)]
@@ -357,9 +363,10 @@ class CMCEncoder(keras.Model):
         return ops.cast(ops.mean(self._features(x, view), axis=(1, 2)), "float32")
 
     def stage_features(self, x, view: str = "terrain") -> list:
-        """Stage feature maps of one view: list of `[B, h_i, w_i, c_i]`."""
+        """Stage feature maps of one view: list of float32 `[B, h_i, w_i, c_i]`."""
         x = self._view_input({view: x}, view)
-        return stage_model(self.trunk(view))(self.stem(view)(x))
+        maps = stage_model(self.trunk(view))(self.stem(view)(x))
+        return [ops.cast(m, "float32") for m in maps]
 
     def attention_weights(self, x, view: str = "terrain"):
         """Attention of each head over the trunk's output positions: float32 `[B, heads, h*w]`."""

@@ -102,6 +102,37 @@ def parse_duration(text: str | float | None) -> float | None:
     return float(text)
 
 
+class _NoSummaries:
+    """Stands in for a TensorBoard writer when the tensorboard package is missing."""
+
+    def as_default(self, step=None):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def flush(self):
+        pass
+
+
+def _summary_writer(path: Path):
+    import tensorflow as tf
+
+    try:
+        import tensorboard  # noqa: F401  (tf.summary.scalar needs it since TF 2.21)
+    except ImportError:
+        warnings.warn("The tensorboard package is not installed, so no TensorBoard scalars are "
+                      "written (log.csv still is). `pip install tensorboard` to get them.",
+                      stacklevel=3)
+        return _NoSummaries()
+    return tf.summary.create_file_writer(str(path))
+
+
+def _scalar(name: str, value: float):
+    import tensorflow as tf
+
+    if "tensorboard" in __import__("sys").modules:
+        tf.summary.scalar(name, value)
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -320,7 +351,8 @@ class Trainer:
             if not loss_scaled:  # the loss-scale optimizer handles overflowing grads itself
                 finite = tf.logical_and(finite, tf.math.is_finite(tf.linalg.global_norm(grads)))
             ctx = tf.distribute.get_replica_context()
-            finite_all = ctx.all_reduce("min", tf.cast(finite, tf.float32)) > 0.5
+            bad_replicas = ctx.all_reduce("sum", 1.0 - tf.cast(finite, tf.float32))
+            finite_all = bad_replicas < 0.5  # every replica skips together
 
             def apply():
                 optimizer.apply_gradients(zip(grads, online.trainable_variables))
@@ -437,7 +469,7 @@ class Trainer:
                   f"{self.steps_per_epoch} steps/epoch, batch {self.global_batch}, queue "
                   f"{self.queue_size}, pairs {len(self.pairs)}, {self.replicas} replica(s), "
                   f"precision {self.precision}")
-        writer = tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
+        writer = _summary_writer(self.run_dir / "tensorboard")
         history = []
         consecutive_bad = 0
         step_seconds = None
@@ -487,7 +519,7 @@ class Trainer:
                     self._append_csv(self.run_dir / "log_steps.csv", {"step": step, **logs})
                     with writer.as_default(step=step):
                         for name, value in logs.items():
-                            tf.summary.scalar(f"step/{name}", value)
+                            _scalar(f"step/{name}", value)
                 if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0:
                     last_path = self.save()
                 if time_limit is not None and self._out_of_time(started, time_limit, step_seconds):
@@ -509,7 +541,7 @@ class Trainer:
             with writer.as_default(step=int(self.step.numpy())):
                 for name, value in row.items():
                     if name not in ("epoch", "step") and isinstance(value, (int, float)):
-                        tf.summary.scalar(f"epoch/{name}", value)
+                        _scalar(f"epoch/{name}", value)
             writer.flush()
             history.append(row)
             last_path = self.save()

@@ -198,7 +198,7 @@ def test_encoder_mixed_precision_gives_float32_embeddings(restore_policy):
     for value in embeddings.values():
         assert value.dtype == "float32" and np.all(np.isfinite(value.numpy()))
     maps = encoder.stage_features(view_batch(["terrain"], size=64)["terrain"])
-    assert maps[0].dtype == "float16"
+    assert all(m.dtype == "float32" and np.all(np.isfinite(m.numpy())) for m in maps)
 
 
 def test_same_config_builds_same_architecture_and_round_trips():

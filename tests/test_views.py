@@ -464,3 +464,31 @@ def test_cache_skips_samples_unreadable_at_prepare_time(catalog_copy, tmp_path):
                                        skipped_counter=counters[1]))
     assert_same_batches(from_png, from_cache)
     assert [c.ids for c in counters] == [[catalog_copy["id"].iloc[4]]] * 2
+
+
+def test_only_the_needed_files_are_decoded(catalog_copy):
+    for path in catalog_copy["segmentation"]:
+        with open(path, "wb") as handle:
+            handle.write(b"broken, but terrain+height never read it")
+    counter = views.SkippedCounter()
+    ds = make_training(catalog_copy, views=("terrain", "height"), skipped_counter=counter)
+    assert sum(len(b["id"]) for b in batches(ds)) == 6 and counter.count == 0
+
+
+def test_sample_with_mismatched_image_sizes_is_skipped_not_misaligned(catalog_copy):
+    Image.fromarray(np.zeros((SIZE // 2, SIZE // 2), np.uint16)).save(catalog_copy["height"].iloc[1])
+    counter = views.SkippedCounter()
+    ds = views.make_dataset(catalog_copy, views=("terrain", "height"), crop_size=16, batch_size=3,
+                            training=False, seed=0, skipped_counter=counter)
+    assert sum(len(b["terrain"]) for b in batches(ds)) == N_SAMPLES - 1
+    assert counter.ids == [catalog_copy["id"].iloc[1]]
+
+
+def test_prepare_rejects_a_sample_of_another_size(catalog_copy, tmp_path):
+    for column in views.SOURCES:
+        image = Image.open(catalog_copy[column].iloc[5])
+        image.resize((SIZE // 2, SIZE // 2)).save(catalog_copy[column].iloc[5])
+    with pytest.raises(DataError, match="one size") as info:
+        views.prepare_cache(catalog_copy, tmp_path / "cache", shard_size=3, progress=False)
+    assert catalog_copy["id"].iloc[5] in str(info.value)
+    assert not list((tmp_path / "cache").glob(".shard-*"))  # no half-written shard left
