@@ -1,0 +1,426 @@
+"""Explorer widget callbacks, standalone page (in headless Chromium), mosaic, feature maps."""
+
+import base64
+import io
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cmc_kit import CLASS_NAMES, PALETTE, embed, explore
+
+SIZE = 32
+N = 12
+CHROMIUM = "/usr/bin/chromium"
+
+
+def sample_colour(index):
+    """A distinct solid terrain colour per sample, far from its neighbours."""
+    return np.array([(37 * index + 20) % 256, (91 * index + 60) % 256, (53 * index + 140) % 256],
+                    dtype=np.uint8)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """N samples: solid terrain colour, height ramp left->right, one segmentation class each."""
+    folder = tmp_path / "_dataset"
+    folder.mkdir()
+    ramp = np.tile(np.linspace(1000, 60000, SIZE).astype(np.uint16), (SIZE, 1))
+    rows = []
+    for i in range(N):
+        sample_id = f"{i + 1:04d}"
+        Image.fromarray(np.full((SIZE, SIZE, 3), sample_colour(i))).save(folder / f"{sample_id}_t.png")
+        Image.fromarray(ramp).save(folder / f"{sample_id}_h.png")
+        Image.fromarray(np.full((SIZE, SIZE, 3), PALETTE[i % 7])).save(folder / f"{sample_id}_i2.png")
+        rows.append({"id": sample_id, "terrain": str(folder / f"{sample_id}_t.png"),
+                     "height": str(folder / f"{sample_id}_h.png"),
+                     "segmentation": str(folder / f"{sample_id}_i2.png")})
+    catalog = pd.DataFrame(rows)
+    rng = np.random.default_rng(0)
+    table = embed.embeddings_frame(catalog["id"], rng.normal(size=(N, 6)))
+    fractions = np.eye(7)[np.arange(N) % 7]
+    for k, column in enumerate(embed.FRACTION_COLUMNS):
+        table[column] = fractions[:, k]
+    table["dominant_class_id"] = np.arange(N) % 7
+    table["dominant_class"] = [CLASS_NAMES[i % 7] for i in range(N)]
+    table["height_mean"] = np.arange(N, dtype=float) * 100
+    table["height_std"] = 1.0
+    table["hemisphere"] = ["north", "south"] * (N // 2)
+    layout = rng.normal(size=(N, 2)).astype(np.float32)
+    return types.SimpleNamespace(root=tmp_path, catalog=catalog, table=table, layout=layout)
+
+
+def decoded(payload):
+    return np.asarray(Image.open(io.BytesIO(payload)).convert("RGB")).astype(int)
+
+
+def assert_solid(payload, colour, tolerance):
+    pixels = decoded(payload)
+    assert np.abs(pixels - np.asarray(colour, int)).max() <= tolerance
+
+
+# -- thumbnails and colours ------------------------------------------------------------------
+
+def test_thumbnails_show_the_samples_images(dataset):
+    thumbs = explore.make_thumbnails(dataset.catalog, ["0003", "0010"], size=16)
+    assert set(thumbs) == {"0003", "0010"}
+    assert_solid(thumbs["0003"]["terrain"], sample_colour(2), tolerance=6)  # JPEG
+    assert_solid(thumbs["0010"]["segmentation"], PALETTE[9 % 7], tolerance=0)
+    height = decoded(thumbs["0003"]["height"])
+    assert height.shape == (16, 16, 3)
+    colour_map = explore.height_colour_map().astype(int)
+    # Per-image stretch: the low (left) edge gets the ramp's first colour, the high edge its last.
+    np.testing.assert_array_equal(height[:, 0], np.broadcast_to(colour_map[0], (16, 3)))
+    np.testing.assert_array_equal(height[:, -1], np.broadcast_to(colour_map[-1], (16, 3)))
+    with pytest.raises(explore.DataError, match="not in the catalog"):
+        explore.make_thumbnails(dataset.catalog, ["9999"])
+
+
+def test_marker_colours(dataset):
+    table = dataset.table
+    by_class = explore.marker_colours(table, "dominant_class")
+    assert by_class["color"][:7] == [f"rgb({r},{g},{b})" for r, g, b in PALETTE]
+    assert [name for name, _ in by_class["legend"]] == list(CLASS_NAMES)
+    by_height = explore.marker_colours(table, "height_mean")
+    assert by_height["color"] == list(table["height_mean"]) and by_height["showscale"]
+    by_hemisphere = explore.marker_colours(table, "hemisphere")
+    colours = dict(zip(table["hemisphere"], by_hemisphere["color"]))
+    assert len(set(colours.values())) == 2
+    assert all(colours[h] == c for h, c in zip(table["hemisphere"], by_hemisphere["color"]))
+    options = explore.colour_options(table)
+    assert options[0] == "dominant_class" and "fraction_water" in options
+    assert "hemisphere" in options and "dominant_class_id" not in options
+    with pytest.raises(explore.CmcKitError, match="no such column"):
+        explore.marker_colours(table, "nope")
+
+
+# -- notebook explorer -----------------------------------------------------------------------
+
+@pytest.fixture
+def explorer(dataset):
+    return explore.Explorer(dataset.table, dataset.catalog, layout=dataset.layout, thumb_size=16,
+                            grid_thumb=8, max_grid=4)
+
+
+def test_hover_and_click_show_that_samples_thumbnails_and_metadata(explorer):
+    explorer.on_hover([3])
+    assert_solid(explorer.sample_images["terrain"].value, sample_colour(3), tolerance=6)
+    assert_solid(explorer.sample_images["segmentation"].value, PALETTE[3], tolerance=0)
+    assert decoded(explorer.sample_images["height"].value).shape == (16, 16, 3)
+    assert "0004" in explorer.sample_info.value and "hills" in explorer.sample_info.value
+    explorer.on_click([9, 2])  # the first point under the cursor wins
+    assert_solid(explorer.sample_images["terrain"].value, sample_colour(9), tolerance=6)
+    assert "0010" in explorer.sample_info.value
+    explorer.on_hover([])  # moving off the points keeps the last sample
+    assert "0010" in explorer.sample_info.value
+
+
+def test_lasso_selection_shows_a_grid_of_terrains(explorer):
+    explorer.on_select([1, 4, 7])
+    assert len(explorer.selection_grid.children) == 3
+    for image, index in zip(explorer.selection_grid.children, [1, 4, 7]):
+        assert_solid(image.value, sample_colour(index), tolerance=6)
+    assert "3 selected" in explorer.selection_info.value
+    explorer.on_select(list(range(10)))  # more than max_grid=4
+    assert len(explorer.selection_grid.children) == 4
+    assert "10 selected" in explorer.selection_info.value and "first 4" in explorer.selection_info.value
+    explorer.on_select([])
+    assert explorer.selection_grid.children == () and explorer.selection_info.value == ""
+
+
+def test_colour_by_dropdown_updates_marker_colours(explorer, dataset):
+    marker = explorer.figure.data[0].marker
+    assert list(marker.color) == explore.marker_colours(dataset.table, "dominant_class")["color"]
+    explorer.controls["colour_by"].value = "height_mean"
+    marker = explorer.figure.data[0].marker
+    np.testing.assert_allclose(marker.color, dataset.table["height_mean"])
+    assert marker.showscale
+    explorer.set_colour_by("fraction_water")
+    np.testing.assert_allclose(explorer.figure.data[0].marker.color, dataset.table["fraction_water"])
+    assert explorer.controls["colour_by"].value == "fraction_water"
+
+
+def test_umap_controls_recompute_the_layout(explorer, dataset, monkeypatch):
+    calls = []
+
+    def fake_umap(embeddings, **settings):
+        calls.append(settings)
+        return np.full((len(embeddings), settings["n_components"]), len(calls), np.float32)
+
+    monkeypatch.setattr(embed, "umap_layout", fake_umap)
+    explorer.controls["n_neighbors"].value = 5
+    assert calls[-1]["n_neighbors"] == 5 and calls[-1]["n_components"] == 2
+    np.testing.assert_array_equal(explorer.figure.data[0].x, np.full(N, 1.0))
+    explorer.controls["min_dist"].value = 0.5
+    assert calls[-1]["min_dist"] == 0.5 and calls[-1]["n_neighbors"] == 5
+    explorer.controls["dimensions"].value = 3
+    trace = explorer.figure.data[0]
+    assert trace.type == "scatter3d" and len(trace.z) == N
+    # Colouring and callbacks survive the new figure.
+    explorer.on_hover([5])
+    assert_solid(explorer.sample_images["terrain"].value, sample_colour(5), tolerance=6)
+
+
+def test_run_controls_re_embed_with_the_chosen_checkpoint(dataset, monkeypatch):
+    requests = []
+
+    def fake_embed_run(run, data, **options):
+        requests.append(options)
+        table = dataset.table.iloc[:6].copy()
+        return table
+
+    monkeypatch.setattr(embed, "embed_run", fake_embed_run)
+    checkpoints = [{"path": "RUN/checkpoints/ckpt-10", "epoch": 1, "step": 10},
+                   {"path": "RUN/checkpoints/ckpt-20", "epoch": 2, "step": 20}]
+    explorer = explore.Explorer(dataset.table, dataset.catalog, layout=dataset.layout,
+                                run="RUN", data=dataset.root, checkpoints=checkpoints,
+                                thumb_size=16)
+    monkeypatch.setattr(embed, "umap_layout",
+                        lambda e, **s: np.zeros((len(e), s["n_components"]), np.float32))
+    labels = [label for label, _ in explorer.controls["checkpoint"].options]
+    assert labels == ["latest", "epoch 1 / step 10", "epoch 2 / step 20"]
+    explorer.controls["checkpoint"].value = "RUN/checkpoints/ckpt-10"
+    assert requests[-1]["checkpoint"] == "RUN/checkpoints/ckpt-10"
+    assert len(explorer.figure.data[0].x) == 6
+    explorer.controls["network"].value = "momentum"
+    assert requests[-1]["network"] == "momentum"
+    assert requests[-1]["checkpoint"] == "RUN/checkpoints/ckpt-10"
+    explorer.controls["network"].value = "online"  # seen before: cached, no new embedding
+    assert len(requests) == 2
+
+
+def test_without_a_kernel_display_falls_back_to_a_static_figure(explorer, monkeypatch):
+    import plotly.graph_objects as go
+    from IPython import display as ipython_display
+
+    shown = []
+    monkeypatch.setattr(ipython_display, "display", lambda *objects: shown.extend(objects))
+    explorer._ipython_display_()  # pytest is no Jupyter kernel
+    assert any("Static view" in getattr(item, "data", "") for item in shown)
+    figures = [item for item in shown if isinstance(item, go.Figure)]
+    assert len(figures) == 1 and len(figures[0].data[0].x) == N
+    assert explore.widgets_can_render() is False
+
+
+def test_explorer_rejects_tables_that_do_not_match_the_catalog(dataset):
+    with pytest.raises(explore.DataError, match="not in the catalog"):
+        explore.Explorer(dataset.table, dataset.catalog.iloc[:3], layout=dataset.layout)
+    with pytest.raises(explore.CmcKitError, match="layout"):
+        explore.Explorer(dataset.table, dataset.catalog, layout=dataset.layout[:5])
+
+
+# -- mosaic ------------------------------------------------------------------------------------
+
+def test_mosaic_places_thumbnails_at_their_cells(dataset, tmp_path):
+    # Corners and centre of a 4 x 4 grid of 8 px cells.
+    layout = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [0.5, 0.5]], dtype=np.float32)
+    ids = list(dataset.catalog["id"][:5])
+    out = explore.mosaic(layout, dataset.catalog, tmp_path / "m.png", canvas=32, thumb=8, ids=ids)
+    picture = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert picture.shape == (32, 32, 3)
+    expected = {(31, 0): 0, (31, 31): 1, (0, 0): 2, (0, 31): 3, (20, 12): 4}  # (row, col) pixel
+    for (row, col), index in expected.items():
+        np.testing.assert_array_equal(picture[row, col], sample_colour(index))
+    np.testing.assert_array_equal(picture[4, 12], (24, 24, 24))  # an empty cell
+
+
+def test_mosaic_keeps_one_thumbnail_per_cell_for_any_size(tmp_path):
+    count, thumb = 3000, 16
+    rng = np.random.default_rng(0)
+    layout = rng.normal(size=(count, 2))
+    colours = rng.integers(0, 256, size=(count, 3), dtype=np.uint8)
+    thumbs = {}
+    for i in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((thumb, thumb, 3), colours[i])).save(buffer, format="PNG")
+        thumbs[f"s{i}"] = {"terrain": buffer.getvalue()}
+    out = explore.mosaic(layout, thumbs, tmp_path / "big.png", canvas=128, thumb=thumb)
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    assert picture.shape == (128, 128, 3)
+    # Every occupied cell is one solid thumbnail (no overlap), and its colour is a sample's.
+    known = {tuple(c) for c in colours}
+    cells = picture.reshape(8, thumb, 8, thumb, 3).transpose(0, 2, 1, 3, 4).reshape(64, -1, 3)
+    occupied = 0
+    for cell in cells:
+        assert (cell == cell[0]).all()
+        if tuple(cell[0]) != (24, 24, 24):
+            occupied += 1
+            assert tuple(cell[0]) in known
+    assert 30 < occupied <= 64  # Gaussian cloud: most cells near the centre are filled
+
+
+# -- feature maps --------------------------------------------------------------------------------
+
+class PlantedStages:
+    """stage_features returns maps with a dominant planted direction, so PC1 is known."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        self.strong, self.weak = rng.normal(size=(2, 12))
+        self.rng = rng
+
+    def stage_features(self, x, view="terrain"):
+        samples = len(x)
+        a = self.rng.normal(size=(samples, 5, 5, 1)) * 10
+        b = self.rng.normal(size=(samples, 5, 5, 1)) * 2
+        noise = self.rng.normal(size=(samples, 5, 5, 12)) * 0.1
+        self.a = a[..., 0]
+        return [np.zeros((samples, 10, 10, 4)), a * self.strong + b * self.weak + noise]
+
+
+def test_feature_map_pca_recovers_the_dominant_direction():
+    encoder = PlantedStages()
+    batch = {"terrain": np.random.default_rng(1).uniform(-1, 1, size=(6, 20, 20, 3))}
+    maps = explore.feature_maps(encoder, batch, samples=4)
+    assert maps.rgb.shape == (4, 5, 5, 3) and maps.inputs.shape == (4, 20, 20, 3)
+    assert maps.inputs.dtype == np.uint8
+    assert maps.rgb.min() >= 0 and maps.rgb.max() <= 1
+    np.testing.assert_allclose(maps.rgb.reshape(-1, 3).min(0), 0, atol=1e-6)
+    np.testing.assert_allclose(maps.rgb.reshape(-1, 3).max(0), 1, atol=1e-6)
+    ratio = maps.explained_variance_ratio
+    assert ratio[0] > ratio[1] > ratio[2] and ratio[0] > 0.8
+    correlation = np.corrcoef(maps.rgb[..., 0].ravel(), encoder.a.ravel())[0, 1]
+    assert abs(correlation) > 0.99
+    assert len(maps.figure.data) == 8  # input and PCA panel per sample
+    with pytest.raises(explore.CmcKitError, match="out of range"):
+        explore.feature_maps(encoder, batch, stage=5)
+
+
+def test_pca_rgb_matches_sklearn():
+    from sklearn.decomposition import PCA
+
+    features = np.random.default_rng(2).normal(size=(3, 4, 4, 9)) * np.arange(1, 10)
+    rgb, ratio = explore.pca_rgb(features)
+    reference = PCA(n_components=3).fit(features.reshape(-1, 9))
+    np.testing.assert_allclose(ratio, reference.explained_variance_ratio_, rtol=1e-6)
+    projected = reference.transform(features.reshape(-1, 9))
+    for k in range(3):  # same component up to sign, after min-max scaling
+        assert abs(np.corrcoef(rgb.reshape(-1, 3)[:, k], projected[:, k])[0, 1]) > 0.999999
+
+
+def test_feature_maps_of_the_real_encoder():
+    from cmc_kit import models
+    from cmc_kit.config import ModelConfig
+
+    encoder = models.build_encoder(ModelConfig(views=("terrain", "height"), trunk="original",
+                                               width=0.125, embedding_dim=8), crop_size=32)
+    x = np.random.default_rng(0).uniform(-1, 1, size=(2, 32, 32, 3)).astype(np.float32)
+    maps = explore.feature_maps(encoder, {"terrain": x}, stage=-1, samples=2)
+    assert maps.rgb.shape[0] == 2 and maps.rgb.shape[-1] == 3
+    assert 0 <= maps.rgb.min() and maps.rgb.max() <= 1
+    np.testing.assert_array_equal(maps.inputs, ((x + 1) * 127.5).round().astype(np.uint8))
+
+
+# -- standalone page -------------------------------------------------------------------------------
+
+@pytest.fixture
+def page_path(dataset, tmp_path):
+    return explore.write_explorer_html(dataset.table, dataset.layout, dataset.catalog,
+                                       tmp_path / "out" / "explorer.html", title="Test <page>",
+                                       thumb=16)
+
+
+def test_page_is_self_contained(page_path):
+    text = page_path.read_text()
+    tags = re.findall(r"<script[^>]*>", text)
+    assert len(tags) >= 2 and not any("src=" in tag for tag in tags)  # Plotly JS inlined
+    assert len(text) > 3_000_000  # ... the whole plotly.min.js
+    payload = json.loads(re.search(r'<script type="application/json" id="cmc-data">(.*?)</script>',
+                                   text, re.S).group(1))
+    assert payload["ids"] == [f"{i + 1:04d}" for i in range(N)]
+    assert all(uri.startswith("data:image/jpeg;base64,") for uri in payload["thumbs"]["terrain"])
+    assert all(uri.startswith("data:image/png;base64,") for uri in payload["thumbs"]["height"])
+    terrain_6 = base64.b64decode(payload["thumbs"]["terrain"][6].split(",", 1)[1])
+    assert_solid(terrain_6, sample_colour(6), tolerance=6)
+    segmentation_6 = base64.b64decode(payload["thumbs"]["segmentation"][6].split(",", 1)[1])
+    assert_solid(segmentation_6, PALETTE[6], tolerance=0)
+    row_6 = dict(zip(payload["columns"], payload["meta"][6]))
+    assert row_6["dominant_class"] == "tundra" and row_6["height_mean"] == 600
+    assert "Test &lt;page&gt;" in text
+    for option in ("dominant_class", "height_mean", "hemisphere"):
+        assert f'<option value="{option}">' in text
+
+
+def test_export_html_embeds_a_run_and_caches_its_layout(dataset, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_embed_run(run, data, **options):
+        seen.update(options)
+        table = dataset.table.copy()
+        table.attrs["epoch"] = 4
+        return table
+
+    monkeypatch.setattr(embed, "embed_run", fake_embed_run)
+    data_module = types.ModuleType("cmc_kit.data")
+    data_module.discover = lambda root: dataset.catalog
+    monkeypatch.setitem(sys.modules, "cmc_kit.data", data_module)
+    import cmc_kit
+    monkeypatch.setattr(cmc_kit, "data", data_module, raising=False)
+    run = tmp_path / "run"
+    out = explore.export_html(run, dataset.root, tmp_path / "page.html", thumb=16, progress=False)
+    assert seen["split"] == "all"
+    assert out.is_file() and "epoch 4" in out.read_text()
+    assert len(list((run / "umap_cache").glob("umap-*.npy"))) == 1
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                    reason=f"needs Debian's chromium at {CHROMIUM} (`make browser` installs it)")
+def test_page_works_in_headless_chromium(page_path, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    errors = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 700})
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(Path(page_path).as_uri())
+            page.wait_for_function("document.getElementById('cmc-plot') && "
+                                   "document.getElementById('cmc-plot').calcdata")
+            # Move the mouse onto point 7, as a person would.
+            x, y = page.evaluate("""() => {
+                const gd = document.getElementById('cmc-plot'), fl = gd._fullLayout;
+                const box = gd.getBoundingClientRect(), p = gd.calcdata[0][7];
+                return [box.left + fl._size.l + fl.xaxis.d2p(p.x),
+                        box.top + fl._size.t + fl.yaxis.d2p(p.y)]; }""")
+            page.mouse.move(x, y)
+            page.wait_for_selector("#cmc-sample img")
+            sources = page.eval_on_selector_all("#cmc-sample img", "els => els.map(e => e.src)")
+            assert len(sources) == 3 and all(s.startswith("data:image/") for s in sources)
+            assert page.inner_text("#cmc-sample-id") == "0008"
+            page.screenshot(path=str(tmp_path / "hover.png"))
+
+            def point_fill():
+                return page.evaluate("document.querySelectorAll('.scatterlayer .point')[7]"
+                                     ".style.fill")
+
+            before = point_fill()
+            assert before.replace(" ", "") == "rgb({},{},{})".format(*PALETTE[0])  # water
+            page.select_option("#cmc-colour-by", "height_mean")
+            page.wait_for_function("document.getElementById('cmc-plot')._fullData[0]"
+                                   ".marker.showscale === true")
+            assert point_fill() != before
+            colours = page.evaluate("Array.from(document.getElementById('cmc-plot')"
+                                    "._fullData[0].marker.color)")
+            np.testing.assert_allclose(colours, np.arange(N) * 100)
+
+            # A lasso selection fills the grid with the selected terrains.
+            page.evaluate("""() => document.getElementById('cmc-plot').emit('plotly_selected',
+                {points: [{curveNumber: 0, pointNumber: 2}, {curveNumber: 0, pointNumber: 5}]})""")
+            assert page.eval_on_selector_all("#cmc-grid img", "els => els.map(e => e.title)") \
+                == ["0003", "0006"]
+        finally:
+            browser.close()
+    assert errors == []
