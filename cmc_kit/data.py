@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cmc_kit.config import default_paths, on_kaggle
 from cmc_kit.errors import CredentialsError, DataError
-from cmc_kit.palette import palette_distance
+from cmc_kit.palette import PALETTE, palette_distance
 
 KAGGLE_DATASET = "tpapp157/earth-terrain-height-and-segmentation-map-images"
 COMPLETE_MARKER = ".cmc_kit_complete"
@@ -44,6 +44,8 @@ _SUFFIX_TO_VIEW = {suffix: view for view, suffix in VIEW_SUFFIXES.items()}
 # closest two palette colours (grassland, desert) are 38 apart.
 OFF_PALETTE_DISTANCE = 40.0
 OFF_PALETTE_MAX_FRACTION = 0.05
+
+_PACKED_PALETTE = [(int(r) << 16) | (int(g) << 8) | int(b) for r, g, b in PALETTE]
 
 PROBLEM_KINDS = ("missing", "unreadable", "wrong_size", "wrong_mode", "height_8bit", "off_palette")
 _HINT_NO_DATA = ("Create a synthetic dataset with `cmc-kit synth DIR` or get the real one with "
@@ -322,9 +324,13 @@ def _check_pixels(sample_id: str, view: str, path: str, image: Image.Image) -> P
     if view != "segmentation":
         return None
     rgb = np.asarray(image.convert("RGB"))
-    # Distances of the distinct colours only: segmentations hold few colours.
     packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
-    colours, counts = np.unique(packed, return_counts=True)
+    # Exact palette pixels (nearly all, for lossless files) first; only the rest needs distances,
+    # computed once per distinct colour.
+    exact = np.zeros(packed.shape, dtype=bool)
+    for colour in _PACKED_PALETTE:
+        exact |= packed == colour
+    colours, counts = np.unique(packed[~exact], return_counts=True)
     unique_rgb = np.stack([(colours >> 16) & 255, (colours >> 8) & 255, colours & 255], axis=-1)
     far = palette_distance(unique_rgb) > OFF_PALETTE_DISTANCE
     fraction = counts[far].sum() / packed.size
