@@ -364,8 +364,9 @@ def _count_skipped(dataset, *, epoch_ids, views, crop_size, counter):
 
     def record(first: np.int64, stop: np.int64) -> np.int64:
         skipped = epoch_ids[int(first):int(stop)]
-        logger.warning("Skipped %d unreadable sample(s), id(s) %s: their files could not be "
-                       "decoded. Run `cmc-kit validate DATA` to list them.",
+        logger.warning("Skipped %d unreadable sample(s), id(s) %s: their files are missing, "
+                       "corrupt or of different sizes. Run `cmc-kit validate DATA` for details "
+                       "and fix or remove them.",
                        len(skipped), ", ".join(map(str, skipped)))
         counter.record(skipped)
         return np.int64(len(skipped))
