@@ -397,13 +397,14 @@ def download(
             if status in (401, 403):
                 raise CredentialsError(
                     f"Kaggle refused the download of {KAGGLE_DATASET} (HTTP {status}): the "
-                    "credentials are wrong or expired. Create a new token on kaggle.com -> "
-                    "Settings -> API and update them.\n" + _credentials_help()) from None
+                    "credentials are wrong or expired, or the dataset's terms were not accepted "
+                    "on its page. Create a new token on kaggle.com -> Settings -> API and update "
+                    "them.\n" + _credentials_help()) from None
             raise DataError(f"Downloading {KAGGLE_DATASET} into {dest} failed: {err}. Check the "
                             "internet connection and retry `cmc-kit download`.") from err
         archives = sorted(staging.glob("*.zip"))
         if not archives:
-            raise DataError(f"The Kaggle API wrote no zip file into {staging} for {KAGGLE_DATASET}. "
+            raise DataError(f"The Kaggle API returned no zip file for {KAGGLE_DATASET}. "
                             "Retry `cmc-kit download`; if it persists, download the zip from the "
                             f"dataset page and unzip it into {dest}.")
         for archive in archives:
