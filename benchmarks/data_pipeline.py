@@ -17,18 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cmc_kit import synth, views
-
-
-def catalog_of(root: Path) -> pd.DataFrame:
-    try:
-        from cmc_kit.data import discover
-    except ImportError:  # until cmc_kit.data lands: the Kaggle layout written by synth
-        rows = [{"id": t.name[:-6], "terrain": str(t), "height": str(t.with_name(t.name[:-6] + "_h.png")),
-                 "segmentation": str(t.with_name(t.name[:-6] + "_i2.png"))}
-                for t in sorted(root.rglob("*_t.png"))]
-        return pd.DataFrame(rows)
-    return discover(root)
+from cmc_kit import data, synth, views
 
 
 def epoch_rate(catalog: pd.DataFrame, *, crop: int, batch: int, epoch: int, cache) -> float:
@@ -53,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         synth.generate(root, n=args.n, size=args.size, seed=0, progress=False)
-        catalog = catalog_of(root)
+        catalog = data.discover(root)
         start = time.perf_counter()
         cache = views.prepare_cache(catalog, Path(tmp) / "cache", progress=False)
         prepare_seconds = time.perf_counter() - start

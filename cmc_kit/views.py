@@ -18,7 +18,6 @@ segmentation) that `make_dataset(..., cache=...)` reads by memory map; it decode
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -403,7 +402,12 @@ def prepare_cache(data: str | os.PathLike | pd.DataFrame, cache_dir: str | os.Pa
         `cache_dir` as a Path.
     """
     shard_size = _positive_int("shard_size", shard_size, "shard_size")
-    catalog = data if isinstance(data, pd.DataFrame) else _discover(Path(data))
+    if isinstance(data, pd.DataFrame):
+        catalog = data
+    else:
+        from cmc_kit.data import discover
+
+        catalog = discover(data)
     missing = [c for c in ("id", *SOURCES) if c not in catalog.columns]
     if missing:
         raise DataError(f"The catalog has no column(s) {missing}; prepare needs all three images. "
@@ -577,26 +581,6 @@ class _CacheReader:
 
 
 # -- small helpers ---------------------------------------------------------------------------
-
-def _discover(root: Path) -> pd.DataFrame:
-    """`cmc_kit.data.discover` when that module exists, else a plain recursive search."""
-    if not root.is_dir():
-        raise DataError(f"Dataset folder {root} does not exist. Pass the folder holding the "
-                        "PNGs (e.g. from `cmc-kit download` or `cmc-kit synth`).")
-    if importlib.util.find_spec("cmc_kit.data") is not None:
-        from cmc_kit import data
-
-        return data.discover(root)
-    rows = []
-    for terrain in sorted(root.rglob("*_t.png")):
-        sample_id = terrain.name[:-len("_t.png")]
-        height = terrain.with_name(f"{sample_id}_h.png")
-        segmentation = terrain.with_name(f"{sample_id}_i2.png")
-        if height.exists() and segmentation.exists():
-            rows.append({"id": sample_id, "terrain": str(terrain), "height": str(height),
-                         "segmentation": str(segmentation)})
-    return pd.DataFrame(rows, columns=["id", *SOURCES])
-
 
 def _catalog_ids(catalog: pd.DataFrame) -> np.ndarray:
     if "id" not in catalog.columns:
