@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", help="get the Kaggle Terrain Map dataset (or find it on Kaggle)")
     p.add_argument("--dest", type=Path, default=None)
+    p.add_argument("--force", action="store_true", help="download again even if already complete")
 
     p = sub.add_parser("prepare", help="build the fast training cache from the PNGs")
     p.add_argument("data", type=Path)
@@ -122,13 +123,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "validate":
         from cmc_kit import data
-        report = data.validate(args.data)
+        report = data.validate(args.data, progress=not args.json)
         print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
         return 0 if report.num_usable > 0 else 1
 
     if args.command == "download":
         from cmc_kit import data
-        root = data.download(dest=args.dest)
+        root = data.download(dest=args.dest, force=args.force)
         print(root)
         return 0
 
