@@ -302,7 +302,9 @@ def make_dataset(
         _check_crop_fits(crop_size, reader.image_size, f"the cache {reader.root}")
         shard, row = reader.locate(ids)
         table.update(shard=shard[order], row=row[order])
-        load = lambda element: reader.load(element["shard"], element["row"], sources)  # noqa: E731
+
+        def load(element):
+            return reader.load(element["shard"], element["row"], sources)
     else:
         missing = [s for s in sources if s not in catalog.columns]
         if missing:
@@ -313,7 +315,9 @@ def make_dataset(
         image_size = _first_png_size(catalog[sources[0]])
         if image_size is not None:
             _check_crop_fits(crop_size, image_size, f"the images of {catalog[sources[0]].iloc[0]}")
-        load = lambda element: decode_sample(**{s: element[s] for s in sources})  # noqa: E731
+
+        def load(element):
+            return decode_sample(**{s: element[s] for s in sources})
 
     def sample_views(element):
         out = make_views(load(element), element["seed"], views=views, crop_size=crop_size,
