@@ -60,18 +60,20 @@ def height_colour_map() -> np.ndarray:
 
 
 def thumbnail_images(terrain: np.ndarray, height: np.ndarray, segmentation: np.ndarray,
-                     size: int) -> dict[str, Image.Image]:
+                     size: int, detail_size: int | None = None) -> dict[str, Image.Image]:
     """Small PIL images of one sample.
 
     Args:
         terrain: uint8 [H, W, 3]; height: uint16 [H, W]; segmentation: palette RGB uint8 [H, W, 3].
-        size: thumbnail side in pixels.
+        size: terrain thumbnail side in pixels.
+        detail_size: height and segmentation side (default `size`); smaller keeps pages light.
     """
+    detail_size = detail_size or size
     terrain_image = Image.fromarray(np.asarray(terrain, np.uint8)).convert("RGB")
     terrain_image = terrain_image.resize((size, size), Image.Resampling.BOX)
     height = np.asarray(height, np.float64)
     small = np.asarray(Image.fromarray(height.astype(np.float32))
-                       .resize((size, size), Image.Resampling.BOX))
+                       .resize((detail_size, detail_size), Image.Resampling.BOX))
     low, high = float(small.min()), float(small.max())
     levels = np.zeros(small.shape, np.uint8) if high <= low else \
         ((small - low) / (high - low) * 255).round().astype(np.uint8)
@@ -79,7 +81,7 @@ def thumbnail_images(terrain: np.ndarray, height: np.ndarray, segmentation: np.n
     height_image.putpalette(height_colour_map().ravel().tolist())
     # Nearest-neighbour shrink first, then the palette mapping on the few pixels left.
     seg_small = Image.fromarray(np.asarray(segmentation, np.uint8)).convert("RGB").resize(
-        (size, size), Image.Resampling.NEAREST)
+        (detail_size, detail_size), Image.Resampling.NEAREST)
     classes = nearest_class(np.asarray(seg_small))
     segmentation_image = Image.fromarray(classes).convert("P")
     segmentation_image.putpalette(PALETTE.ravel().tolist())
@@ -87,15 +89,20 @@ def thumbnail_images(terrain: np.ndarray, height: np.ndarray, segmentation: np.n
             "segmentation": segmentation_image}
 
 
-def encode_thumbnails(images: Mapping[str, Image.Image], *, jpeg_quality: int = 80) -> dict:
-    """Terrain -> JPEG bytes, height and segmentation -> palette PNG bytes."""
+def encode_thumbnails(images: Mapping[str, Image.Image], *, jpeg_quality: int = 70) -> dict:
+    """Terrain and colour-mapped height -> JPEG bytes, segmentation -> palette PNG bytes.
+
+    At 64 px: about 1.3 kB (terrain) + 1.2 kB (height) + 0.8 kB (segmentation). A smooth
+    colour-mapped height is 3-4x larger as PNG; the segmentation stays PNG so its class colours
+    are exact.
+    """
     out = {}
     for kind, image in images.items():
         buffer = io.BytesIO()
-        if kind == "terrain":
-            image.save(buffer, format="JPEG", quality=jpeg_quality, optimize=True)
-        else:
+        if kind == "segmentation":
             image.save(buffer, format="PNG", optimize=True)
+        else:
+            image.convert("RGB").save(buffer, format="JPEG", quality=jpeg_quality, optimize=True)
         out[kind] = buffer.getvalue()
     return out
 
@@ -115,12 +122,14 @@ def read_sample(row) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return terrain, height, segmentation
 
 
-def sample_thumbnails(row, size: int = 64) -> dict[str, bytes]:
+def sample_thumbnails(row, size: int = 64, detail_size: int | None = None) -> dict[str, bytes]:
     """Encoded thumbnails {kind: bytes} of one catalog row."""
-    return encode_thumbnails(thumbnail_images(*read_sample(row), size=size))
+    return encode_thumbnails(thumbnail_images(*read_sample(row), size=size,
+                                              detail_size=detail_size))
 
 
 def make_thumbnails(catalog: pd.DataFrame, ids: Sequence[str] | None = None, *, size: int = 64,
+                    detail_size: int | None = None,
                     progress: bool = False) -> dict[str, dict[str, bytes]]:
     """{id: {"terrain": jpeg, "height": png, "segmentation": png}} for the given ids (default all)."""
     rows = _catalog_by_id(catalog)
@@ -135,7 +144,7 @@ def make_thumbnails(catalog: pd.DataFrame, ids: Sequence[str] | None = None, *, 
         progbar = keras.utils.Progbar(len(ids), unit_name="thumbnail")
     out = {}
     for count, sample_id in enumerate(ids, start=1):
-        out[sample_id] = sample_thumbnails(rows.loc[sample_id], size)
+        out[sample_id] = sample_thumbnails(rows.loc[sample_id], size, detail_size)
         if progbar is not None and (count % 50 == 0 or count == len(ids)):
             progbar.update(count)
     return out
@@ -155,9 +164,11 @@ def _catalog_by_id(catalog: pd.DataFrame) -> pd.DataFrame:
 
 
 def _resolve_thumbnails(catalog_or_thumbs, ids: Sequence[str], size: int,
+                        detail_size: int | None = None,
                         progress: bool = False) -> dict[str, dict[str, bytes]]:
     if isinstance(catalog_or_thumbs, pd.DataFrame):
-        return make_thumbnails(catalog_or_thumbs, ids, size=size, progress=progress)
+        return make_thumbnails(catalog_or_thumbs, ids, size=size, detail_size=detail_size,
+                               progress=progress)
     missing = [i for i in ids if i not in catalog_or_thumbs]
     if missing:
         raise DataError(f"No thumbnails for {len(missing)} id(s), e.g. {missing[:3]}: pass a "
@@ -365,14 +376,16 @@ def write_explorer_html(table: pd.DataFrame, layout: np.ndarray, catalog_or_thum
         catalog_or_thumbs: the dataset catalog (thumbnails are made from the PNGs), or a ready
             `{id: {"terrain": bytes, "height": bytes, "segmentation": bytes}}` mapping.
         out: the .html file to write.
-        thumb: thumbnail side in pixels; 64 keeps 5,000 samples near 15 MB.
+        thumb: terrain thumbnail side in pixels (height and segmentation get 3/4 of it); 64
+            keeps a 5,000-sample page under 25 MB (see benchmarks/explorer.py).
         max_grid: most thumbnails shown for a lasso selection.
     """
     import plotly.graph_objects as go
 
     layout = _check_layout(layout, table)
     ids = list(table["id"].astype(str))
-    thumbs = _resolve_thumbnails(catalog_or_thumbs, ids, thumb, progress=progress)
+    thumbs = _resolve_thumbnails(catalog_or_thumbs, ids, thumb, detail_size=max(8, thumb * 3 // 4),
+                                 progress=progress)
     options = colour_options(table)
     colourings = {}
     for column in options:
@@ -785,7 +798,7 @@ class Explorer:
         row = self.table.iloc[index]
         thumbs = self._thumbnails(str(row["id"]), self.thumb_size)
         for kind, image in self.sample_images.items():
-            image.format = "jpeg" if kind == "terrain" else "png"
+            image.format = "png" if kind == "segmentation" else "jpeg"
             image.value = thumbs[kind]
         lines = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(_format(row[c]))}</td></tr>"
                         for c in embed.metadata_columns(self.table) if c != "dominant_class_id"

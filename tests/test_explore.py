@@ -77,8 +77,10 @@ def test_thumbnails_show_the_samples_images(dataset):
     assert height.shape == (16, 16, 3)
     colour_map = explore.height_colour_map().astype(int)
     # Per-image stretch: the low (left) edge gets the ramp's first colour, the high edge its last.
-    np.testing.assert_array_equal(height[:, 0], np.broadcast_to(colour_map[0], (16, 3)))
-    np.testing.assert_array_equal(height[:, -1], np.broadcast_to(colour_map[-1], (16, 3)))
+    # (JPEG with chroma subsampling: some error at the edges.)
+    assert np.abs(height[:, 0].mean(axis=0) - colour_map[0]).max() < 25
+    assert np.abs(height[:, -1].mean(axis=0) - colour_map[-1]).max() < 25
+    assert np.abs(height[:, 0].mean(axis=0) - colour_map[-1]).max() > 100
     with pytest.raises(explore.DataError, match="not in the catalog"):
         explore.make_thumbnails(dataset.catalog, ["9999"])
 
@@ -336,7 +338,8 @@ def test_page_is_self_contained(page_path):
                                    text, re.S).group(1))
     assert payload["ids"] == [f"{i + 1:04d}" for i in range(N)]
     assert all(uri.startswith("data:image/jpeg;base64,") for uri in payload["thumbs"]["terrain"])
-    assert all(uri.startswith("data:image/png;base64,") for uri in payload["thumbs"]["height"])
+    assert all(uri.startswith("data:image/jpeg;base64,") for uri in payload["thumbs"]["height"])
+    assert all(uri.startswith("data:image/png;base64,") for uri in payload["thumbs"]["segmentation"])
     terrain_6 = base64.b64decode(payload["thumbs"]["terrain"][6].split(",", 1)[1])
     assert_solid(terrain_6, sample_colour(6), tolerance=6)
     segmentation_6 = base64.b64decode(payload["thumbs"]["segmentation"][6].split(",", 1)[1])
