@@ -34,26 +34,34 @@ def run_demo(out: Path | str = "runs/demo", data: Path | str | None = None,
     result = training.train(data, out, config)
     outputs = {"run": out, "log": out / "log.csv", "checkpoint": result.checkpoint}
 
-    try:
-        from cmc_kit import evaluate
-    except ImportError:
-        evaluate = None
-    if evaluate is not None:
-        table = evaluate.evaluate_run(out, data, out=out / "evaluation.csv")
-        print(evaluate.format_table(table))
-        outputs["evaluation"] = out / "evaluation.csv"
+    from cmc_kit import evaluate
 
-    try:
-        from cmc_kit import explore
-    except ImportError:
-        explore = None
-    if explore is not None:
-        outputs.update(explore.demo_outputs(out, data))
+    table = evaluate.evaluate_run(out, data, out=out / "evaluation.csv")
+    print(evaluate.format_table(table))
+    outputs["evaluation"] = out / "evaluation.csv"
+
+    outputs.update(write_explorer_outputs(out, data))
 
     print("\nWhere everything is:")
     for name, path in outputs.items():
         print(f"  {name:>12}: {path}")
     return outputs
+
+
+def write_explorer_outputs(run: Path, data: Path) -> dict:
+    """One embedding pass over every sample -> table, UMAP, standalone page and mosaic."""
+    from cmc_kit import data as data_module
+    from cmc_kit import embed, explore
+
+    table = embed.embed_run(run, data, split="all", progress=False)
+    table_path = embed.save_table(table, run / "embeddings" / "embeddings.parquet")
+    layout = embed.umap_layout(embed.embedding_matrix(table), cache_dir=run / "umap_cache")
+    catalog = data_module.discover(data)
+    page = explore.write_explorer_html(table, layout, catalog, run / "explorer.html",
+                                       title=f"{run.name}: trunk / terrain, epoch "
+                                             f"{table.attrs.get('epoch')}", progress=False)
+    picture = explore.mosaic(layout, catalog, run / "mosaic.png", ids=list(table["id"]))
+    return {"embeddings": table_path, "explorer": page, "mosaic": picture}
 
 
 __all__ = ["run_demo", "ensure_synthetic", "preset"]

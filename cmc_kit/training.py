@@ -243,7 +243,8 @@ class Trainer:
     """
 
     def __init__(self, config: Config, run_dir: Path, train_catalog, eval_catalog=None, *,
-                 verbose: int = 1, strategy=None, dataset_transform: Callable | None = None):
+                 verbose: int = 1, strategy=None, dataset_transform: Callable | None = None,
+                 callbacks: list | None = None):
         import keras
         import tensorflow as tf
 
@@ -255,6 +256,9 @@ class Trainer:
         self.eval_catalog = eval_catalog
         self.verbose = verbose
         self.dataset_transform = dataset_transform
+        # keras.callbacks.Callback objects (or anything with the same hooks): on_train_begin,
+        # on_epoch_begin, on_train_batch_end(step, logs), on_epoch_end(epoch, row), on_train_end.
+        self.callbacks = list(callbacks or [])
         tc, dc, mc = config.train, config.data, config.model
 
         if tc.deterministic:
@@ -299,6 +303,8 @@ class Trainer:
             checkpoint_name="ckpt")
         self.term_names = [f"{kind}_{q}-{k}" for q, k in self.pairs for kind in ("inter", "intra")]
         self._train_step = self._compile_train_step()
+        from cmc_kit import views
+        self.skipped_samples = views.SkippedCounter()  # files unreadable since validation
 
     # -- data -----------------------------------------------------------------------------------
     def dataset(self, epoch: int, seed: int | None = None):
@@ -309,7 +315,7 @@ class Trainer:
             self.train_catalog, views=self.config.model.views, crop_size=dc.crop_size,
             batch_size=self.global_batch, training=True,
             seed=self.config.train.seed if seed is None else seed, epoch=epoch,
-            augment=dc.augment, cache=dc.cache or None)
+            augment=dc.augment, cache=dc.cache or None, skipped_counter=self.skipped_samples)
         if self.dataset_transform is not None:
             ds = self.dataset_transform(ds)
         return ds
@@ -478,6 +484,7 @@ class Trainer:
         step_seconds = None
         status = "completed"
         last_path = self.manager.latest_checkpoint
+        self._notify("on_train_begin", {"step": int(self.step.numpy()), "resumed": resumed})
 
         while int(self.epoch.numpy()) < tc.epochs:
             epoch = int(self.epoch.numpy())
@@ -489,10 +496,12 @@ class Trainer:
             if progbar is not None:
                 print(f"Epoch {epoch + 1}/{tc.epochs}")
                 progbar.update(done_in_epoch)
+            self.skipped_samples.reset()
             sums = {}
             counted = 0
             skipped_epoch = 0
             epoch_started = time.monotonic()
+            self._notify("on_epoch_begin", epoch)
             for batch in dataset:
                 step_started = time.monotonic()
                 logs = self._train_step(batch)
@@ -514,6 +523,7 @@ class Trainer:
                     for name, value in logs.items():
                         sums[name] = sums.get(name, 0.0) + value
                 step = int(self.step.numpy())
+                self._notify("on_train_batch_end", step, logs)
                 if progbar is not None:
                     values = [("loss", logs["loss"]), ("acc", logs["accuracy"]),
                               ("samples/s", self.global_batch / max(step_seconds, 1e-9))]
@@ -536,6 +546,7 @@ class Trainer:
             means = {k: v / max(counted, 1) for k, v in sums.items() if k != "skipped"}
             row = {"epoch": epoch + 1, "step": int(self.step.numpy()), **means,
                    "learning_rate": self._current_lr(), "skipped_steps": skipped_epoch,
+                   "skipped_samples": self.skipped_samples.count,
                    "seconds": round(time.monotonic() - epoch_started, 3),
                    "samples_per_s": round(counted * self.global_batch /
                                           max(time.monotonic() - epoch_started, 1e-9), 2)}
@@ -548,17 +559,25 @@ class Trainer:
             writer.flush()
             history.append(row)
             last_path = self.save()
+            self._notify("on_epoch_end", epoch, row)
             if self.verbose:
                 extra = f", knn_acc {row['knn_accuracy']:.3f}" if "knn_accuracy" in row else ""
                 print(f"  loss {row.get('loss', float('nan')):.4f}{extra}; saved {last_path}")
             if time_limit is not None and self._out_of_time(started, time_limit, step_seconds):
                 status = "time_limit" if int(self.epoch.numpy()) < tc.epochs else status
                 break
+        self._notify("on_train_end", {"status": status, "step": int(self.step.numpy())})
         if status == "time_limit" and self.verbose:
             print(f"Stopped before the time limit at step {int(self.step.numpy())}; "
                   f"run the same command again to continue.")
         return TrainResult(status=status, epoch=int(self.epoch.numpy()), step=int(self.step.numpy()),
                            run=self.run_dir, checkpoint=last_path, history=history)
+
+    def _notify(self, hook: str, *args):
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(*args)
 
     def _out_of_time(self, started: float, limit: float, step_seconds: float | None) -> bool:
         # Leave room for one more step and a checkpoint (about 3 steps' worth, at least 30 s).
@@ -742,7 +761,8 @@ def import_previous_run(source: Path, run_dir: Path) -> Path:
 
 def train(data, run, config: Config | None = None, *, fresh: bool = False,
           time_limit: float | str | None = None, resume_from: Path | None = None,
-          verbose: int = 1, dataset_transform: Callable | None = None) -> TrainResult:
+          verbose: int = 1, dataset_transform: Callable | None = None,
+          callbacks: list | None = None) -> TrainResult:
     """Trains a run directory on a dataset, resuming from its latest checkpoint if present.
 
     Args:
@@ -752,6 +772,7 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
         fresh: delete the run's checkpoints, logs and split and start over.
         time_limit: seconds (or "11.5h") after which to checkpoint and return cleanly.
         resume_from: a previous run directory to copy in and continue (Kaggle inputs).
+        callbacks: keras.callbacks.Callback-like objects (e.g. a live loss plot).
     """
     run_dir = Path(run)
     if fresh and run_dir.exists():
@@ -774,7 +795,7 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
     split = apply_split(catalog, prepare_run_split(run_dir, catalog, config))
     config.save(saved_path)
     trainer = Trainer(config, run_dir, split["train"], split["validation"], verbose=verbose,
-                      dataset_transform=dataset_transform)
+                      dataset_transform=dataset_transform, callbacks=callbacks)
     return trainer.fit(time_limit=parse_duration(time_limit))
 
 

@@ -253,3 +253,33 @@ def _queues(handle):
     reader = tf.train.load_checkpoint(handle.checkpoint_path)
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
             if name.startswith("queues/") and "OPTIMIZER" not in name}
+
+
+def test_callbacks_see_every_step_and_epoch(train_root, tmp_path):
+    import keras
+
+    from cmc_kit import training
+
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.steps, self.epochs, self.ended = [], [], None
+
+        def on_train_batch_end(self, step, logs=None):
+            self.steps.append((step, logs["loss"]))
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epochs.append((epoch, logs["loss"]))
+
+        def on_train_end(self, logs=None):
+            self.ended = logs
+
+    recorder = Recorder()
+    result = training.train(train_root, tmp_path / "run", tiny_config(**{"train.epochs": 2}),
+                            verbose=0, callbacks=[recorder])
+    assert [s for s, _ in recorder.steps] == list(range(1, result.step + 1))
+    assert [e for e, _ in recorder.epochs] == [0, 1]
+    step_losses = [loss for _, loss in recorder.steps]
+    per_epoch = len(step_losses) // 2
+    assert recorder.epochs[0][1] == pytest.approx(np.mean(step_losses[:per_epoch]), rel=1e-5)
+    assert recorder.ended == {"status": "completed", "step": result.step}
