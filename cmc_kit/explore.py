@@ -646,7 +646,8 @@ class Explorer:
 
     def __init__(self, table: pd.DataFrame, catalog: pd.DataFrame, *, layout=None,
                  run: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
-                 checkpoints: Sequence[dict] | None = None, embed_options: dict | None = None,
+                 checkpoints: Sequence[dict] | None = None, views: Sequence[str] | None = None,
+                 embed_options: dict | None = None,
                  colour_by: str = DOMINANT, n_neighbors: int = 15, min_dist: float = 0.1,
                  n_components: int = 2, cache_dir: str | os.PathLike | None = None,
                  thumb_size: int = 128, grid_thumb: int = 64, max_grid: int = 48):
@@ -670,6 +671,8 @@ class Explorer:
                               f"{', '.join(colour_options(self.table))}.")
         self.colour_by = colour_by
         self.interactive = figure_widget_available()
+        self.shown_index: int | None = None
+        self.selected_indices: list[int] = []
 
         # -- widgets ------------------------------------------------------------------------
         self.sample_images = {kind: widgets.Image(format="png", width=thumb_size,
@@ -699,7 +702,7 @@ class Explorer:
                 "source": widgets.Dropdown(options=list(embed.SOURCES),
                                            value=self.embed_options["source"],
                                            description="source"),
-                "view": widgets.Dropdown(options=list(embed.EMBEDDABLE_VIEWS),
+                "view": widgets.Dropdown(options=list(views or embed.EMBEDDABLE_VIEWS),
                                          value=self.embed_options["view"], description="view"),
                 "network": widgets.Dropdown(options=list(embed.NETWORKS),
                                             value=self.embed_options["network"],
@@ -743,8 +746,10 @@ class Explorer:
                    "checkpoint": checkpoint}
         table = embed.embed_run(run, data, progress=True, **options)
         kwargs.setdefault("cache_dir", Path(run) / "umap_cache")
+        handle = load_run(run)
         return cls(table, data_module.discover(data), run=run, data=data,
-                   checkpoints=load_run(run).checkpoints, embed_options=options, **kwargs)
+                   checkpoints=handle.checkpoints, views=handle.config.model.views,
+                   embed_options=options, **kwargs)
 
     # -- state --------------------------------------------------------------------------------------
     def _set_table(self, table: pd.DataFrame, layout=None):
@@ -778,11 +783,10 @@ class Explorer:
             self.plot_box.children = [self.figure]
         else:
             import ipywidgets as widgets
-            from IPython.display import display
 
+            # Formats without printing, so nothing leaks to stdout outside a kernel.
             output = widgets.Output()
-            with output:
-                display(self.figure)
+            output.append_display_data(self.figure)
             self.plot_box.children = [output]
 
     # -- handlers -----------------------------------------------------------------------------------
@@ -858,8 +862,12 @@ class Explorer:
             self._tables[key] = embed.embed_run(self.run, self.data, progress=False,
                                                 **self.embed_options)
         self._set_table(self._tables[key])
-        if self.colour_by not in self.table.columns:
+        options = colour_options(self.table)
+        if self.colour_by not in options:
             self.colour_by = DOMINANT
+        if list(self.controls["colour_by"].options) != options:
+            self.controls["colour_by"].options = options
+            self.controls["colour_by"].value = self.colour_by
         self._render_figure()
         self.status.value = _legend_html(marker_colours(self.table, self.colour_by))
 
