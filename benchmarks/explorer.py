@@ -2,8 +2,8 @@
 
 5,000 random 128-d embeddings in Gaussian clusters, with synthetic 64 px thumbnails (smooth noise
 terrain, height and segmentation, encoded like real ones). Prints seconds for UMAP, seconds to
-write the page and its size in MB (target: under ~25 MB). Run: `.venv/bin/python benchmarks/explorer.py`
-(`--n 1000` for a quicker look).
+write the page and its size in MB (target: under ~25 MB).
+Run: `.venv/bin/python benchmarks/explorer.py` (`--n 1000` for a quicker look).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -102,7 +101,8 @@ def main() -> None:
     thumb_kb = np.mean([sum(len(v) for v in t.values()) for t in thumbs.values()]) / 1e3
     print(f"explorer benchmark: {args.n} points x {args.dim}-d, {args.thumb}px thumbnails, "
           f"{os.cpu_count()} CPU(s)")
-    print(f"  make thumbnails      {thumbs_seconds:7.2f} s  ({thumb_kb:.1f} kB per sample, 3 images)")
+    print(f"  make thumbnails      {thumbs_seconds:7.2f} s  "
+          f"({thumb_kb:.1f} kB per sample, 3 images)")
     print(f"  UMAP (2D, cosine)    {umap_seconds:7.2f} s  (includes numba JIT on a cold start)")
     print(f"  UMAP again (cached)  {cached_seconds:7.3f} s")
     print(f"  write page           {page_seconds:7.2f} s")

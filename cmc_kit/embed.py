@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from cmc_kit.errors import CmcKitError, DataError
-from cmc_kit.palette import CLASS_NAMES, NUM_CLASSES
+from cmc_kit.palette import CLASS_NAMES
 
 EMBEDDING_PREFIX = "emb_"
 SOURCES = ("trunk", "head")

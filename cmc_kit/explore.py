@@ -1,4 +1,4 @@
-"""Looking at a run's embedding space: notebook explorer, standalone HTML page, mosaic, feature maps.
+"""A run's embedding space: notebook explorer, standalone HTML page, mosaic, feature maps.
 
 - `Explorer(table, catalog)` / `Explorer.from_run(run, data)`: a Plotly FigureWidget scatter of the
   UMAP layout with ipywidgets controls; hover/click shows a sample's thumbnails and metadata,
@@ -108,7 +108,7 @@ def encode_thumbnails(images: Mapping[str, Image.Image], *, jpeg_quality: int = 
 
 
 def read_sample(row) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """terrain uint8 [H, W, 3], height uint16 [H, W], segmentation uint8 [H, W, 3] of a catalog row."""
+    """terrain uint8 [H, W, 3], height uint16 [H, W], segmentation uint8 [H, W, 3] of a row."""
     try:
         terrain = np.asarray(Image.open(row["terrain"]).convert("RGB"))
         with Image.open(row["height"]) as image:
@@ -131,7 +131,7 @@ def sample_thumbnails(row, size: int = 64, detail_size: int | None = None) -> di
 def make_thumbnails(catalog: pd.DataFrame, ids: Sequence[str] | None = None, *, size: int = 64,
                     detail_size: int | None = None,
                     progress: bool = False) -> dict[str, dict[str, bytes]]:
-    """{id: {"terrain": jpeg, "height": png, "segmentation": png}} for the given ids (default all)."""
+    """{id: {"terrain": jpeg, "height": jpeg, "segmentation": png}} for ids (default all)."""
     rows = _catalog_by_id(catalog)
     ids = list(rows.index) if ids is None else [str(i) for i in ids]
     missing = [i for i in ids if i not in rows.index]
@@ -439,7 +439,7 @@ def export_html(run: str | os.PathLike, data: str | os.PathLike, out: str | os.P
                 split: str = "all", source: str = "trunk", view: str = "terrain",
                 network: str = "online", checkpoint: str | None = None, n_neighbors: int = 15,
                 min_dist: float = 0.1, thumb: int = 64, progress: bool = True) -> Path:
-    """Embeds a run's samples, lays them out with UMAP (cached in RUN/umap_cache) and writes the page."""
+    """Embeds a run's samples, lays them out with UMAP (cached in RUN/umap_cache), writes a page."""
     from cmc_kit import data as data_module
 
     table = embed.embed_run(run, data, split=split, source=source, view=view, network=network,
@@ -751,7 +751,7 @@ class Explorer:
                    checkpoints=handle.checkpoints, views=handle.config.model.views,
                    embed_options=options, **kwargs)
 
-    # -- state --------------------------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------------
     def _set_table(self, table: pd.DataFrame, layout=None):
         self.table = table.reset_index(drop=True)
         missing = [i for i in self.table["id"].astype(str) if i not in self.catalog.index]
@@ -789,7 +789,7 @@ class Explorer:
             output.append_display_data(self.figure)
             self.plot_box.children = [output]
 
-    # -- handlers -----------------------------------------------------------------------------------
+    # -- handlers ------------------------------------------------------------------------------
     def on_hover(self, point_indices: Sequence[int]):
         if len(point_indices):
             self.show_sample(int(point_indices[0]))
@@ -854,7 +854,8 @@ class Explorer:
     def set_embedding(self, **options):
         """Re-embeds with another checkpoint / source / view / network (runs only; cached)."""
         if self.run is None:
-            raise CmcKitError("Switching checkpoints needs a run: use Explorer.from_run(RUN, DATA).")
+            raise CmcKitError("Switching checkpoints needs a run: use "
+                              "Explorer.from_run(RUN, DATA).")
         self.embed_options.update(options)
         key = tuple(sorted((k, str(v)) for k, v in self.embed_options.items()))
         if key not in self._tables:

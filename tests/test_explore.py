@@ -36,9 +36,11 @@ def dataset(tmp_path):
     rows = []
     for i in range(N):
         sample_id = f"{i + 1:04d}"
-        Image.fromarray(np.full((SIZE, SIZE, 3), sample_colour(i))).save(folder / f"{sample_id}_t.png")
+        terrain = np.full((SIZE, SIZE, 3), sample_colour(i))
+        Image.fromarray(terrain).save(folder / f"{sample_id}_t.png")
         Image.fromarray(ramp).save(folder / f"{sample_id}_h.png")
-        Image.fromarray(np.full((SIZE, SIZE, 3), PALETTE[i % 7])).save(folder / f"{sample_id}_i2.png")
+        segmentation = np.full((SIZE, SIZE, 3), PALETTE[i % 7])
+        Image.fromarray(segmentation).save(folder / f"{sample_id}_i2.png")
         rows.append({"id": sample_id, "terrain": str(folder / f"{sample_id}_t.png"),
                      "height": str(folder / f"{sample_id}_h.png"),
                      "segmentation": str(folder / f"{sample_id}_i2.png")})
@@ -132,7 +134,8 @@ def test_lasso_selection_shows_a_grid_of_terrains(explorer):
     assert "3 selected" in explorer.selection_info.value
     explorer.on_select(list(range(10)))  # more than max_grid=4
     assert len(explorer.selection_grid.children) == 4
-    assert "10 selected" in explorer.selection_info.value and "first 4" in explorer.selection_info.value
+    assert "10 selected" in explorer.selection_info.value
+    assert "first 4" in explorer.selection_info.value
     explorer.on_select([])
     assert explorer.selection_grid.children == () and explorer.selection_info.value == ""
 
@@ -145,7 +148,8 @@ def test_colour_by_dropdown_updates_marker_colours(explorer, dataset):
     np.testing.assert_allclose(marker.color, dataset.table["height_mean"])
     assert marker.showscale
     explorer.set_colour_by("fraction_water")
-    np.testing.assert_allclose(explorer.figure.data[0].marker.color, dataset.table["fraction_water"])
+    np.testing.assert_allclose(explorer.figure.data[0].marker.color,
+                               dataset.table["fraction_water"])
     assert explorer.controls["colour_by"].value == "fraction_water"
 
 
@@ -339,7 +343,8 @@ def test_page_is_self_contained(page_path):
     assert payload["ids"] == [f"{i + 1:04d}" for i in range(N)]
     assert all(uri.startswith("data:image/jpeg;base64,") for uri in payload["thumbs"]["terrain"])
     assert all(uri.startswith("data:image/jpeg;base64,") for uri in payload["thumbs"]["height"])
-    assert all(uri.startswith("data:image/png;base64,") for uri in payload["thumbs"]["segmentation"])
+    assert all(uri.startswith("data:image/png;base64,")
+               for uri in payload["thumbs"]["segmentation"])
     terrain_6 = base64.b64decode(payload["thumbs"]["terrain"][6].split(",", 1)[1])
     assert_solid(terrain_6, sample_colour(6), tolerance=6)
     segmentation_6 = base64.b64decode(payload["thumbs"]["segmentation"][6].split(",", 1)[1])
