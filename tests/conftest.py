@@ -19,3 +19,28 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     synth.generate(root, n=24, size=96, seed=7, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """40 synthetic samples of 64x64: enough for a held-out split of ~10."""
+    from cmc_kit import synth
+
+    root = tmp_path_factory.mktemp("small_dataset")
+    synth.generate(root, n=40, size=64, seed=11, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_dataset, tmp_path_factory):
+    """A tiny run trained for 2 epochs on `small_dataset` (shared, read-only for tests)."""
+    from cmc_kit import training
+    from cmc_kit.config import preset
+
+    config = preset("cpu-demo").with_overrides({
+        "data.crop_size": 32, "data.batch_size": 6, "data.validation_fraction": 0.25,
+        "model.width": 0.125, "model.embedding_dim": 16, "train.epochs": 2,
+        "train.queue_multiplier": 2, "train.eval_subset": 8})
+    run = tmp_path_factory.mktemp("trained_run") / "run"
+    training.train(small_dataset, run, config, verbose=0)
+    return run
