@@ -1,7 +1,5 @@
 """Embeddings table, metadata, save/load and cached UMAP (cmc_kit.embed)."""
 
-import importlib
-import sys
 import types
 
 import numpy as np
@@ -46,47 +44,6 @@ def dataset(tmp_path):
     return types.SimpleNamespace(root=tmp_path, catalog=catalog, samples=samples)
 
 
-def _standin_make_dataset(catalog, *, views, crop_size, batch_size, training, seed, epoch=0,
-                          augment=False, cache=None, with_ids=False):
-    """The views.make_dataset contract for training=False, used until cmc_kit.views lands."""
-    assert not training
-    batches = []
-    for start in range(0, len(catalog), batch_size):
-        rows = catalog.iloc[start:start + batch_size]
-        batch = {view: [] for view in views}
-        for row in rows.itertuples():
-            def crop(array):
-                lo = (array.shape[0] - crop_size) // 2
-                return array[lo:lo + crop_size, lo:lo + crop_size]
-            terrain = np.asarray(Image.open(row.terrain).convert("RGB"), np.float32)
-            height = np.asarray(Image.open(row.height), np.float32)[..., None]
-            from cmc_kit.palette import nearest_class
-            classes = nearest_class(np.asarray(Image.open(row.segmentation).convert("RGB")))
-            values = {"terrain": crop(terrain) / 127.5 - 1, "height": crop(height) / 32767.5 - 1,
-                      "segmentation": np.eye(7, dtype=np.float32)[crop(classes)]}
-            for view in views:
-                batch[view].append(values[view])
-        out = {view: np.stack(batch[view]).astype(np.float32) for view in views}
-        if with_ids:
-            out["id"] = np.array([i.encode() for i in rows["id"]])
-        batches.append(out)
-    return batches
-
-
-@pytest.fixture
-def make_dataset(monkeypatch):
-    """The real cmc_kit.views once it exists, else the stand-in above."""
-    try:
-        return importlib.import_module("cmc_kit.views").make_dataset
-    except ImportError:
-        module = types.ModuleType("cmc_kit.views")
-        module.make_dataset = _standin_make_dataset
-        monkeypatch.setitem(sys.modules, "cmc_kit.views", module)
-        import cmc_kit
-        monkeypatch.setattr(cmc_kit, "views", module, raising=False)
-        return _standin_make_dataset
-
-
 class MeanColourEncoder:
     """Trunk features = channel means of the input; head = a fixed linear map of them."""
 
@@ -119,7 +76,7 @@ def reference_rows(samples):
     return rows
 
 
-def test_trunk_embeddings_and_crop_metadata_match_numpy_reference(dataset, make_dataset):
+def test_trunk_embeddings_and_crop_metadata_match_numpy_reference(dataset):
     encoder = MeanColourEncoder()
     table = embed.compute_embeddings(encoder, dataset.catalog, view="terrain", source="trunk",
                                      crop_size=CROP, batch_size=2, progress=False)
@@ -142,7 +99,7 @@ def test_trunk_embeddings_and_crop_metadata_match_numpy_reference(dataset, make_
     assert max(call[2][0] for call in encoder.calls) == 2
 
 
-def test_head_source_uses_the_encoder_output_for_the_chosen_view(dataset, make_dataset):
+def test_head_source_uses_the_encoder_output_for_the_chosen_view(dataset):
     encoder = MeanColourEncoder(dim=5)
     table = embed.compute_embeddings(encoder, dataset.catalog, view="height", source="head",
                                      crop_size=CROP, batch_size=4, progress=False)
@@ -154,7 +111,7 @@ def test_head_source_uses_the_encoder_output_for_the_chosen_view(dataset, make_d
     assert table.attrs["source"] == "head" and table.attrs["view"] == "height"
 
 
-def test_metadata_csv_is_found_at_the_root_and_joined_by_id(dataset, make_dataset):
+def test_metadata_csv_is_found_at_the_root_and_joined_by_id(dataset):
     metadata = pd.DataFrame({"id": [3, 1, 2, 5, 4],  # unpadded, shuffled
                              "roughness": [0.3, 0.1, 0.2, 0.5, 0.4],
                              "fraction_water": [9.0] * 5})
@@ -207,7 +164,7 @@ def test_save_and_load_reject_unknown_files(tmp_path):
         embed.load_table(tmp_path / "missing.parquet")
 
 
-def test_embed_run_uses_the_runs_split_network_and_checkpoint(dataset, make_dataset, monkeypatch):
+def test_embed_run_uses_the_runs_split_network_and_checkpoint(dataset, monkeypatch):
     from cmc_kit.config import Config, DataConfig, ModelConfig
 
     requested = {}
@@ -229,15 +186,10 @@ def test_embed_run_uses_the_runs_split_network_and_checkpoint(dataset, make_data
         requested["checkpoint"] = checkpoint
         return Handle()
 
-    training = types.ModuleType("cmc_kit.training")
-    training.load_run = load_run
-    monkeypatch.setitem(sys.modules, "cmc_kit.training", training)
-    data_module = types.ModuleType("cmc_kit.data")
-    data_module.discover = lambda root: dataset.catalog
-    monkeypatch.setitem(sys.modules, "cmc_kit.data", data_module)
-    import cmc_kit
-    monkeypatch.setattr(cmc_kit, "training", training, raising=False)
-    monkeypatch.setattr(cmc_kit, "data", data_module, raising=False)
+    from cmc_kit import data, training
+
+    monkeypatch.setattr(training, "load_run", load_run)
+    monkeypatch.setattr(data, "discover", lambda root: dataset.catalog)
 
     table = embed.embed_run("RUN", dataset.root, split="validation", network="momentum",
                             checkpoint="ckpt-2", progress=False)

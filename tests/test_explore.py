@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import sys
 import types
 from pathlib import Path
 
@@ -366,11 +365,9 @@ def test_export_html_embeds_a_run_and_caches_its_layout(dataset, tmp_path, monke
         return table
 
     monkeypatch.setattr(embed, "embed_run", fake_embed_run)
-    data_module = types.ModuleType("cmc_kit.data")
-    data_module.discover = lambda root: dataset.catalog
-    monkeypatch.setitem(sys.modules, "cmc_kit.data", data_module)
-    import cmc_kit
-    monkeypatch.setattr(cmc_kit, "data", data_module, raising=False)
+    from cmc_kit import data
+
+    monkeypatch.setattr(data, "discover", lambda root: dataset.catalog)
     run = tmp_path / "run"
     out = explore.export_html(run, dataset.root, tmp_path / "page.html", thumb=16, progress=False)
     assert seen["split"] == "all"
