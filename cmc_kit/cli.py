@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--data", type=Path, default=None, help="dataset (default: OUT/../../data/synthetic)")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--n", type=int, default=160, help="synthetic samples to generate if absent")
+    p.add_argument("--n", type=int, default=400, help="synthetic samples to generate if absent")
     return parser
 
 

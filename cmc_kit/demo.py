@@ -22,7 +22,7 @@ def ensure_synthetic(data: Path, n: int, size: int = DEMO_IMAGE_SIZE, seed: int 
 
 
 def run_demo(out: Path | str = "runs/demo", data: Path | str | None = None,
-             epochs: int | None = None, n: int = 160) -> dict:
+             epochs: int | None = None, n: int = 400) -> dict:
     from cmc_kit import training
 
     out = Path(out)
