@@ -305,6 +305,24 @@ def test_skip_resumes_mid_epoch(coordinate_catalog):
     assert_same_batches(full[2:], batches(make_training(coordinate_catalog).skip(2)))
 
 
+def test_start_batch_equals_skip_without_decoding_the_skipped_samples(catalog_copy):
+    full = batches(make_training(catalog_copy))
+    assert_same_batches(full[2:], batches(make_training(catalog_copy, start_batch=2)))
+    # Break every file used by the first two batches: start_batch never reads them.
+    first_ids = [i.decode() for b in full[:2] for i in b["id"]]
+    for sample_id in first_ids:
+        for column in ("terrain", "height", "segmentation"):
+            path = catalog_copy.loc[catalog_copy["id"] == sample_id, column].iloc[0]
+            with open(path, "wb") as handle:
+                handle.write(b"not a png")
+    counter = views.SkippedCounter()
+    resumed = batches(make_training(catalog_copy, start_batch=2, skipped_counter=counter))
+    assert_same_batches(full[2:], resumed)
+    assert counter.count == 0
+    with pytest.raises(ValueError, match="start_batch"):
+        make_training(catalog_copy, training=False, start_batch=1)
+
+
 def test_epochs_and_seeds_change_order_and_crops(coordinate_catalog):
     def ids(dataset):
         return [i for b in batches(dataset) for i in b["id"]]
