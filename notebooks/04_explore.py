@@ -1,0 +1,127 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Explore: what did the encoder learn?
+#
+# **What it does.** Embeds every sample with the trained encoder (terrain centre crop, trunk
+# features, mean-pooled, as in the original's UMAP), lays the embeddings out with UMAP, and opens
+# an interactive explorer: hover or click a point to see its terrain, height and segmentation,
+# lasso a region to see what it holds, colour by class or any metadata. Then a mosaic of the
+# layout, feature maps of the trunk, and a standalone HTML page of the explorer that works
+# offline.
+#
+# **Accelerator.** Optional: embedding 5,000 samples takes about a minute on a GPU, several on a
+# CPU (estimate).
+#
+# **Expected runtime.** Kaggle: a few minutes (UMAP of 5,000 points and 5,000 thumbnails for the
+# page). CPU, synthetic set: under a minute.
+
+# %% [markdown]
+# ## Setup
+
+# %%
+CMC_KIT_SOURCE = "git+https://github.com/cmc-kit/cmc_kit"  # where %pip gets cmc_kit from
+
+try:
+    import cmc_kit
+except ImportError:  # fresh Kaggle session
+    # %pip install -q {CMC_KIT_SOURCE}
+    import importlib
+
+    importlib.invalidate_caches()
+    import cmc_kit
+
+from IPython.display import Image
+
+from cmc_kit import data, explore, notebook, training, views
+from cmc_kit.config import in_ci
+
+ENVIRONMENT = notebook.environment_report()
+
+# %% [markdown]
+# ## Parameters
+
+# %% tags=["parameters"]
+DATA_DIR = None     # None: the dataset 01_data_prep chose
+RUN_DIR = None      # None: runs/terrain-cmc (or a previous version's output attached on Kaggle)
+SPLIT = "all"       # "validation" (never trained on), "train" or "all"
+COLOUR_BY = "dominant_class"
+FEATURE_SAMPLES = 4
+SMOKE = in_ci()     # CI: fewer feature-map samples
+
+# %%
+if SMOKE:
+    FEATURE_SAMPLES = 2
+
+DATA = notebook.find_data(DATA_DIR)
+RUN = notebook.require_run(notebook.run_dir(RUN_DIR))
+catalog = data.discover(DATA)
+handle = training.load_run(RUN)
+print(f"run {RUN}: epoch {handle.epoch}, step {handle.step}; {len(catalog)} samples in {DATA}")
+
+# %% [markdown]
+# ## The interactive explorer
+#
+# Points are samples; nearby points have similar embeddings. If training worked, neighbours look
+# alike: the colours (dominant class of the crop) form regions, and hovering across a region shows
+# terrain changing gradually. The controls re-run UMAP (`n_neighbors` trades local for global
+# structure), switch to 3D, or re-embed with another checkpoint, view or network (online or
+# momentum). Hover and lasso need a live kernel with `anywidget`; elsewhere a static plot is
+# shown, and the standalone page below has the hover details.
+
+# %%
+explorer = explore.Explorer.from_run(RUN, DATA, split=SPLIT, colour_by=COLOUR_BY)
+explorer
+
+# %% [markdown]
+# ## Mosaic
+#
+# The same layout with each point replaced by its terrain thumbnail (one per grid cell, the
+# point nearest the cell centre): a one-glance check of what the regions hold.
+
+# %%
+mosaic_png = explore.mosaic(explorer.layout, catalog, RUN / "mosaic.png",
+                            ids=list(explorer.table["id"].astype(str)))
+Image(filename=str(mosaic_png), width=640)
+
+# %% [markdown]
+# ## Feature maps
+#
+# What the trunk responds to inside a crop: the last stage's feature map projected onto its
+# three principal components and shown as RGB (same colours mean similar features, across the
+# samples shown). Boundaries between water, forest and mountains in the crop should show up as
+# colour changes if the encoder separates them.
+
+# %%
+held_out = handle.split(catalog)["validation"]
+batch = next(iter(views.make_dataset(held_out if len(held_out) else catalog,
+                                     views=handle.config.model.views,
+                                     crop_size=handle.config.data.crop_size,
+                                     batch_size=FEATURE_SAMPLES, training=False, seed=0)))
+maps = explore.feature_maps(handle.encoder("online"), batch, view="terrain", samples=FEATURE_SAMPLES)
+print(f"explained variance of the 3 components: {maps.explained_variance_ratio.round(3)}")
+maps.figure
+
+# %% [markdown]
+# ## A page to share
+#
+# One self-contained HTML file (Plotly and the thumbnails inlined): open it in any browser,
+# offline, hover for details. On Kaggle it is part of the notebook's output.
+
+# %%
+page = explore.write_explorer_html(explorer.table, explorer.layout, catalog, RUN / "explorer.html",
+                                   title=f"{RUN.name}: epoch {handle.epoch}, step {handle.step}")
+print(f"wrote {page} ({page.stat().st_size / 1e6:.1f} MB)")
