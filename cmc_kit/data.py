@@ -7,6 +7,8 @@ with columns `id, terrain, height, segmentation` (str paths), sorted by id.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import contextlib
 import dataclasses
 import hashlib
@@ -242,12 +244,16 @@ def validate(
     records = catalog.to_dict("records")
     workers = workers or min(16, 2 * (os.cpu_count() or 1))  # decoding releases the GIL
     problems_per_sample: list[list[Problem]] = []
+    sample_sizes: list[tuple[int, int] | None] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, found in enumerate(pool.map(lambda r: _check_sample(r, check_pixels), records), 1):
+        for done, (found, size) in enumerate(
+                pool.map(lambda r: _check_sample(r, check_pixels), records), 1):
             problems_per_sample.append(found)
+            sample_sizes.append(size)
             if progress and (done % 50 == 0 or done == len(records)):
                 print(f"\rvalidate: {done}/{len(records)} samples", end="" if done < len(records) else "\n",
                       file=sys.stderr, flush=True)
+    _check_dataset_size(records, problems_per_sample, sample_sizes)
     incomplete = [any(p.kind == "missing" for p in found) for found in problems_per_sample]
     bad = [bool(found) for found in problems_per_sample]
     usable = catalog[[not b for b in bad]].reset_index(drop=True)
@@ -262,7 +268,29 @@ def validate(
     )
 
 
-def _check_sample(record: dict[str, Any], check_pixels: bool) -> list[Problem]:
+def _check_dataset_size(records, problems_per_sample, sample_sizes) -> None:
+    """Flags samples whose (square, self-consistent) size differs from the dataset's usual size.
+
+    Training crops and the cache assume one image size; a stray 256 px sample in a 512 px
+    dataset would otherwise be dropped mid-epoch or stop `cmc-kit prepare` halfway.
+    """
+    counts = Counter(size for size, found in zip(sample_sizes, problems_per_sample)
+                     if size is not None and not found)
+    if len(counts) < 2:
+        return
+    (usual, usual_count), total = counts.most_common(1)[0], sum(counts.values())
+    for record, found, size in zip(records, problems_per_sample, sample_sizes):
+        if size is not None and not found and size != usual:
+            found.append(Problem(
+                record["id"], record["terrain"], "wrong_size",
+                f"images are {size[0]}x{size[1]} while {usual_count} of {total} samples are "
+                f"{usual[0]}x{usual[1]}; every sample must have the same size. Resize the "
+                "sample's three files or remove them."))
+
+
+def _check_sample(record: dict[str, Any], check_pixels: bool
+                  ) -> tuple[list[Problem], tuple[int, int] | None]:
+    """The sample's problems, and its image size when its three images agree."""
     sample_id = record["id"]
     present = {view: record[view] for view in VIEW_SUFFIXES if isinstance(record[view], str)}
     if len(present) < len(VIEW_SUFFIXES):
@@ -270,7 +298,7 @@ def _check_sample(record: dict[str, Any], check_pixels: bool) -> list[Problem]:
         return [Problem(sample_id, str(folder / f"{sample_id}_{suffix}.png"), "missing",
                         f"{view} file is missing; the sample is skipped. Restore it or remove the "
                         f"sample's other files.")
-                for view, suffix in VIEW_SUFFIXES.items() if view not in present]
+                for view, suffix in VIEW_SUFFIXES.items() if view not in present], None
     problems: list[Problem] = []
     sizes = {}
     for view, path in present.items():
@@ -299,7 +327,8 @@ def _check_sample(record: dict[str, Any], check_pixels: bool) -> list[Problem]:
             problems.append(Problem(sample_id, present["terrain"], "wrong_size",
                                     f"images are {size[0]}x{size[1]}, not square. Crop or resize "
                                     "all three to the same square size, or remove the sample."))
-    return problems
+    agreed = set(sizes.values())
+    return problems, (agreed.pop() if len(sizes) == len(VIEW_SUFFIXES) and len(agreed) == 1 else None)
 
 
 def _check_mode(sample_id: str, view: str, path: str, mode: str) -> Problem | None:

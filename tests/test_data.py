@@ -212,6 +212,19 @@ def test_validate_header_only_skips_pixel_problems(broken_root):
     assert "pixels not checked" in report.format()
 
 
+def test_validate_flags_a_sample_of_another_size_than_the_dataset(clean_root, tmp_path):
+    root = Path(shutil.copytree(clean_root, tmp_path / "data"))
+    folder = root / "_dataset"
+    for view in ("t", "h", "i2"):  # consistent and square, but half the dataset's size
+        with Image.open(folder / f"0002_{view}.png") as image:
+            image.resize((SIZE // 2, SIZE // 2), Image.Resampling.NEAREST).save(folder / f"0002_{view}.png")
+    report = data.validate(root)
+    [problem] = report.problems
+    assert (problem.id, problem.kind, problem.file) == ("0002", "wrong_size", str(folder / "0002_t.png"))
+    assert f"{SIZE // 2}x{SIZE // 2}" in problem.message and f"{SIZE}x{SIZE}" in problem.message
+    assert "0002" not in set(report.usable["id"])
+
+
 def test_zero_usable_samples_fail_clearly(tmp_path, capsys):
     _write_triplet(tmp_path, "0001")
     (tmp_path / "0001_t.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
