@@ -78,7 +78,7 @@ def inter_batch_loss(query, key, queue, temperature=0.07, kind="infonce"):
     return _nce(l_pos, l_neg, ops.ones_like(l_neg), num_negatives)
 
 
-def intra_batch_loss(query, key, temperature=0.07, kind="infonce"):
+def intra_batch_loss(query, key, temperature=0.07, kind="infonce", *, key_offset=None):
     """Contrasts each query with every key of the batch; its own key is the positive.
 
     Args:
@@ -87,11 +87,17 @@ def intra_batch_loss(query, key, temperature=0.07, kind="infonce"):
             every other query.
         temperature: positive number T dividing the cosine similarities.
         kind: "infonce" or "nce".
+        key_offset: for data parallelism. When given, `key` is the GLOBAL batch [N, D]
+            (N >= B, all replicas' keys gathered) and `query` this replica's B rows; the
+            positive of query b is key row key_offset + b, every other key row a negative.
+            Averaging the result over replicas gives the loss of the whole batch.
     Returns:
         float32 scalar, the mean loss over the B rows.
     """
     _check_temperature(temperature)
     _check_kind(kind)
+    if key_offset is not None:
+        return _intra_batch_loss_with_offset(query, key, key_offset, temperature, kind)
     q, k = _check_pair(query, key, "query", "key")
     if q.shape[0] is not None and q.shape[0] < 2:
         raise ValueError("intra_batch_loss needs a batch of at least 2 (the other samples are "
@@ -109,12 +115,19 @@ def intra_batch_loss(query, key, temperature=0.07, kind="infonce"):
     return _nce(l_pos, logits, off_diagonal, num_negatives)
 
 
-def contrastive_accuracy(query, key, queue=None):
+def contrastive_accuracy(query, key, queue=None, *, key_offset=None):
     """Fraction of queries whose positive has the highest similarity (top-1), for progress logs.
 
     With `queue`, the candidates are [own key, queue...] as in `inter_batch_loss`; without it,
     all keys of the batch as in `intra_batch_loss`. Ties count as correct. float32 scalar.
+    `key_offset` (no queue): `key` is the global batch and query b's positive is key row
+    key_offset + b, as in `intra_batch_loss`.
     """
+    if key_offset is not None and queue is None:
+        q, k, positive_columns = _check_offset_pair(query, key, key_offset)
+        logits = ops.einsum("nc,mc->nm", _l2_normalize(q), _l2_normalize(k))        # [B, N]
+        l_pos = ops.take_along_axis(logits, positive_columns[:, None], axis=1)[:, 0]  # [B]
+        return ops.mean(ops.cast(l_pos >= ops.max(logits, axis=1), "float32"))
     q, k = _check_pair(query, key, "query", "key")
     q, k = _l2_normalize(q), _l2_normalize(k)
     if queue is None:
@@ -129,6 +142,42 @@ def contrastive_accuracy(query, key, queue=None):
         l_other = ops.max(ops.einsum("nc,kc->nk", q, _l2_normalize(queue)), axis=1)  # [B]
     correct = ops.cast(l_pos >= l_other, "float32")
     return ops.mean(correct)
+
+
+def _intra_batch_loss_with_offset(query, key, key_offset, temperature, kind):
+    """`intra_batch_loss` of B local queries against N global keys (positive at key_offset + b)."""
+    q, k, positive_columns = _check_offset_pair(query, key, key_offset)
+    q, k = _l2_normalize(q), _l2_normalize(k)
+    inv_t = _inverse_temperature(temperature)
+    logits = ops.einsum("nc,mc->nm", q, k) * inv_t                               # logits: BxN
+    l_pos = ops.take_along_axis(logits, positive_columns[:, None], axis=1)[:, 0]  # [B]
+    if kind == "infonce":
+        return ops.mean(ops.logsumexp(logits, axis=1) - l_pos)
+    num_keys = ops.shape(logits)[1]
+    negative_mask = 1.0 - ops.one_hot(positive_columns, num_keys, dtype="float32")  # [B, N]
+    num_negatives = ops.cast(num_keys, "float32") - 1.0
+    return _nce(l_pos, logits, negative_mask, num_negatives)
+
+
+def _check_offset_pair(query, key, key_offset):
+    """Checks local queries [B, D] against global keys [N, D]; returns them and the positive
+    column of each query row, key_offset + b (int32 [B])."""
+    q, k = _as_float32(query), _as_float32(key)
+    _check_rank2(q, "query")
+    _check_rank2(k, "key")
+    _check_same_dim(q, k, "query", "key")
+    rows_q, rows_k = q.shape[0], k.shape[0]
+    if rows_q is not None and rows_k is not None and rows_k < rows_q:
+        raise ValueError("With key_offset, key is the global batch and must have at least as "
+                         f"many rows as query. Received: query.shape={tuple(q.shape)}, "
+                         f"key.shape={tuple(k.shape)}")
+    if isinstance(key_offset, numbers.Integral) and rows_q is not None and rows_k is not None \
+            and not 0 <= key_offset <= rows_k - rows_q:
+        raise ValueError(f"key_offset must lie in [0, {rows_k - rows_q}] so every query's "
+                         f"positive is a key row. Received: key_offset={key_offset}")
+    offset = ops.cast(key_offset, "int32")
+    positive_columns = offset + ops.arange(ops.shape(q)[0], dtype="int32")  # [B]
+    return q, k, positive_columns
 
 
 def _nce(l_pos, l_neg, negative_mask, num_negatives):
