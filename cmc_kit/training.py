@@ -142,7 +142,13 @@ def read_json(path: Path) -> dict:
 
 
 def select_strategy(name: str = "auto"):
-    """The tf.distribute strategy: TPU if attached, Mirrored for >1 GPU, else the default."""
+    """The tf.distribute strategy for `train.strategy`.
+
+    "auto": TPUStrategy if a TPU is attached, MirroredStrategy over all GPUs if there are
+    two or more (Kaggle's 2x T4), else the default strategy. "mirrored" mirrors over all
+    GPUs, or over all logical CPU devices when there is no GPU (CPU tests split the CPU in
+    two); "default" is the default strategy; "tpu" insists on a TPU.
+    """
     import tensorflow as tf
 
     if name in ("auto", "tpu"):
@@ -157,23 +163,80 @@ def select_strategy(name: str = "auto"):
                                     "or use --set train.strategy=auto.") from None
     gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
-        return tf.distribute.MirroredStrategy()
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
     return tf.distribute.get_strategy()
 
 
+def precision_for_devices(*, tpu: bool, gpu_capabilities: list[tuple[int, int]]) -> str:
+    """The mixed-precision policy for the attached accelerators.
+
+    TPU, or GPUs that are all Hopper (compute capability >= 9.0): "mixed_bfloat16" (no loss
+    scaling needed). GPUs that all have tensor cores (>= 7.0: V100, T4, A100...):
+    "mixed_float16". Otherwise (CPU, older GPUs): "float32". Mirrored replicas run the same
+    program, so the weakest GPU decides.
+    """
+    if tpu:
+        return "mixed_bfloat16"
+    if not gpu_capabilities:
+        return "float32"
+    weakest = min(gpu_capabilities)
+    if weakest >= (9, 0):
+        return "mixed_bfloat16"
+    if weakest >= (7, 0):
+        return "mixed_float16"
+    return "float32"
+
+
 def resolve_mixed_precision(setting: str) -> str:
-    """'auto' -> mixed_float16 on tensor-core GPUs, mixed_bfloat16 on TPU, else float32."""
+    """`train.mixed_precision` -> a Keras dtype policy name; "auto" looks at the devices."""
     import tensorflow as tf
 
     if setting != "auto":
         return "float32" if setting == "off" else setting
-    if tf.config.list_logical_devices("TPU"):
-        return "mixed_bfloat16"
+    capabilities = []
     for gpu in tf.config.list_physical_devices("GPU"):
         details = tf.config.experimental.get_device_details(gpu)
-        if details.get("compute_capability", (0, 0)) >= (7, 0):
-            return "mixed_float16"
-    return "float32"
+        capabilities.append(tuple(details.get("compute_capability", (0, 0))))
+    return precision_for_devices(tpu=bool(tf.config.list_logical_devices("TPU")),
+                                 gpu_capabilities=capabilities)
+
+
+def _global_clipped_shares(grads, ctx, optimizer, clipnorm, replicas: int, loss_scaled: bool):
+    """Per-replica gradient shares whose sum over replicas is the clipped global gradient.
+
+    Keras's optimizer sums the replicas' gradients but clips each share first. Here the shares
+    are summed first (G, the gradient of the whole batch, on every replica), each variable's
+    G is clipped to `clipnorm` as Keras does on one device, and G / R is returned for Keras to
+    sum back. Costs one extra all-reduce per step; as a bonus every replica sees the same G,
+    so the loss-scale optimizer's overflow check (first replica only) covers all replicas.
+    """
+    import tensorflow as tf
+
+    summed = ctx.all_reduce("sum", grads)                                  # G, identical per replica
+    if clipnorm:
+        # Scaled gradients (float16) are unscaled by the optimizer after this: scale the bound.
+        bound = clipnorm * tf.cast(optimizer.dynamic_scale, tf.float32) if loss_scaled else clipnorm
+        summed = [tf.clip_by_norm(g, tf.cast(bound, g.dtype)) for g in summed]
+    return [g / tf.cast(replicas, g.dtype) for g in summed]
+
+
+def _intra_term(query, positive, global_keys, offset, ctx, *, online_positive: bool,
+                replicas: int, temperature, kind):
+    """Intra-batch loss of this replica's queries [b, D] against the GLOBAL batch of keys.
+
+    One replica: plain `intra_batch_loss(query, positive)`. R replicas: the keys of all
+    replicas [R*b, D] are the candidates and query i's positive is row offset + i, so the
+    mean over replicas equals the single-device loss of the whole batch. Online positives
+    carry gradients, so they are gathered inside the tape (all_gather is differentiable).
+    """
+    from cmc_kit import objectives
+
+    if replicas == 1:
+        return objectives.intra_batch_loss(query, positive, temperature=temperature, kind=kind)
+    candidates = ctx.all_gather(positive, axis=0) if online_positive else global_keys  # [R*b, D]
+    return objectives.intra_batch_loss(query, candidates, temperature=temperature, kind=kind,
+                                       key_offset=offset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +273,8 @@ def _make_queues_module(views, size: int, dim: int):
             indices = (self.pointer + tf.range(batch, dtype=tf.int64)) % self.size  # [B]
             for view in self.views:
                 normalised = tf.math.l2_normalize(tf.cast(keys[view], tf.float32), axis=-1)
-                self.queues[view].scatter_nd_update(indices[:, None], normalised)
+                # scatter_update (not scatter_nd_update): MirroredVariable implements it.
+                self.queues[view].scatter_update(tf.IndexedSlices(normalised, indices))
             self.pointer.assign((self.pointer + batch) % self.size)
             self.filled.assign(tf.minimum(self.filled + batch, self.size))
 
@@ -265,8 +329,6 @@ class Trainer:
             tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(tc.seed)
         self.precision = resolve_mixed_precision(tc.mixed_precision)
-        keras.mixed_precision.set_global_policy(self.precision)
-
         self.strategy = strategy or select_strategy(tc.strategy)
         self.replicas = self.strategy.num_replicas_in_sync
         if dc.batch_size % self.replicas:
@@ -279,12 +341,23 @@ class Trainer:
         self.queue_size = queue_size(tc.queue_multiplier, self.global_batch, len(self.train_catalog))
         self.total_steps = tc.epochs * self.steps_per_epoch
 
+        # Layers take the global dtype policy when they are built; restore it afterwards so
+        # models built later in the same process (embedding, probes, tests) stay float32.
+        policy_before = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(self.precision)
+        try:
+            with self.strategy.scope():
+                self.online = models.build_encoder(mc, crop_size=dc.crop_size, name="online")
+                self.momentum = models.build_momentum_twin(self.online, name="momentum")
+        finally:
+            keras.mixed_precision.set_global_policy(policy_before)
         with self.strategy.scope():
-            self.online = models.build_encoder(mc, crop_size=dc.crop_size, name="online")
-            self.momentum = models.build_momentum_twin(self.online, name="momentum")
+            # Keras clips each replica's share of the gradient before summing the replicas,
+            # which is not clipping the batch's gradient: with several replicas the train step
+            # clips the summed gradient itself (`_global_clipped_shares`).
             optimizer = keras.optimizers.Adam(
                 learning_rate=make_learning_rate(tc, self.total_steps), beta_1=tc.beta_1,
-                clipnorm=tc.clipnorm)
+                clipnorm=tc.clipnorm if self.replicas == 1 else None)
             if self.precision == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             self.optimizer = optimizer
@@ -332,9 +405,15 @@ class Trainer:
         loss_scaled = self.precision == "mixed_float16"
 
         def replica_step(batch, momentum_value):
+            ctx = tf.distribute.get_replica_context()
             # Momentum keys first: no gradient, and they are the positives and the new queue entries.
             keys = momentum_net(batch, training=False)                      # {view: [b, D]}
             keys = {v: tf.stop_gradient(tf.cast(keys[v], tf.float32)) for v in key_views}
+            # Every replica sees the global batch of keys: the same queue entries everywhere, and
+            # intra-batch negatives from the whole batch. This replica's rows start at `offset`.
+            global_keys = {v: ctx.all_gather(keys[v], axis=0) for v in key_views}  # {v: [R*b, D]}
+            local_batch = tf.shape(keys[key_views[0]])[0]
+            offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * local_batch
             with tf.GradientTape() as tape:
                 queries = online(batch, training=True)                      # {view: [b, D]}
                 terms = {}
@@ -343,46 +422,55 @@ class Trainer:
                     terms[f"inter_{q_view}-{k_view}"] = objectives.inter_batch_loss(
                         queries[q_view], positive, queues.queues[k_view].read_value(),
                         temperature=tc.temperature, kind=tc.loss)
-                    terms[f"intra_{q_view}-{k_view}"] = objectives.intra_batch_loss(
-                        queries[q_view], positive, temperature=tc.temperature, kind=tc.loss)
+                    terms[f"intra_{q_view}-{k_view}"] = _intra_term(
+                        queries[q_view], positive, global_keys[k_view], offset, ctx,
+                        online_positive=tc.positive == "online", replicas=replicas,
+                        temperature=tc.temperature, kind=tc.loss)
                 total = tf.add_n([
                     (tc.inter_weight if name.startswith("inter") else tc.intra_weight) * value
                     for name, value in terms.items()])
-                # Keras sums gradients over replicas, so each replica carries 1/replicas.
+                # Each replica's terms are means over its b = B / R rows, and Keras sums the
+                # replicas' gradients: 1/R per replica gives the gradient of the global mean.
                 replica_loss = total / replicas
                 if loss_scaled:
                     replica_loss = optimizer.scale_loss(replica_loss)
             grads = tape.gradient(replica_loss, online.trainable_variables)
+            if replicas > 1:
+                grads = _global_clipped_shares(grads, ctx, optimizer, tc.clipnorm, replicas,
+                                               loss_scaled)
             finite = tf.math.is_finite(total)
             if not loss_scaled:  # the loss-scale optimizer handles overflowing grads itself
                 finite = tf.logical_and(finite, tf.math.is_finite(tf.linalg.global_norm(grads)))
-            ctx = tf.distribute.get_replica_context()
             bad_replicas = ctx.all_reduce("sum", 1.0 - tf.cast(finite, tf.float32))
             finite_all = bad_replicas < 0.5  # every replica skips together
-
-            def apply():
-                optimizer.apply_gradients(zip(grads, online.trainable_variables))
-                return tf.constant(True)
-
-            tf.cond(finite_all, apply, lambda: tf.constant(False))
             first = pairs[0]
-            accuracy = objectives.contrastive_accuracy(queries[first[0]], keys[first[1]])
-            gathered = {v: ctx.all_gather(keys[v], axis=0) for v in key_views}  # global batch
-            return total, terms, accuracy, finite_all, gathered
+            if replicas == 1:
+                accuracy = objectives.contrastive_accuracy(queries[first[0]], keys[first[1]])
+            else:
+                accuracy = objectives.contrastive_accuracy(
+                    queries[first[0]], global_keys[first[1]], key_offset=offset)
+            return total, terms, accuracy, finite_all, global_keys, grads
+
+        def apply_gradients(grads):
+            optimizer.apply_gradients(zip(grads, online.trainable_variables))
 
         def step_fn(batch):
             momentum_value = momentum_at(self.step, self.total_steps, tc.momentum,
                                          tc.momentum_schedule)
-            total, terms, accuracy, finite, keys = self.strategy.run(
+            total, terms, accuracy, finite, keys, grads = self.strategy.run(
                 replica_step, args=(batch, momentum_value))
             reduce = lambda x: self.strategy.reduce("MEAN", x, axis=None)  # noqa: E731
             total = reduce(total)
             terms = {name: reduce(value) for name, value in terms.items()}
             accuracy = reduce(accuracy)
             finite = self.strategy.experimental_local_results(finite)[0]
+            # all-gathered: every replica holds the same global keys [B, D]; take the first copy.
             keys = {v: self.strategy.experimental_local_results(k)[0] for v, k in keys.items()}
 
             def commit():
+                # The optimizer all-reduces inside the replicas (merge_call), which is not allowed
+                # under a cond in replica context: the cond lives here, in cross-replica context.
+                self.strategy.run(apply_gradients, args=(grads,))
                 # Cross-replica: every replica's copy gets the same EMA and queue update.
                 models.momentum_update(online, momentum_net, momentum_value)
                 queues.enqueue(keys)
