@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from cmc_kit.config import default_paths, parse_duration
+
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None,
@@ -79,23 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
 
     p = sub.add_parser("demo", help="synth -> train -> evaluate -> explore on the synthetic set")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--data", type=Path, default=None, help="dataset (default: OUT/../../data/synthetic)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run directory (default: runs/demo in the repository, or /kaggle/working/runs/demo)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="dataset (default: data/synthetic beside the runs; generated if absent)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--n", type=int, default=400, help="synthetic samples to generate if absent")
     return parser
-
-
-def _parse_time_limit(text: str | None) -> float | None:
-    if text is None:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        if text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except (ValueError, IndexError):
-        raise SystemExit(f"--time-limit expects a duration like 11.5h, 90m or 600s. Received: {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +135,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         training.train_from_cli(
             data=args.data, run=args.run, preset_name=args.preset, epochs=args.epochs,
             overrides=args.overrides, fresh=args.fresh,
-            time_limit=_parse_time_limit(args.time_limit), resume_from=args.resume_from)
+            time_limit=parse_duration(args.time_limit), resume_from=args.resume_from)
         return 0
 
     if args.command == "info":
@@ -180,7 +172,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "demo":
         from cmc_kit import demo
-        demo.run_demo(out=args.out, data=args.data, epochs=args.epochs, n=args.n)
+        demo.run_demo(out=args.out or default_paths()["runs"] / "demo", data=args.data,
+                      epochs=args.epochs, n=args.n)
         return 0
 
     raise AssertionError(args.command)

@@ -103,6 +103,17 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number")
+        _check(0.0 <= self.beta_1 < 1.0, "train.beta_1", self.beta_1, "a value in [0, 1)")
+        _check(self.clipnorm > 0, "train.clipnorm", self.clipnorm, "a positive number")
+        _check(self.inter_weight >= 0 and self.intra_weight >= 0
+               and self.inter_weight + self.intra_weight > 0, "train.inter_weight/intra_weight",
+               (self.inter_weight, self.intra_weight), "non-negative, not both zero")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, ">= 1")
+        _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
+               self.max_nonfinite_steps, ">= 1")
+        for name in ("warmup_steps", "checkpoint_every_steps", "log_every_steps", "eval_subset"):
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
         _check(self.temperature > 0, "train.temperature", self.temperature, "a positive number")
         _check(0.0 <= self.momentum <= 1.0, "train.momentum", self.momentum, "a value in [0, 1]")
         _check(self.loss in ("infonce", "nce"), "train.loss", self.loss, "'infonce' or 'nce'")
@@ -147,6 +158,9 @@ class Config:
                 raise ConfigError(
                     f"Unknown setting(s) {', '.join(f'{f.name}.{k}' for k in unknown)}. "
                     f"Valid keys: {', '.join(valid_keys())}")
+            types = typing.get_type_hints(section_cls)
+            for key, value in values.items():
+                values[key] = _check_type(f"{f.name}.{key}", value, types[key])
             sections[f.name] = section_cls(**values)
         return cls(**sections)
 
@@ -158,7 +172,10 @@ class Config:
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"Cannot read run config {path}: {err}. "
                               "Delete it or start the run with --fresh.") from err
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}. Fix the file or start the run with --fresh.") from None
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(Path(path), self.to_json() + "\n")
@@ -183,7 +200,8 @@ class Config:
         return Config.from_dict(raw)
 
     def model_differences(self, other: "Config") -> list[str]:
-        """Fields of the model config (and crop size) that differ: these break a resume."""
+        """Settings that must not change on resume: the model, batch size, queue multiplier,
+        view pairs and seed (they fix the weights' shapes, the queue and the data order)."""
         diffs = []
         mine, theirs = dataclasses.asdict(self.model), dataclasses.asdict(other.model)
         for key in mine:
@@ -247,6 +265,41 @@ def _coerce(dotted: str, value: Any, kind) -> Any:
     except ValueError:
         raise ConfigError(f"Setting '{dotted}' expects {getattr(kind, '__name__', kind)}. "
                           f"Received: {text!r}") from None
+
+
+def _check_type(name: str, value: Any, kind) -> Any:
+    """JSON values -> the field's type (ints accepted for floats, lists for tuples)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {bool: bool, int: int, float: float, str: str}.get(kind)
+    if expected is not None:
+        if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+            return value
+        words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        raise ConfigError(f"Setting '{name}' must be {words[expected]}. Received: {value!r}")
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"Setting '{name}' must be a list of names. Received: {value!r}")
+
+
+def parse_duration(text: str | float | int | None, setting: str = "--time-limit") -> float | None:
+    """'11.5h', '90m', '600s' or plain seconds -> seconds (None stays None)."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        units = {"s": 1, "m": 60, "h": 3600}
+        cleaned = str(text).strip().lower()
+        try:
+            seconds = (float(cleaned[:-1]) * units[cleaned[-1]] if cleaned and cleaned[-1] in units
+                       else float(cleaned))
+        except ValueError:
+            seconds = -1.0
+    if seconds <= 0:
+        raise ConfigError(f"{setting} expects a positive duration like 11.5h, 90m or 600s. "
+                          f"Received: {text!r}")
+    return seconds
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

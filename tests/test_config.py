@@ -48,3 +48,35 @@ def test_valid_keys_cover_every_section():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="cpu-demo"):
         preset("nope")
+
+
+def test_saved_config_with_wrong_types_names_the_file_and_key(tmp_path):
+    path = tmp_path / "config.json"
+    raw = preset("cpu-demo").to_dict()
+    raw["data"]["crop_size"] = "64"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"config.json: Setting 'data.crop_size' must be an integer"):
+        Config.load(path)
+    raw["data"]["crop_size"] = 64
+    raw["train"]["learning_rate"] = 1  # an int where a float is expected is fine
+    path.write_text(json.dumps(raw))
+    assert Config.load(path).train.learning_rate == 1.0
+
+
+@pytest.mark.parametrize("key,value", [("train.keep_checkpoints", 0), ("train.max_nonfinite_steps", 0),
+                                       ("train.learning_rate", 0), ("train.eval_subset", -1),
+                                       ("train.clipnorm", 0)])
+def test_out_of_range_settings_are_rejected(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        preset("cpu-demo").with_overrides({key: value})
+
+
+def test_parse_duration():
+    from cmc_kit.config import parse_duration
+
+    assert parse_duration("11.5h") == 11.5 * 3600
+    assert parse_duration("90m") == 5400 and parse_duration("600s") == 600
+    assert parse_duration("42") == 42 and parse_duration(7) == 7 and parse_duration(None) is None
+    for bad in ("soon", "-1h", "0", ""):
+        with pytest.raises(ConfigError, match="--time-limit"):
+            parse_duration(bad)
