@@ -117,7 +117,7 @@ class DataChoice:
 
 
 def get_data(data_dir: str | os.PathLike | None = None, *, force_synthetic: bool = False,
-             synthetic_samples: int = 160, synthetic_size: int = 256, seed: int = 0,
+             synthetic_samples: int = 400, synthetic_size: int = 256, seed: int = 0,
              downloader: Callable[..., Path] | None = None, pointer: Path | None = None) -> DataChoice:
     """Picks the dataset for the notebooks, in this order:
 
@@ -390,7 +390,7 @@ def loss_figure(epoch_rows: pd.DataFrame, *, steps: Sequence[int] = (),
         title=title, template="plotly_white", height=380, width=760,
         margin=dict(l=50, r=50, t=50, b=40), xaxis_title="step", yaxis_title="loss",
         yaxis2=dict(title="kNN accuracy", overlaying="y", side="right", range=[0, 1],
-                    showgrid=False),
+                    tickmode="linear", tick0=0, dtick=0.2, showgrid=False),
         legend=dict(orientation="h", y=-0.2))
     return figure
 

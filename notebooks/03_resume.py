@@ -23,8 +23,8 @@
 # **Accelerator.** The same as the run was trained with (GPU for `kaggle-t4`).
 #
 # **Expected runtime.** Up to `TIME_LIMIT` (11.5 h) on Kaggle, by design: each version trains
-# as far as the session allows and saves. On a CPU with `cpu-demo`: about a minute per extra
-# epoch on the synthetic set.
+# as far as the session allows and saves. On a CPU with `cpu-demo` on the synthetic set: about
+# 10 s to rebuild and restore, then a few seconds per extra epoch.
 
 # %% [markdown]
 # ## Why resuming needs care, and the time budget

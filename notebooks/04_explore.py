@@ -87,6 +87,13 @@ explorer = explore.Explorer.from_run(RUN, DATA, split=SPLIT, colour_by=COLOUR_BY
 explorer
 
 # %% [markdown]
+# The same layout as a plain figure: widgets are not stored in a saved notebook (Kaggle's
+# version viewer, GitHub), this is.
+
+# %%
+explorer.static_figure()
+
+# %% [markdown]
 # ## Mosaic
 #
 # The same layout with each point replaced by its terrain thumbnail (one per grid cell, the

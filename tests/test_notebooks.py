@@ -47,7 +47,9 @@ def test_committed_notebook_has_no_outputs(name):
     committed = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     for cell in committed.cells:
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"notebooks/{name}.ipynb holds outputs: strip them with "
+                f"`jupytext --to ipynb notebooks/{name}.py`")
 
 
 @pytest.mark.parametrize("name", ORDER)
