@@ -1,0 +1,161 @@
+"""Mixed precision: policy choice per device, finite training under bfloat16 / float16 on CPU,
+float32 embeddings, checkpoints that load back and resume, no leaked global policy."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cmc_kit.config import preset
+
+
+def tiny_config(**overrides):
+    base = {
+        "data.crop_size": 32, "data.batch_size": 8, "data.validation_fraction": 0.2,
+        "model.width": 0.125, "model.embedding_dim": 16,
+        "model.views": "terrain,height,segmentation", "train.pairs": "full",
+        "train.epochs": 1, "train.queue_multiplier": 2, "train.eval_subset": 0,
+    }
+    base.update(overrides)
+    return preset("cpu-demo").with_overrides(base)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from cmc_kit import synth
+
+    return synth.generate(tmp_path_factory.mktemp("mixed") / "data", n=30, size=64, seed=5,
+                          progress=False)
+
+
+# -- which policy where ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tpu, capabilities, expected", [
+    (True, [], "mixed_bfloat16"),
+    (False, [], "float32"),                            # CPU
+    (False, [(7, 5), (7, 5)], "mixed_float16"),        # Kaggle 2x T4
+    (False, [(8, 0)], "mixed_float16"),                # A100
+    (False, [(9, 0)], "mixed_bfloat16"),               # H100 / H200
+    (False, [(9, 0), (7, 5)], "mixed_float16"),        # the weakest GPU decides
+    (False, [(6, 0)], "float32"),                      # P100: no tensor cores
+])
+def test_policy_for_devices(tpu, capabilities, expected):
+    from cmc_kit.training import precision_for_devices
+
+    assert precision_for_devices(tpu=tpu, gpu_capabilities=capabilities) == expected
+
+
+def test_settings_map_to_policies():
+    import tensorflow as tf
+
+    from cmc_kit.training import resolve_mixed_precision
+
+    assert resolve_mixed_precision("off") == "float32"
+    assert resolve_mixed_precision("mixed_bfloat16") == "mixed_bfloat16"
+    if not tf.config.list_physical_devices("GPU") and not tf.config.list_logical_devices("TPU"):
+        assert resolve_mixed_precision("auto") == "float32"
+
+
+def test_kaggle_t4_preset_turns_on_mixed_precision_and_xla():
+    train = preset("kaggle-t4").train
+    assert train.mixed_precision == "auto" and train.jit_compile
+    assert preset("cpu-demo").train.mixed_precision == "off"
+
+
+# -- training under a mixed policy --------------------------------------------------------------
+
+def _cpu_kernels_exist(policy: str, grouped: bool) -> tuple[bool, str]:
+    """Forward + backward of a tiny (grouped) conv in the policy's compute dtype on this CPU."""
+    import tensorflow as tf
+
+    dtype = tf.bfloat16 if policy == "mixed_bfloat16" else tf.float16
+    x = tf.ones([1, 5, 5, 4], dtype)
+    kernel = tf.ones([3, 3, 2 if grouped else 4, 4], dtype)
+    try:
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            y = tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "VALID"))
+        tape.gradient(y, [x, kernel])
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+            tf.errors.UnimplementedError) as err:
+        return False, str(err).splitlines()[0][:200]
+    return True, ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy, trunk", [
+    ("mixed_bfloat16", "resnet34"),
+    ("mixed_bfloat16", "regnetx-200mf"),
+    ("mixed_float16", "resnet34"),
+    ("mixed_float16", "regnetx-200mf"),
+])
+def test_mixed_precision_trains_finite_and_checkpoints_load_back(policy, trunk, data_root, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from cmc_kit import models, training
+
+    grouped = trunk.startswith("regnetx")
+    supported, reason = _cpu_kernels_exist(policy, grouped)
+    if not supported:
+        pytest.skip(f"TensorFlow {tf.__version__} has no CPU kernel for {policy} "
+                    f"{'grouped ' if grouped else ''}conv gradients: {reason}")
+
+    config = tiny_config(**{"train.mixed_precision": policy, "model.trunk": trunk})
+    run = tmp_path / "run"
+    result = training.train(data_root, run, config, verbose=0)
+    assert result.step == 3
+    assert keras.mixed_precision.global_policy().name == "float32", "policy leaked"
+    log = pd.read_csv(run / "log.csv")
+    terms = [c for c in log.columns if c.startswith(("inter_", "intra_"))] + ["loss"]
+    assert np.all(np.isfinite(log[terms].to_numpy())) and log["skipped_steps"].iloc[0] == 0
+
+    reader = tf.train.load_checkpoint(result.checkpoint)
+    names = list(reader.get_variable_to_shape_map())
+    # Weights are stored in float32 whatever the compute dtype; float16 adds the loss scale.
+    assert all(reader.get_variable_to_dtype_map()[n] != tf.bfloat16 for n in names)
+    assert any("dynamic_scale" in n for n in names) == (policy == "mixed_float16")
+
+    # The checkpoint loads into a float32 encoder and into one built under the policy: both
+    # give float32 embeddings, and they agree to the policy's precision.
+    handle = training.load_run(run)
+    full = handle.encoder("online")
+    rng = np.random.default_rng(0)
+    batch = {v: rng.uniform(-1, 1, (4, 32, 32, models.VIEW_CHANNELS[v])).astype(np.float32)
+             for v in full.views}
+    reference = full(batch, training=False)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        mixed = models.build_encoder(config.model, crop_size=32, name="online")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    mixed.set_weights(full.get_weights())
+    embeddings = mixed(batch, training=False)
+    for view in full.views:
+        assert reference[view].dtype == embeddings[view].dtype == tf.float32
+        a, b = reference[view].numpy(), embeddings[view].numpy()
+        assert np.all(np.isfinite(b))
+        cosine = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cosine.min() > 0.98, (view, cosine)
+
+    # And training resumes from it under the same policy.
+    resumed = training.train(data_root, run, config.with_overrides({"train.epochs": 2}), verbose=0)
+    assert resumed.step == 6 and np.isfinite(pd.read_csv(run / "log.csv")["loss"]).all()
+
+
+def test_losses_compute_in_float32_from_low_precision_embeddings():
+    import tensorflow as tf
+
+    from cmc_kit.objectives import inter_batch_loss, intra_batch_loss
+
+    rng = np.random.default_rng(1)
+    query, key = rng.normal(size=(2, 8, 16)).astype(np.float32)
+    queue = rng.normal(size=(32, 16)).astype(np.float32)
+    for dtype in (tf.bfloat16, tf.float16):
+        low = [tf.cast(t, dtype) for t in (query, key, queue)]
+        upcast = [tf.cast(t, tf.float32) for t in low]  # the same values, in float32
+        inter = inter_batch_loss(*low, temperature=0.07)
+        intra = intra_batch_loss(*low[:2], temperature=0.07, key_offset=0)
+        assert inter.dtype == intra.dtype == tf.float32
+        np.testing.assert_allclose(float(inter), float(inter_batch_loss(*upcast, 0.07)), rtol=1e-6)
+        np.testing.assert_allclose(float(intra), float(intra_batch_loss(*upcast[:2], 0.07)),
+                                   rtol=1e-6)
