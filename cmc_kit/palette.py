@@ -23,6 +23,21 @@ PALETTE = np.array(
 PALETTE.setflags(write=False)
 CLASS_NAMES = ("water", "grassland", "forest", "hills", "desert", "mountain", "tundra")
 NUM_CLASSES = len(CLASS_NAMES)
+# Columns of the embeddings table (and of the synthetic metadata.csv): share of pixels per class.
+FRACTION_COLUMNS = tuple(f"fraction_{name}" for name in CLASS_NAMES)
+
+
+def _squared_distances(rgb: np.ndarray, caller: str) -> np.ndarray:
+    """Squared RGB distance of every pixel to every palette colour: [..., 3] -> int32 [N, 7].
+
+    int32 keeps it exact for 0..255 input (at most 3 * 255^2), so ties are true ties and argmin
+    picks the lower class id.
+    """
+    if rgb.shape[-1:] != (3,):
+        raise ValueError(f"{caller} expects [..., 3] RGB input. Received shape={rgb.shape}")
+    pixels = rgb.reshape(-1, 3).astype(np.int32)                      # [N, 3]
+    differences = pixels[:, None, :] - PALETTE.astype(np.int32)[None]  # [N, 7, 3]
+    return (differences ** 2).sum(axis=-1)                            # [N, 7]
 
 
 def nearest_class(rgb: np.ndarray) -> np.ndarray:
@@ -34,19 +49,14 @@ def nearest_class(rgb: np.ndarray) -> np.ndarray:
         uint8 array [...] of class ids in [0, 7).
     """
     rgb = np.asarray(rgb)
-    if rgb.shape[-1] != 3:
-        raise ValueError(f"nearest_class expects [..., 3] RGB input. Received shape={rgb.shape}")
-    pixels = rgb.reshape(-1, 3).astype(np.int32)  # [N, 3]
-    # Squared distances [N, 7]; int32 is exact and avoids float rounding ties.
-    distances = ((pixels[:, None, :] - PALETTE[None, :, :].astype(np.int32)) ** 2).sum(-1)
+    distances = _squared_distances(rgb, "nearest_class")  # [N, 7]
     return distances.argmin(axis=1).astype(np.uint8).reshape(rgb.shape[:-1])
 
 
 def palette_distance(rgb: np.ndarray) -> np.ndarray:
     """Euclidean distance from each RGB pixel to its nearest palette colour. [..., 3] -> [...]."""
     rgb = np.asarray(rgb)
-    pixels = rgb.reshape(-1, 3).astype(np.int32)
-    distances = ((pixels[:, None, :] - PALETTE[None, :, :].astype(np.int32)) ** 2).sum(-1)
+    distances = _squared_distances(rgb, "palette_distance")  # [N, 7]
     return np.sqrt(distances.min(axis=1)).reshape(rgb.shape[:-1])
 
 
