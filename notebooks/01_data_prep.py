@@ -128,8 +128,8 @@ catalog.head()
 # the segmentation crop (7 one-hot channels), the height crop (16-bit, one channel), all cut
 # from the same window, and the overview, the whole tile shrunk to the crop size (the yellow box
 # marks where the crop lies). A good embedding puts the four views of one place close together
-# and views of different places apart. Below are centre crops; training draws a random window per
-# sample and step.
+# and views of different places apart. Below are centre crops (height in grey, stretched per
+# sample to show the relief); training draws a random window per sample and step.
 
 # %%
 VIEWS_PNG = notebook.cache_dir_for(DATA).with_name(f"{DATA.name}-views.png")
