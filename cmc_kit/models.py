@@ -19,7 +19,9 @@ Measured CPU cost (TF 2.21, 2 shared cores, forward+backward in a tf.function, m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import random
 import re
 
 import keras
@@ -28,8 +30,10 @@ from keras import ops
 
 from cmc_kit.config import TRUNK_NAMES, ModelConfig
 from cmc_kit.layers import AttentionPooling2D, NormalizedConv2D
+from cmc_kit.views import VIEW_SPECS
 
-VIEW_CHANNELS = {"terrain": 3, "segmentation": 7, "height": 1, "overview": 3}
+# Channels of each view's input tensor, from the view specs (the one place that defines them).
+VIEW_CHANNELS = {name: spec.channels for name, spec in VIEW_SPECS.items()}
 LEAKY_SLOPE = 0.2
 STEM_KERNEL, STEM_STRIDE = 5, 2
 
@@ -368,6 +372,13 @@ class CMCEncoder(keras.Model):
         maps = stage_model(self.trunk(view))(self.stem(view)(x))
         return [ops.cast(m, "float32") for m in maps]
 
+    def embed(self, x, view: str = "terrain"):
+        """Head embedding of one view alone: `[B, H, W, C_view]` -> float32 `[B, embedding_dim]`.
+
+        The same numbers as `encoder(inputs)[view]`, without needing the other views' inputs.
+        """
+        return ops.cast(self.head(view)(self._features(x, view)), "float32")
+
     def attention_weights(self, x, view: str = "terrain"):
         """Attention of each head over the trunk's output positions: float32 `[B, heads, h*w]`."""
         if self.config.head != "attention":
@@ -390,13 +401,41 @@ class CMCEncoder(keras.Model):
         return cls(**config)
 
 
-def build_encoder(model_config: ModelConfig, crop_size: int = 64,
-                  name: str = "online") -> CMCEncoder:
-    """The encoder for `model_config`, every weight created. See `CMCEncoder`."""
+def build_encoder(model_config: ModelConfig, crop_size: int = 64, name: str = "online",
+                  *, seed: int | None = None) -> CMCEncoder:
+    """The encoder for `model_config`, every weight created. See `CMCEncoder`.
+
+    `seed`: an int makes the initial weights a function of it alone (the same weights as
+    `keras.utils.set_random_seed(seed)` followed by `build_encoder(...)`), without reseeding the
+    process's NumPy, TensorFlow or Python random streams. None draws from them as Keras does.
+    """
     if not isinstance(model_config, ModelConfig):
         raise ValueError("build_encoder expects a cmc_kit.config.ModelConfig. "
                          f"Received: model_config={type(model_config).__name__}")
-    return CMCEncoder(model_config, crop_size, name=name)
+    if seed is None:
+        return CMCEncoder(model_config, crop_size, name=name)
+    with _python_random_seeded(seed):
+        return CMCEncoder(model_config, crop_size, name=name)
+
+
+@contextlib.contextmanager
+def _python_random_seeded(seed: int):
+    """Seeds Python's `random` for the block and then restores its previous state.
+
+    Keras 3 gives every unseeded initializer an int seed drawn from Python's `random` when the
+    layer is made, and the weights are a stateless function of those ints; so seeding `random`
+    while the layers are made fixes every initial weight. Restoring the state afterwards leaves
+    the caller's random stream as it was. Not thread-safe: another thread drawing from `random`
+    during the block would shift the draws.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int or None. Received: seed={seed!r}")
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def build_momentum_twin(encoder: CMCEncoder, name: str = "momentum") -> CMCEncoder:
