@@ -29,16 +29,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cmc_kit.config import ALL_VIEWS
 from cmc_kit.errors import CmcKitError, DataError
-from cmc_kit.palette import CLASS_NAMES
+from cmc_kit.fileio import atomic_path
+from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS
 
 EMBEDDING_PREFIX = "emb_"
 SOURCES = ("trunk", "head")
 NETWORKS = ("online", "momentum")
-EMBEDDABLE_VIEWS = ("terrain", "segmentation", "height", "overview")
-FRACTION_COLUMNS = tuple(f"fraction_{name}" for name in CLASS_NAMES)
+# config.ALL_VIEWS lists the names of views.VIEW_SPECS (tested) without importing TensorFlow.
+EMBEDDABLE_VIEWS = ALL_VIEWS
 METADATA_FILENAME = "metadata.csv"
-HEIGHT_SCALE = 32767.5  # views normalise height as x / 32767.5 - 1
+# Inverse of views.normalise_height (x / 32767.5 - 1). views.py has no public constant to import
+# and importing it here would load TensorFlow; tests/test_embed.py checks the two agree.
+HEIGHT_SCALE = 32767.5
 
 
 # -- computing embeddings -------------------------------------------------------------------
@@ -50,9 +54,9 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
     """Embeds every sample of `catalog` in one batched pass over deterministic centre crops.
 
     Args:
-        encoder: a `cmc_kit.models` encoder: `encoder({view: x})[view]` -> [B, D] head
-            embeddings, `encoder.encode_features(x, view=view)` -> [B, F] mean-pooled trunk
-            features.
+        encoder: a `cmc_kit.models` encoder: `encoder.embed(x, view=view)` (or, without that
+            method, `encoder({view: x})[view]`) -> [B, D] head embeddings,
+            `encoder.encode_features(x, view=view)` -> [B, F] mean-pooled trunk features.
         catalog: DataFrame with `id, terrain, height, segmentation` (see `cmc_kit.data.discover`).
         view: which input the encoder embeds: a centre-crop view or "overview".
         source: "trunk" (mean-pooled trunk features, as the original's UMAP) or "head".
@@ -165,9 +169,8 @@ def embed_run(run: str | os.PathLike, data: str | os.PathLike, *, split: str = "
 
 def _head_embedding(encoder, x, view: str):
     """Head embedding [B, D] of one view."""
-    if all(callable(getattr(encoder, name, None)) for name in ("stem", "trunk", "head")):
-        # CMCEncoder.call needs every view at once; run this view's stem -> trunk -> head alone.
-        return encoder.head(view)(encoder.trunk(view)(encoder.stem(view)(x)))
+    if callable(getattr(encoder, "embed", None)):
+        return encoder.embed(x, view=view)  # CMCEncoder: this view alone (call needs them all)
     return encoder({view: x})[view]
 
 
@@ -254,13 +257,11 @@ def save_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise CmcKitError(f"Cannot write embeddings to {path}: use a .parquet or .csv file name.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if suffix == ".parquet":
-        table.to_parquet(tmp, index=False)
-    else:
-        table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
     return path
 
 
@@ -347,8 +348,6 @@ def umap_layout(embeddings: np.ndarray, *, n_components: int = 2, n_neighbors: i
             layout = np.asarray(reducer.fit_transform(embeddings), dtype=np.float32)
 
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.stem}.tmp-{os.getpid()}.npy")
-        np.save(tmp, layout)
-        os.replace(tmp, cache_path)
+        with atomic_path(cache_path) as tmp:
+            np.save(tmp, layout)
     return layout

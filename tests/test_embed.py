@@ -301,3 +301,12 @@ def test_real_encoder_on_synthetic_data_matches_its_own_forward_pass(synthetic_r
                                generated.loc[list(trunk["id"]), extra[0]])
     fractions = trunk[list(embed.FRACTION_COLUMNS)].to_numpy()
     np.testing.assert_allclose(fractions.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_view_names_and_height_scale_agree_with_the_views_module():
+    from cmc_kit import views
+
+    assert embed.EMBEDDABLE_VIEWS == tuple(views.VIEW_SPECS)
+    raw = np.arange(0, 65536, dtype=np.uint16)[:, None]  # every 16-bit height [N, 1]
+    expected = raw.astype(np.float32) / np.float32(embed.HEIGHT_SCALE) - np.float32(1.0)
+    np.testing.assert_array_equal(views.normalise_height(raw).numpy(), expected)
