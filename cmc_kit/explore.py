@@ -32,6 +32,7 @@ from PIL import Image
 
 from cmc_kit import embed
 from cmc_kit.errors import CmcKitError, DataError
+from cmc_kit.fileio import atomic_path, atomic_write_bytes
 from cmc_kit.palette import CLASS_NAMES, PALETTE, nearest_class
 
 THUMBNAIL_KINDS = ("terrain", "height", "segmentation")
@@ -110,16 +111,21 @@ def encode_thumbnails(images: Mapping[str, Image.Image], *, jpeg_quality: int = 
 def read_sample(row) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """terrain uint8 [H, W, 3], height uint16 [H, W], segmentation uint8 [H, W, 3] of a row."""
     try:
-        terrain = np.asarray(Image.open(row["terrain"]).convert("RGB"))
-        with Image.open(row["height"]) as image:
-            height = np.asarray(image).astype(np.uint16)
-        segmentation = np.asarray(Image.open(row["segmentation"]).convert("RGB"))
+        terrain = _read_png(row["terrain"], "RGB")
+        height = _read_png(row["height"]).astype(np.uint16)
+        segmentation = _read_png(row["segmentation"], "RGB")
     except (OSError, ValueError) as err:
         raise DataError(f"Cannot read the images of sample {row['id']}: {err}. Run "
                         "`cmc-kit validate DATA` to find and remove broken samples.") from err
     if height.ndim == 3:
         height = height[..., 0]
     return terrain, height, segmentation
+
+
+def _read_png(path, mode: str | None = None) -> np.ndarray:
+    """The pixels of an image file (converted to `mode` if given); the file is closed after."""
+    with Image.open(path) as image:
+        return np.asarray(image if mode is None else image.convert(mode))
 
 
 def sample_thumbnails(row, size: int = 64, detail_size: int | None = None) -> dict[str, bytes]:
@@ -413,12 +419,8 @@ def write_explorer_html(table: pd.DataFrame, layout: np.ndarray, catalog_or_thum
         title=html.escape(title), data=data, plot=plot, count=len(table),
         options="".join(f'<option value="{html.escape(c)}">{html.escape(c)}</option>'
                         for c in options))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    # Bytes, not config.atomic_write_text: the page must be UTF-8 whatever the locale.
+    return atomic_write_bytes(out, page.encode("utf-8"))
 
 
 def _json_value(value):
@@ -514,8 +516,8 @@ def mosaic(layout: np.ndarray, catalog_or_thumbs, out_png: str | os.PathLike, *,
         # y grows upwards in the layout, downwards in the image.
         picture.paste(terrain_of(sample_id), (int(column) * thumb, (cells - 1 - int(row)) * thumb))
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(out_png)
+    with atomic_path(out_png) as tmp:
+        picture.save(tmp)  # the temporary name keeps the suffix, so the format is the same
     return out_png
 
 

@@ -86,6 +86,37 @@ def test_thumbnails_show_the_samples_images(dataset):
         explore.make_thumbnails(dataset.catalog, ["9999"])
 
 
+def test_read_sample_returns_the_pixels_and_closes_every_file(dataset, tmp_path, monkeypatch):
+    opened = []
+    real_open = Image.open
+
+    def recording_open(*args, **kwargs):
+        image = real_open(*args, **kwargs)
+        opened.append(image.fp)  # the file object PIL reads from
+        return image
+
+    monkeypatch.setattr(Image, "open", recording_open)
+    terrain, height, segmentation = explore.read_sample(dataset.catalog.iloc[4])
+    assert len(opened) == 3 and all(file.closed for file in opened)
+    assert terrain.dtype == np.uint8 and terrain.shape == (SIZE, SIZE, 3)
+    assert (terrain == sample_colour(4)).all()
+    assert height.dtype == np.uint16 and height.shape == (SIZE, SIZE)
+    np.testing.assert_array_equal(height[0], np.linspace(1000, 60000, SIZE).astype(np.uint16))
+    assert segmentation.dtype == np.uint8 and (segmentation == PALETTE[4]).all()
+
+    # A PNG cut off mid-data: a clear error, and its file is closed on the way out too.
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "whole.png")
+    whole = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])
+    row = dataset.catalog.iloc[4].copy()
+    row["terrain"] = str(tmp_path / "cut.png")
+    opened.clear()
+    with pytest.raises(explore.DataError, match="sample 0005.*cmc-kit validate"):
+        explore.read_sample(row)
+    assert len(opened) == 1 and opened[0].closed
+
+
 def test_marker_colours(dataset):
     table = dataset.table
     by_class = explore.marker_colours(table, "dominant_class")
@@ -333,7 +364,8 @@ def page_path(dataset, tmp_path):
 
 
 def test_page_is_self_contained(page_path):
-    text = page_path.read_text()
+    assert [p.name for p in page_path.parent.iterdir()] == ["explorer.html"]  # no temp left
+    text = page_path.read_text(encoding="utf-8")
     tags = re.findall(r"<script[^>]*>", text)
     assert len(tags) >= 2 and not any("src=" in tag for tag in tags)  # Plotly JS inlined
     assert len(text) > 3_000_000  # ... the whole plotly.min.js
