@@ -31,8 +31,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cmc_kit.config import atomic_write_text
+from cmc_kit.embed import METADATA_FILENAME, read_metadata
 from cmc_kit.errors import DataError
-from cmc_kit.palette import CLASS_NAMES, NUM_CLASSES, class_to_rgb
+from cmc_kit.palette import FRACTION_COLUMNS, NUM_CLASSES, class_to_rgb
 
 WATER, GRASSLAND, FOREST, HILLS, DESERT, MOUNTAIN, TUNDRA = range(NUM_CLASSES)
 
@@ -157,7 +159,7 @@ def generate(
         _save_png(class_to_rgb(classes), folder / f"{sample_id}_i2.png")
         fractions = np.bincount(classes.ravel(), minlength=NUM_CLASSES) / classes.size
         row = {"id": sample_id, **params}
-        row.update({f"fraction_{name}": float(f) for name, f in zip(CLASS_NAMES, fractions)})
+        row.update({column: float(f) for column, f in zip(FRACTION_COLUMNS, fractions)})
         return row
 
     workers = workers or min(8, os.cpu_count() or 1)  # more threads than cores is slower
@@ -169,19 +171,19 @@ def generate(
                 print(f"\rsynth: {done}/{n} samples", end="" if done < n else "\n",
                       file=sys.stderr, flush=True)
     table = pd.DataFrame(rows)
-    tmp = out / ".metadata.csv.tmp"
-    table.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, out / "metadata.csv")
+    # "\n": text mode already writes the platform's line ending.
+    atomic_write_text(out / METADATA_FILENAME,
+                      table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
     return out
 
 
 def load_metadata(root: str | os.PathLike) -> pd.DataFrame:
     """Reads `root/metadata.csv` of a synthetic dataset, keeping ids as zero-padded strings."""
-    path = Path(root) / "metadata.csv"
+    path = Path(root) / METADATA_FILENAME
     if not path.is_file():
         raise DataError(f"No synthetic metadata at {path}. Only datasets written by "
-                        "`cmc-kit synth` have one; regenerate with `cmc-kit synth {root}`.")
-    return pd.read_csv(path, dtype={"id": str})
+                        f"`cmc-kit synth` have one; regenerate with `cmc-kit synth {root}`.")
+    return read_metadata(path)
 
 
 def hillshade(elevation: np.ndarray, pixel_m: float, *, exaggeration: float = 3.0) -> np.ndarray:

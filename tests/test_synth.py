@@ -1,6 +1,7 @@
 """Synthetic dataset: Kaggle layout, dtypes, determinism, and terrain-like structure."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -72,6 +73,15 @@ def test_metadata_csv_keeps_zero_padded_ids_as_text(dataset):
     # The raw file must hold "0001", not 1, so any reader with dtype=str round-trips it.
     first_data_line = (dataset / "metadata.csv").read_text().splitlines()[1]
     assert first_data_line.startswith("0001,")
+
+
+def test_load_metadata_names_the_folder_and_the_fix(dataset, tmp_path):
+    assert sorted(p.name for p in dataset.iterdir()) == ["_dataset", "metadata.csv"]  # no temp
+    with pytest.raises(DataError, match=re.escape(f"`cmc-kit synth {tmp_path}`")):
+        synth.load_metadata(tmp_path)
+    (tmp_path / "metadata.csv").write_text("name,value\na,1\n")
+    with pytest.raises(DataError, match="no 'id' column"):
+        synth.load_metadata(tmp_path)
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(dataset, tmp_path):
