@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cmc_kit.config import atomic_write_text
 from cmc_kit.errors import CmcKitError, DataError
-from cmc_kit.palette import CLASS_NAMES
+from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS
 
 RAW_PIXEL_SIDE = 8
-FRACTION_COLUMNS = [f"fraction_{name}" for name in CLASS_NAMES]
 
 
 def raw_pixel_features(catalog: pd.DataFrame, crop_size: int, batch_size: int = 64,
@@ -47,7 +47,7 @@ def label_targets(table: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
     """Task name -> ("classification" | "regression", labels) from an embeddings table."""
     targets = {
         "dominant_class": ("classification", table["dominant_class_id"].to_numpy()),
-        "class_fractions": ("regression", table[FRACTION_COLUMNS].to_numpy(np.float64)),
+        "class_fractions": ("regression", table[list(FRACTION_COLUMNS)].to_numpy(np.float64)),
         "height_mean": ("regression", table["height_mean"].to_numpy(np.float64)),
     }
     skip = set(FRACTION_COLUMNS) | {"id", "dominant_class", "dominant_class_id", "height_mean",
@@ -128,11 +128,9 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, *, out: str | 
     rows += probe_features(embed.embedding_matrix(train_table), embed.embedding_matrix(test_table),
                            train_table, test_table, source="trained", seed=seed)
 
-    import keras
-
-    keras.utils.set_random_seed(config.train.seed + 12345)
+    # Seeded locally: the same weights on every evaluation, the caller's random streams untouched.
     random_encoder = models.build_encoder(config.model, crop_size=config.data.crop_size,
-                                          name="random_init")
+                                          name="random_init", seed=config.train.seed + 12345)
     r_train, r_test = tables_for(random_encoder)
     rows += probe_features(embed.embedding_matrix(r_train), embed.embedding_matrix(r_test),
                            train_table, test_table, source="random_init", seed=seed)
@@ -153,9 +151,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, *, out: str | 
     table.attrs.update({"run": str(run), "epoch": handle.epoch, "step": handle.step,
                         "train_samples": len(train_catalog), "test_samples": len(test_catalog)})
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        wide(table).to_csv(out, index=False)
+        atomic_write_text(Path(out), wide(table).to_csv(index=False, lineterminator="\n"))
     return table
 
 

@@ -25,7 +25,10 @@ def test_evaluate_run_scores_every_source_on_held_out_ids_only(trained_run, smal
 
     monkeypatch.setattr(probes, "knn_classify", recording_knn)
     out = tmp_path / "evaluation.csv"
+    numpy_state = np.random.get_state()
     table = evaluate.evaluate_run(trained_run, small_dataset, out=out)
+    # The random-init baseline is seeded locally: NumPy's global stream was not reseeded.
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state))
 
     assert set(table["source"]) == {"trained", "random_init", "raw_pixels"}
     # Probes fit on the training split and score on the validation split, for every source.
