@@ -32,7 +32,7 @@ import pandas as pd
 from cmc_kit.config import ALL_VIEWS
 from cmc_kit.errors import CmcKitError, DataError
 from cmc_kit.fileio import atomic_path
-from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS
+from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS, HEIGHT_SCALE
 
 EMBEDDING_PREFIX = "emb_"
 SOURCES = ("trunk", "head")
@@ -40,9 +40,6 @@ NETWORKS = ("online", "momentum")
 # config.ALL_VIEWS lists the names of views.VIEW_SPECS (tested) without importing TensorFlow.
 EMBEDDABLE_VIEWS = ALL_VIEWS
 METADATA_FILENAME = "metadata.csv"
-# Inverse of views.normalise_height (x / 32767.5 - 1). views.py has no public constant to import
-# and importing it here would load TensorFlow; tests/test_embed.py checks the two agree.
-HEIGHT_SCALE = 32767.5
 
 
 # -- computing embeddings -------------------------------------------------------------------

@@ -23,6 +23,10 @@ PALETTE = np.array(
 PALETTE.setflags(write=False)
 CLASS_NAMES = ("water", "grassland", "forest", "hills", "desert", "mountain", "tundra")
 NUM_CLASSES = len(CLASS_NAMES)
+
+# Normalisation of the original: terrain x / 127.5 - 1 (uint8), height x / 32767.5 - 1 (uint16).
+TERRAIN_SCALE = 127.5
+HEIGHT_SCALE = 32767.5
 # Columns of the embeddings table (and of the synthetic metadata.csv): share of pixels per class.
 FRACTION_COLUMNS = tuple(f"fraction_{name}" for name in CLASS_NAMES)
 

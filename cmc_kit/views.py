@@ -30,7 +30,7 @@ import pandas as pd
 import tensorflow as tf
 
 from cmc_kit.errors import DataError
-from cmc_kit.palette import NUM_CLASSES, PALETTE
+from cmc_kit.palette import HEIGHT_SCALE, NUM_CLASSES, PALETTE, TERRAIN_SCALE
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +48,12 @@ _SHARD_META = "shard.json"
 
 def normalise_terrain(x: tf.Tensor) -> tf.Tensor:
     """uint8-range RGB [..., 3] -> float32 in [-1, 1] (x / 127.5 - 1, as the original)."""
-    return tf.cast(x, tf.float32) / 127.5 - 1.0
+    return tf.cast(x, tf.float32) / TERRAIN_SCALE - 1.0
 
 
 def normalise_height(x: tf.Tensor) -> tf.Tensor:
     """uint16-range height [..., 1] -> float32 in [-1, 1] (x / 32767.5 - 1, as the original)."""
-    return tf.cast(x, tf.float32) / 32767.5 - 1.0
+    return tf.cast(x, tf.float32) / HEIGHT_SCALE - 1.0
 
 
 def one_hot_classes(class_ids: tf.Tensor) -> tf.Tensor:
