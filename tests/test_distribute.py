@@ -123,6 +123,10 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
     # must restore under the default strategy and carry on exactly like the straight run.
     report["single_continued"] = run("single", **{"train.strategy": "default", "train.epochs": 2})
     report["mirrored_resumed"] = run("mirrored", **{"train.strategy": "default", "train.epochs": 2})
+    # Loss scaling (float16) under the mirrored strategy: the scale adapts, updates apply.
+    report["mirrored_float16"] = run("mirrored_float16", **{
+        "train.strategy": "mirrored", "train.mixed_precision": "mixed_float16",
+        "train.epochs": 2, "train.learning_rate": 1e-3})
     with open(f"{out}/report.json", "w") as handle:
         json.dump(report, handle)
 """)
@@ -203,3 +207,18 @@ def test_mirrored_checkpoint_resumes_on_one_device(distributed_runs):
                        rtol=1e-3, atol=1e-4, what="after resuming")
     state = json.loads((root / "mirrored" / "state.json").read_text())
     assert state["epoch"] == 2 and state["queue_fill"] == state["queue_size"] == 16
+
+
+@pytest.mark.slow
+def test_mirrored_float16_with_loss_scaling_trains(distributed_runs):
+    import tensorflow as tf
+
+    root, report = distributed_runs
+    rows = report["mirrored_float16"]["rows"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
+    reader = tf.train.load_checkpoint(str(root / "mirrored_float16" / "checkpoints" / "ckpt-6"))
+    scale = float(reader.get_tensor("optimizer/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE"))
+    applied = int(reader.get_tensor("optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+    assert scale < 2.0 ** 15  # lowered from Keras's initial scale after overflowing steps
+    assert 1 <= applied < 6  # the overflowing steps were skipped by the optimizer, the rest applied

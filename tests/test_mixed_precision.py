@@ -137,9 +137,16 @@ def test_mixed_precision_trains_finite_and_checkpoints_load_back(policy, trunk, 
         cosine = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         assert cosine.min() > 0.98, (view, cosine)
 
-    # And training resumes from it under the same policy.
+    # And training resumes from it under the same policy, and really updates the weights
+    # (float16: the loss scale starts at 2^15 and halves on every overflowing step first).
     resumed = training.train(data_root, run, config.with_overrides({"train.epochs": 2}), verbose=0)
     assert resumed.step == 6 and np.isfinite(pd.read_csv(run / "log.csv")["loss"]).all()
+    reader = tf.train.load_checkpoint(resumed.checkpoint)
+    prefix = "optimizer/inner_optimizer" if policy == "mixed_float16" else "optimizer"
+    applied = int(reader.get_tensor(f"{prefix}/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+    assert applied == 6 if policy == "mixed_bfloat16" else 1 <= applied < 6
+    trained = training.load_run(run).encoder("online").get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(trained, full.get_weights()))
 
 
 def test_losses_compute_in_float32_from_low_precision_embeddings():
