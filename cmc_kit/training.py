@@ -304,11 +304,14 @@ class Trainer:
         train_catalog: DataFrame of training samples (id, terrain, height, segmentation).
         eval_catalog: held-out samples for per-epoch embeddings / kNN (optional).
         verbose: 0 silent, 1 progress bar per epoch.
+        strategy: a tf.distribute strategy (default: `select_strategy(train.strategy)`).
+        jit_compile: force XLA on (True) or off (False); None follows train.jit_compile, which
+            only takes effect with a GPU/TPU attached.
     """
 
     def __init__(self, config: Config, run_dir: Path, train_catalog, eval_catalog=None, *,
                  verbose: int = 1, strategy=None, dataset_transform: Callable | None = None,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, jit_compile: bool | None = None):
         import keras
         import tensorflow as tf
 
@@ -320,6 +323,9 @@ class Trainer:
         self.eval_catalog = eval_catalog
         self.verbose = verbose
         self.dataset_transform = dataset_transform
+        # None: XLA as train.jit_compile says, only with a GPU/TPU attached. True/False force it
+        # (e.g. to benchmark or test XLA on a CPU).
+        self.jit_override = jit_compile
         # keras.callbacks.Callback objects (or anything with the same hooks): on_train_begin,
         # on_epoch_begin, on_train_batch_end(step, logs), on_epoch_end(epoch, row), on_train_end.
         self.callbacks = list(callbacks or [])
@@ -404,16 +410,24 @@ class Trainer:
         online, momentum_net, optimizer, queues = self.online, self.momentum, self.optimizer, self.queues
         loss_scaled = self.precision == "mixed_float16"
 
-        def replica_step(batch, momentum_value):
-            ctx = tf.distribute.get_replica_context()
-            # Momentum keys first: no gradient, and they are the positives and the new queue entries.
+        # XLA on CPU makes grouped convolutions ~9x slower (measured in models.py): GPU/TPU only.
+        has_accelerator = bool(tf.config.list_logical_devices("GPU") or
+                               tf.config.list_logical_devices("TPU"))
+        jit = tc.jit_compile and has_accelerator if self.jit_override is None else self.jit_override
+        # One replica: the whole step compiles. Several: collectives (all-gather, all-reduce,
+        # the optimizer's merge_call) cannot sit inside an XLA cluster, so each replica compiles
+        # its encoder passes and losses and the collectives run between them. Online positives
+        # are gathered inside the gradient tape, which prevents that split: no XLA then.
+        jit_whole_step = jit and replicas == 1
+        jit_per_replica = jit and replicas > 1 and tc.positive == "momentum"
+        self.jit_mode = "step" if jit_whole_step else "replica" if jit_per_replica else "off"
+
+        def encode_keys(batch):
             keys = momentum_net(batch, training=False)                      # {view: [b, D]}
-            keys = {v: tf.stop_gradient(tf.cast(keys[v], tf.float32)) for v in key_views}
-            # Every replica sees the global batch of keys: the same queue entries everywhere, and
-            # intra-batch negatives from the whole batch. This replica's rows start at `offset`.
-            global_keys = {v: ctx.all_gather(keys[v], axis=0) for v in key_views}  # {v: [R*b, D]}
-            local_batch = tf.shape(keys[key_views[0]])[0]
-            offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * local_batch
+            return {v: tf.stop_gradient(tf.cast(keys[v], tf.float32)) for v in key_views}
+
+        def losses_and_grads(batch, keys, global_keys, offset):
+            ctx = tf.distribute.get_replica_context()
             with tf.GradientTape() as tape:
                 queries = online(batch, training=True)                      # {view: [b, D]}
                 terms = {}
@@ -435,6 +449,28 @@ class Trainer:
                 if loss_scaled:
                     replica_loss = optimizer.scale_loss(replica_loss)
             grads = tape.gradient(replica_loss, online.trainable_variables)
+            first = pairs[0]
+            if replicas == 1:
+                accuracy = objectives.contrastive_accuracy(queries[first[0]], keys[first[1]])
+            else:
+                accuracy = objectives.contrastive_accuracy(
+                    queries[first[0]], global_keys[first[1]], key_offset=offset)
+            return total, terms, grads, accuracy
+
+        if jit_per_replica:
+            encode_keys = tf.function(encode_keys, jit_compile=True)
+            losses_and_grads = tf.function(losses_and_grads, jit_compile=True)
+
+        def replica_step(batch, momentum_value):
+            ctx = tf.distribute.get_replica_context()
+            # Momentum keys first: no gradient, and they are the positives and the new queue entries.
+            keys = encode_keys(batch)                                       # {view: [b, D]}
+            # Every replica sees the global batch of keys: the same queue entries everywhere, and
+            # intra-batch negatives from the whole batch. This replica's rows start at `offset`.
+            global_keys = {v: ctx.all_gather(keys[v], axis=0) for v in key_views}  # {v: [R*b, D]}
+            local_batch = tf.shape(keys[key_views[0]])[0]
+            offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * local_batch
+            total, terms, grads, accuracy = losses_and_grads(batch, keys, global_keys, offset)
             if replicas > 1:
                 grads = _global_clipped_shares(grads, ctx, optimizer, tc.clipnorm, replicas,
                                                loss_scaled)
@@ -443,12 +479,6 @@ class Trainer:
                 finite = tf.logical_and(finite, tf.math.is_finite(tf.linalg.global_norm(grads)))
             bad_replicas = ctx.all_reduce("sum", 1.0 - tf.cast(finite, tf.float32))
             finite_all = bad_replicas < 0.5  # every replica skips together
-            first = pairs[0]
-            if replicas == 1:
-                accuracy = objectives.contrastive_accuracy(queries[first[0]], keys[first[1]])
-            else:
-                accuracy = objectives.contrastive_accuracy(
-                    queries[first[0]], global_keys[first[1]], key_offset=offset)
             return total, terms, accuracy, finite_all, global_keys, grads
 
         def apply_gradients(grads):
@@ -486,11 +516,8 @@ class Trainer:
             return {"loss": total, "accuracy": accuracy, "skipped": skipped,
                     "momentum": momentum_value, **terms}
 
-        # XLA on CPU makes grouped convolutions ~9x slower (measured in models.py): GPU/TPU only.
-        has_accelerator = bool(tf.config.list_logical_devices("GPU") or
-                               tf.config.list_logical_devices("TPU"))
-        jit = tc.jit_compile and self.replicas == 1 and has_accelerator
-        return tf.function(step_fn, jit_compile=jit if jit else None, reduce_retracing=True)
+        return tf.function(step_fn, jit_compile=True if jit_whole_step else None,
+                           reduce_retracing=True)
 
     # -- queue fill -----------------------------------------------------------------------------
     def fill_queues(self):

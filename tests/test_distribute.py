@@ -127,6 +127,18 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
     report["mirrored_float16"] = run("mirrored_float16", **{
         "train.strategy": "mirrored", "train.mixed_precision": "mixed_float16",
         "train.epochs": 2, "train.learning_rate": 1e-3})
+    # XLA per replica (forced on: the trainer uses it only with a GPU/TPU attached): the same
+    # three steps as the single-device run, on the same training split.
+    from cmc_kit import data as data_module
+    split = training.read_json(f"{out}/single/split.json")
+    catalog = training.apply_split(data_module.discover(data), split)["train"]
+    trainer = training.Trainer(config.with_overrides({"train.strategy": "mirrored"}),
+                               f"{out}/mirrored_xla", catalog, verbose=0, jit_compile=True)
+    trainer.fill_queues()
+    rows = []
+    for batch in trainer.strategy.experimental_distribute_dataset(trainer.dataset(epoch=0)):
+        rows.append({name: float(value) for name, value in trainer._train_step(batch).items()})
+    report["mirrored_xla"] = {"jit_mode": trainer.jit_mode, "rows": rows}
     with open(f"{out}/report.json", "w") as handle:
         json.dump(report, handle)
 """)
@@ -222,3 +234,15 @@ def test_mirrored_float16_with_loss_scaling_trains(distributed_runs):
     applied = int(reader.get_tensor("optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
     assert scale < 2.0 ** 15  # lowered from Keras's initial scale after overflowing steps
     assert 1 <= applied < 6  # the overflowing steps were skipped by the optimizer, the rest applied
+
+
+@pytest.mark.slow
+def test_mirrored_steps_compiled_per_replica_with_xla_match_one_device(distributed_runs):
+    _, report = distributed_runs
+    xla = report["mirrored_xla"]
+    assert xla["jit_mode"] == "replica"
+    single = report["single"]["rows"]
+    assert len(xla["rows"]) == len(single) == 3
+    for one, two in zip(single, xla["rows"]):
+        for name in ("loss", "accuracy", "inter_terrain-height", "intra_terrain-height"):
+            assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-5), (one["step"], name)
