@@ -16,6 +16,8 @@ process CPU time per step is printed too, as it is less sensitive to other proce
                   cmc reaches >= 0.9 of its samples/s).
   bare + NormConv the bare step with `NormalizedConv2D` instead of Conv2D: separates the cost
                   of the layer (kernel normalisation, symmetric padding) from the rest.
+  cmc step, XLA   the cmc step compiled whole with XLA (forced on; the trainer uses XLA
+                  only with a GPU/TPU attached). Skipped for grouped trunks.
   NormConv ablations  the bare + NormConv step with zero 'SAME' padding instead of the
                   symmetric tf.pad + VALID conv, and without the kernel normalisation:
                   which part of the layer costs the time.
@@ -247,9 +249,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. model.width=0.5")
+    parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the cmc step under XLA (default: unless the trunk is "
+                             "grouped, where XLA on CPU is ~9x slower)")
     args = parser.parse_args()
 
     config = preset(args.preset).with_overrides(args.set)
+    if args.xla is None:
+        args.xla = not config.model.trunk.startswith("regnetx")
     dc, mc, tc = config.data, config.model, config.train
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; preset {args.preset}: "
           f"batch {dc.batch_size}, crop {dc.crop_size}, {mc.trunk} x{mc.width}, "
@@ -277,6 +284,12 @@ def main() -> None:
             "bare + NormConv, no norm": bare_step(mc, tc, symmetric_pad_conv, batch,
                                                   trainer.queue_size),
         }
+        if args.xla:
+            # Forced on: the trainer itself uses XLA only with a GPU/TPU attached.
+            xla_trainer = training.Trainer(config, Path(tmp) / "run_xla", catalog, verbose=0,
+                                           jit_compile=True)
+            xla_trainer.fill_queues()
+            variants["cmc step, XLA (forced)"] = xla_trainer._train_step
         for step in variants.values():  # trace and warm up
             mean_seconds(step, batch, 2)
         times = {name: [] for name in variants}
