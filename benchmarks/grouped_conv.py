@@ -49,7 +49,8 @@ def forward_flops(function, *input_specs) -> int:
     """Floating-point operations of one call of `function` (profiler count of the frozen graph)."""
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    frozen = convert_variables_to_constants_v2(tf.function(function).get_concrete_function(*input_specs))
+    concrete = tf.function(function).get_concrete_function(*input_specs)
+    frozen = convert_variables_to_constants_v2(concrete)
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     return tf.compat.v1.profiler.profile(graph=frozen.graph, options=options).total_float_ops
@@ -81,8 +82,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, "
-          f"intra-op threads {tf.config.threading.get_intra_op_parallelism_threads() or 'default'}; "
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or "default"
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, intra-op threads {threads}; "
           f"batch {args.batch}, trunk input {args.input}x{args.input}, fwd+bwd, median of "
           f"{args.rounds} rounds x {args.steps} steps")
     header = (f"{'trunk':20s} {'width':>5s} {'groups (3x3)':>16s} {'GFLOP/step':>10s} "

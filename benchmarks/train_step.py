@@ -113,8 +113,8 @@ class AblatedConv2D(keras.layers.Layer):
 
     def build(self, input_shape):
         self.kernel = self.add_weight(
-            name="kernel", shape=(self.kernel_size, self.kernel_size, input_shape[-1], self.filters),
-            initializer="glorot_uniform")
+            name="kernel", initializer="glorot_uniform",
+            shape=(self.kernel_size, self.kernel_size, input_shape[-1], self.filters))
 
     def call(self, x):
         kernel = self.kernel

@@ -213,7 +213,7 @@ def _global_clipped_shares(grads, ctx, optimizer, clipnorm, replicas: int, loss_
     """
     import tensorflow as tf
 
-    summed = ctx.all_reduce("sum", grads)                                  # G, identical per replica
+    summed = ctx.all_reduce("sum", grads)  # G, identical on every replica
     if clipnorm:
         # Scaled gradients (float16) are unscaled by the optimizer after this: scale the bound.
         bound = clipnorm * tf.cast(optimizer.dynamic_scale, tf.float32) if loss_scaled else clipnorm

@@ -88,7 +88,8 @@ def _cpu_kernels_exist(policy: str, grouped: bool) -> tuple[bool, str]:
     ("mixed_float16", "resnet34"),
     ("mixed_float16", "regnetx-200mf"),
 ])
-def test_mixed_precision_trains_finite_and_checkpoints_load_back(policy, trunk, data_root, tmp_path):
+def test_mixed_precision_trains_finite_and_checkpoints_load_back(policy, trunk, data_root,
+                                                                tmp_path):
     import keras
     import tensorflow as tf
 
