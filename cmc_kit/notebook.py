@@ -483,21 +483,7 @@ def previous_output(run: str | os.PathLike, input_root: str | os.PathLike | None
     on Kaggle, nothing elsewhere). None when `run` already holds a checkpoint."""
     from cmc_kit import training
 
-    run = Path(run)
-    if run.is_dir() and training.list_checkpoints(run):
-        return None
-    if input_root is None:
-        if not on_kaggle():
-            return None
-        input_root = default_paths()["input"]
-    input_root = Path(input_root)
-    if not input_root.is_dir():
-        return None
-    for config_path in sorted(input_root.rglob(training.CONFIG_FILE)):
-        candidate = config_path.parent
-        if candidate.name == run.name and (candidate / training.CHECKPOINT_DIR).is_dir():
-            return candidate
-    return None
+    return training.find_previous_output(run, input_root)
 
 
 def bring_in_previous_run(run: str | os.PathLike, resume_from: str | os.PathLike | None = None,
@@ -511,7 +497,7 @@ def bring_in_previous_run(run: str | os.PathLike, resume_from: str | os.PathLike
 
     run = Path(run)
     source = Path(resume_from) if resume_from is not None else previous_output(run, input_root)
-    if source is None or (run.is_dir() and training.list_checkpoints(run)):
+    if source is None or training.has_checkpoint(run):
         return None
     training.import_previous_run(source, run)
     return source
@@ -525,7 +511,7 @@ def require_run(run: str | os.PathLike, *, input_root: str | os.PathLike | None 
 
     run = Path(run)
     bring_in_previous_run(run, input_root=input_root)
-    if not (run.is_dir() and training.list_checkpoints(run)):
+    if not training.has_checkpoint(run):
         raise CheckpointError(f"{run} holds no checkpoint. Run 02_train.ipynb with the same RUN_DIR "
                               "first, or on Kaggle attach the output of a notebook version that "
                               "trained it (Add Input -> Your Work).")

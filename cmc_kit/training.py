@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cmc_kit.config import Config, ConfigError, atomic_write_text, default_paths, on_kaggle, preset
+from cmc_kit.config import (Config, ConfigError, atomic_write_text, default_paths, on_kaggle,
+                             parse_duration, preset)
 from cmc_kit.errors import CheckpointError, DataError, TrainingError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -91,15 +92,6 @@ def make_learning_rate(train_config, total_steps: int):
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0, decay_steps=1, alpha=1.0,
         warmup_target=train_config.learning_rate, warmup_steps=warmup)
-
-
-def parse_duration(text: str | float | None) -> float | None:
-    if text is None or isinstance(text, (int, float)):
-        return text
-    units = {"s": 1, "m": 60, "h": 3600}
-    if text and text[-1] in units:
-        return float(text[:-1]) * units[text[-1]]
-    return float(text)
 
 
 class _NoSummaries:
@@ -311,7 +303,8 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: Path, train_catalog, eval_catalog=None, *,
                  verbose: int = 1, strategy=None, dataset_transform: Callable | None = None,
-                 callbacks: list | None = None, jit_compile: bool | None = None):
+                 callbacks: list | None = None, jit_compile: bool | None = None,
+                 metadata_csv: Path | None = None):
         import keras
         import tensorflow as tf
 
@@ -323,6 +316,7 @@ class Trainer:
         self.eval_catalog = eval_catalog
         self.verbose = verbose
         self.dataset_transform = dataset_transform
+        self.metadata_csv = metadata_csv  # joined into the per-epoch embedding tables
         # None: XLA as train.jit_compile says, only with a GPU/TPU attached. True/False force it
         # (e.g. to benchmark or test XLA on a CPU).
         self.jit_override = jit_compile
@@ -374,19 +368,43 @@ class Trainer:
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch", aggregation=agg)
             self.skipped_total = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped",
                                              aggregation=agg)
+            # Position inside the current epoch. Not derived from the global step: an epoch
+            # shortened by an unreadable file would shift every later epoch.
+            self.batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                              name="batch_in_epoch", aggregation=agg)
+            # Running sums of the epoch's logged values (sum_keys over steps with a finite loss,
+            # then that step count, skipped updates, skipped samples): a resumed epoch logs the
+            # same means.
+            self.sum_keys = ["loss", "accuracy", "momentum"] + [
+                f"{kind}_{q}-{k}" for q, k in self.pairs for kind in ("inter", "intra")]
+            self.epoch_sums = tf.Variable(tf.zeros([len(self.sum_keys) + 3], tf.float64),
+                                          trainable=False, name="epoch_sums", aggregation=agg)
+            # What the data order and queue depend on: checked before any restore.
+            self.geometry = tf.Variable(self._geometry(), dtype=tf.int64, trainable=False,
+                                        name="geometry", aggregation=agg)
         self.checkpoint = tf.train.Checkpoint(
             online=self.online, momentum=self.momentum, optimizer=self.optimizer,
-            queues=self.queues, step=self.step, epoch=self.epoch, skipped=self.skipped_total)
+            queues=self.queues, step=self.step, epoch=self.epoch, skipped=self.skipped_total,
+            batch_in_epoch=self.batch_in_epoch, epoch_sums=self.epoch_sums,
+            geometry=self.geometry)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(self.run_dir / CHECKPOINT_DIR), max_to_keep=tc.keep_checkpoints,
             checkpoint_name="ckpt")
-        self.term_names = [f"{kind}_{q}-{k}" for q, k in self.pairs for kind in ("inter", "intra")]
+        self.term_names = self.sum_keys[3:]
+        self._epoch_end_seconds = 0.0  # measured cost of the epoch-end work, for the time limit
         self._train_step = self._compile_train_step()
         from cmc_kit import views
         self.skipped_samples = views.SkippedCounter()  # files unreadable since validation
 
+    GEOMETRY_FIELDS = ("training samples", "steps per epoch", "queue size", "global batch",
+                       "data-order seed")
+
+    def _geometry(self) -> list[int]:
+        return [len(self.train_catalog), self.steps_per_epoch, self.queue_size, self.global_batch,
+                self.config.train.seed]
+
     # -- data -----------------------------------------------------------------------------------
-    def dataset(self, epoch: int, seed: int | None = None):
+    def dataset(self, epoch: int, seed: int | None = None, start_batch: int = 0):
         from cmc_kit import views
 
         dc = self.config.data
@@ -394,7 +412,8 @@ class Trainer:
             self.train_catalog, views=self.config.model.views, crop_size=dc.crop_size,
             batch_size=self.global_batch, training=True,
             seed=self.config.train.seed if seed is None else seed, epoch=epoch,
-            augment=dc.augment, cache=dc.cache or None, skipped_counter=self.skipped_samples)
+            augment=dc.augment, cache=dc.cache or None, skipped_counter=self.skipped_samples,
+            start_batch=start_batch)
         if self.dataset_transform is not None:
             ds = self.dataset_transform(ds)
         return ds
@@ -474,12 +493,12 @@ class Trainer:
             if replicas > 1:
                 grads = _global_clipped_shares(grads, ctx, optimizer, tc.clipnorm, replicas,
                                                loss_scaled)
-            finite = tf.math.is_finite(total)
-            if not loss_scaled:  # the loss-scale optimizer handles overflowing grads itself
-                finite = tf.logical_and(finite, tf.math.is_finite(tf.linalg.global_norm(grads)))
-            bad_replicas = ctx.all_reduce("sum", 1.0 - tf.cast(finite, tf.float32))
-            finite_all = bad_replicas < 0.5  # every replica skips together
-            return total, terms, accuracy, finite_all, global_keys, grads
+            loss_finite = tf.math.is_finite(total)
+            grads_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            # Every replica decides together: [bad losses, bad gradients] summed over replicas.
+            bad = ctx.all_reduce("sum", tf.stack([1.0 - tf.cast(loss_finite, tf.float32),
+                                                  1.0 - tf.cast(grads_finite, tf.float32)]))
+            return total, terms, accuracy, bad[0] < 0.5, bad[1] < 0.5, global_keys, grads
 
         def apply_gradients(grads):
             optimizer.apply_gradients(zip(grads, online.trainable_variables))
@@ -487,34 +506,47 @@ class Trainer:
         def step_fn(batch):
             momentum_value = momentum_at(self.step, self.total_steps, tc.momentum,
                                          tc.momentum_schedule)
-            total, terms, accuracy, finite, keys, grads = self.strategy.run(
+            total, terms, accuracy, loss_ok, grads_ok, keys, grads = self.strategy.run(
                 replica_step, args=(batch, momentum_value))
             reduce = lambda x: self.strategy.reduce("MEAN", x, axis=None)  # noqa: E731
             total = reduce(total)
             terms = {name: reduce(value) for name, value in terms.items()}
             accuracy = reduce(accuracy)
-            finite = self.strategy.experimental_local_results(finite)[0]
+            loss_ok = self.strategy.experimental_local_results(loss_ok)[0]
+            grads_ok = self.strategy.experimental_local_results(grads_ok)[0]
+            update = tf.logical_and(loss_ok, grads_ok)
+            # Under float16 loss scaling, overflowing gradients are routine: the loss-scale
+            # optimizer must still see them (it skips the update and lowers its scale), but the
+            # EMA and the queue wait for a real update.
+            apply = tf.logical_and(loss_ok, grads_ok) if not loss_scaled else loss_ok
             # all-gathered: every replica holds the same global keys [B, D]; take the first copy.
             keys = {v: self.strategy.experimental_local_results(k)[0] for v, k in keys.items()}
 
-            def commit():
+            def optimize():
                 # The optimizer all-reduces inside the replicas (merge_call), which is not allowed
                 # under a cond in replica context: the cond lives here, in cross-replica context.
                 self.strategy.run(apply_gradients, args=(grads,))
+                return tf.constant(True)
+
+            def commit():
                 # Cross-replica: every replica's copy gets the same EMA and queue update.
                 models.momentum_update(online, momentum_net, momentum_value)
                 queues.enqueue(keys)
-                self.step.assign_add(1)
                 return tf.constant(0, tf.int64)
 
             def skip():
                 self.skipped_total.assign_add(1)
-                self.step.assign_add(1)
                 return tf.constant(1, tf.int64)
 
-            skipped = tf.cond(finite, commit, skip)
+            tf.cond(apply, optimize, lambda: tf.constant(False))
+            skipped = tf.cond(update, commit, skip)
+            self.step.assign_add(1)
+            self.batch_in_epoch.assign_add(1)
+            # A non-finite loss (or gradient without loss scaling) is a real problem; an
+            # overflow under loss scaling is not: it only counts as a skipped update.
+            nonfinite = tf.cast(tf.logical_not(loss_ok if loss_scaled else update), tf.int64)
             return {"loss": total, "accuracy": accuracy, "skipped": skipped,
-                    "momentum": momentum_value, **terms}
+                    "nonfinite": nonfinite, "momentum": momentum_value, **terms}
 
         return tf.function(step_fn, jit_compile=True if jit_whole_step else None,
                            reduce_retracing=True)
@@ -541,12 +573,17 @@ class Trainer:
         for batch in dataset:
             self.queues.enqueue(keys_of(batch))
         if int(self.queues.filled.numpy()) < self.queue_size:
-            raise TrainingError(f"Could fill only {int(self.queues.filled.numpy())} of "
-                                f"{self.queue_size} queue entries; some samples could not be read.")
+            raise TrainingError(
+                f"Could fill only {int(self.queues.filled.numpy())} of {self.queue_size} queue "
+                f"entries: {self.skipped_samples.count} sample(s) could not be read "
+                f"({', '.join(self.skipped_samples.ids[:5])}). Run `cmc-kit validate DATA` and fix "
+                "or remove them.")
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> str:
-        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        # Numbered by the checkpoint's own save counter, never by step: a number is never reused,
+        # so a checkpoint is never overwritten in place (TF writes the state file atomically).
+        path = self.manager.save()
         self.write_state(path)
         return path
 
@@ -554,7 +591,9 @@ class Trainer:
         state = {
             "epoch": int(self.epoch.numpy()),
             "step": int(self.step.numpy()),
+            "batch_in_epoch": int(self.batch_in_epoch.numpy()),
             "steps_per_epoch": self.steps_per_epoch,
+            "num_train": len(self.train_catalog),
             "queue_size": self.queue_size,
             "queue_fill": int(self.queues.filled.numpy()),
             "queue_pointer": int(self.queues.pointer.numpy()),
@@ -568,6 +607,7 @@ class Trainer:
         """Restores the latest checkpoint (True) or fills the queues for a fresh run (False)."""
         latest = self.manager.latest_checkpoint
         if latest:
+            self._check_geometry(latest)
             status = self.checkpoint.restore(latest)
             try:
                 status.assert_existing_objects_matched()
@@ -575,9 +615,53 @@ class Trainer:
                 raise CheckpointError(
                     f"Checkpoint {latest} does not match the model built from "
                     f"{self.run_dir / CONFIG_FILE}: {str(err)[:300]}. Start over with --fresh.") from err
+            self._reconcile_logs()
             return True
         self.fill_queues()
         return False
+
+    def _check_geometry(self, checkpoint_path: str):
+        import tensorflow as tf
+
+        reader = tf.train.load_checkpoint(checkpoint_path)
+        saved = reader.get_tensor("geometry/.ATTRIBUTES/VARIABLE_VALUE").tolist()
+        diffs = [f"{name}: saved {old}, now {new}" for name, old, new
+                 in zip(self.GEOMETRY_FIELDS, saved, self._geometry()) if old != new]
+        if diffs:
+            raise CheckpointError(
+                f"Cannot resume {self.run_dir} exactly: {'; '.join(diffs)}. The data order and the "
+                f"queue depend on these. Restore the run's training files (its ids are in "
+                f"{self.run_dir / SPLIT_FILE}) or start over with --fresh.")
+
+    def _reconcile_logs(self):
+        """Drops log rows written after the restored checkpoint (a crash between log and save)."""
+        import pandas as pd
+
+        for name, column, limit in (("log.csv", "epoch", int(self.epoch.numpy())),
+                                    ("log_steps.csv", "step", int(self.step.numpy()))):
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            frame = pd.read_csv(path)
+            kept = frame[frame[column] <= limit]
+            if len(kept) < len(frame):
+                atomic_write_text(path, kept.to_csv(index=False))
+
+    def _epoch_totals(self) -> dict:
+        values = self.epoch_sums.numpy()
+        counted, skipped_steps, skipped_samples = values[-3:]
+        means = {key: values[i] / counted for i, key in enumerate(self.sum_keys)} if counted else {}
+        return {"means": means, "counted": int(counted), "skipped_steps": int(skipped_steps),
+                "skipped_samples": int(skipped_samples)}
+
+    def _progress_values(self, logs: dict, step_seconds: float) -> list:
+        inter = sum(v for k, v in logs.items() if k.startswith("inter_"))
+        intra = sum(v for k, v in logs.items() if k.startswith("intra_"))
+        values = [("loss", logs["loss"]), ("inter", inter), ("intra", intra),
+                  ("acc", logs["accuracy"])]
+        if self.verbose >= 2:  # every pair's terms
+            values += [(name, logs[name]) for name in self.term_names]
+        return values + [("samples/s", self.global_batch / max(step_seconds, 1e-9))]
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, *, time_limit: float | None = None) -> TrainResult:
@@ -603,8 +687,8 @@ class Trainer:
 
         while int(self.epoch.numpy()) < tc.epochs:
             epoch = int(self.epoch.numpy())
-            done_in_epoch = int(self.step.numpy()) - epoch * self.steps_per_epoch
-            dataset = self.dataset(epoch).skip(done_in_epoch)
+            done_in_epoch = int(self.batch_in_epoch.numpy())
+            dataset = self.dataset(epoch, start_batch=done_in_epoch)
             dataset = self.strategy.experimental_distribute_dataset(dataset)
             progbar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
                                           stateful_metrics=["samples/s"]) if self.verbose else None
@@ -612,9 +696,8 @@ class Trainer:
                 print(f"Epoch {epoch + 1}/{tc.epochs}")
                 progbar.update(done_in_epoch)
             self.skipped_samples.reset()
-            sums = {}
-            counted = 0
-            skipped_epoch = 0
+            sums = self.epoch_sums.numpy().copy()  # restored mid-epoch, or zeros
+            skipped_before = sums[-1]  # unreadable samples met before a resume
             epoch_started = time.monotonic()
             self._notify("on_epoch_begin", epoch)
             for batch in dataset:
@@ -624,7 +707,8 @@ class Trainer:
                 seconds = time.monotonic() - step_started
                 step_seconds = seconds if step_seconds is None else 0.9 * step_seconds + 0.1 * seconds
                 if logs["skipped"]:
-                    skipped_epoch += 1
+                    sums[-2] += 1
+                if logs["nonfinite"]:
                     consecutive_bad += 1
                     if consecutive_bad >= tc.max_nonfinite_steps:
                         raise TrainingError(
@@ -634,37 +718,50 @@ class Trainer:
                             f"the data with `cmc-kit validate`, or raise train.max_nonfinite_steps.")
                 else:
                     consecutive_bad = 0
-                    counted += 1
-                    for name, value in logs.items():
-                        sums[name] = sums.get(name, 0.0) + value
+                if not logs["nonfinite"]:  # finite loss: logged, even if the update was skipped
+                    sums[-3] += 1
+                    sums[:len(self.sum_keys)] += [logs[key] for key in self.sum_keys]
+                sums[-1] = skipped_before + self.skipped_samples.count
+                self.epoch_sums.assign(sums)
                 step = int(self.step.numpy())
+                in_epoch = int(self.batch_in_epoch.numpy())
                 self._notify("on_train_batch_end", step, logs)
                 if progbar is not None:
-                    values = [("loss", logs["loss"]), ("acc", logs["accuracy"]),
-                              ("samples/s", self.global_batch / max(step_seconds, 1e-9))]
-                    progbar.update(step - epoch * self.steps_per_epoch, values=values)
+                    progbar.update(min(in_epoch, self.steps_per_epoch),
+                                   values=self._progress_values(logs, step_seconds))
                 if tc.log_every_steps and step % tc.log_every_steps == 0:
                     self._append_csv(self.run_dir / "log_steps.csv", {"step": step, **logs})
                     with writer.as_default(step=step):
                         for name, value in logs.items():
                             _scalar(f"step/{name}", value)
-                if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0:
+                epoch_ends_now = in_epoch >= self.steps_per_epoch  # the epoch-end save follows
+                if (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0
+                        and not epoch_ends_now):
                     last_path = self.save()
-                if time_limit is not None and self._out_of_time(started, time_limit, step_seconds):
+                if (time_limit is not None and not epoch_ends_now
+                        and self._out_of_time(started, time_limit, step_seconds)):
                     last_path = self.save()
                     status = "time_limit"
                     break
             if status == "time_limit":
                 break
             # epoch end
+            end_started = time.monotonic()
+            sums[-1] = skipped_before + self.skipped_samples.count  # incl. after the last step
+            self.epoch_sums.assign(sums)
+            totals = self._epoch_totals()
+            if totals["counted"] == 0:
+                warnings.warn(f"Epoch {epoch + 1} of {self.run_dir} had no step with a finite loss "
+                              "(all were non-finite or unreadable).", stacklevel=2)
+            seconds = time.monotonic() - epoch_started
+            row = {"epoch": epoch + 1, "step": int(self.step.numpy()), **totals["means"],
+                   "learning_rate": self._current_lr(), "skipped_steps": totals["skipped_steps"],
+                   "skipped_samples": totals["skipped_samples"], "seconds": round(seconds, 3),
+                   "samples_per_s": round((int(self.batch_in_epoch.numpy()) - done_in_epoch)
+                                          * self.global_batch / max(seconds, 1e-9), 2)}
             self.epoch.assign_add(1)
-            means = {k: v / max(counted, 1) for k, v in sums.items() if k != "skipped"}
-            row = {"epoch": epoch + 1, "step": int(self.step.numpy()), **means,
-                   "learning_rate": self._current_lr(), "skipped_steps": skipped_epoch,
-                   "skipped_samples": self.skipped_samples.count,
-                   "seconds": round(time.monotonic() - epoch_started, 3),
-                   "samples_per_s": round(counted * self.global_batch /
-                                          max(time.monotonic() - epoch_started, 1e-9), 2)}
+            self.batch_in_epoch.assign(0)
+            self.epoch_sums.assign(tf.zeros_like(self.epoch_sums))
             row.update(self._epoch_evaluation(epoch + 1))
             self._append_csv(self.run_dir / "log.csv", row)
             with writer.as_default(step=int(self.step.numpy())):
@@ -674,6 +771,7 @@ class Trainer:
             writer.flush()
             history.append(row)
             last_path = self.save()
+            self._epoch_end_seconds = time.monotonic() - end_started
             self._notify("on_epoch_end", epoch, row)
             if self.verbose:
                 extra = f", knn_acc {row['knn_accuracy']:.3f}" if "knn_accuracy" in row else ""
@@ -695,8 +793,11 @@ class Trainer:
                 method(*args)
 
     def _out_of_time(self, started: float, limit: float, step_seconds: float | None) -> bool:
-        # Leave room for one more step and a checkpoint (about 3 steps' worth, at least 30 s).
-        margin = max(30.0, 3 * (step_seconds or 0.0)) if limit > 120 else 3 * (step_seconds or 0.0)
+        # Room for one more step, a checkpoint and the epoch-end work (embeddings, kNN, save) as
+        # last measured; at least 30 s for real session limits.
+        margin = 3 * (step_seconds or 0.0) + self._epoch_end_seconds
+        if limit > 120:
+            margin = max(30.0, margin)
         return time.monotonic() - started + margin >= limit
 
     def _current_lr(self) -> float:
@@ -715,7 +816,8 @@ class Trainer:
         kwargs = dict(view=self.config.model.views[0], source="trunk",
                       crop_size=self.config.data.crop_size,
                       batch_size=max(self.global_batch, 16), progress=False)
-        table = embed.compute_embeddings(self.online, eval_subset, **kwargs)
+        table = embed.compute_embeddings(self.online, eval_subset, metadata_csv=self.metadata_csv,
+                                         **kwargs)
         embed.save_table(table, self.run_dir / "embeddings" / f"epoch_{epoch:03d}.parquet")
         if not tc.knn_every_epoch:
             return {}
@@ -754,12 +856,14 @@ class Trainer:
 # Run directories
 # ---------------------------------------------------------------------------------------------
 
-def _catalog_for(data) -> Any:
+def _catalog_for(data, *, check_pixels: bool) -> Any:
+    """The usable samples of a dataset: fully decoded when a run is created, so bad files never
+    reach an epoch; header checks only when resuming (the split is fixed by then)."""
     from cmc_kit import data as data_module
 
     if hasattr(data, "columns"):
         return data
-    report = data_module.validate(data, check_pixels=False)
+    report = data_module.validate(data, check_pixels=check_pixels)
     if report.num_usable == 0:
         report.require_usable()
     problems = len(report.problems)
@@ -791,8 +895,8 @@ def apply_split(catalog, split: dict) -> dict:
         out[name] = catalog[catalog["id"].isin(wanted)].reset_index(drop=True)
     missing = len(split["train"]) - len(out["train"])
     if missing:
-        warnings.warn(f"{missing} training id(s) of this run are not in the dataset; continuing "
-                      "without them.", stacklevel=2)
+        warnings.warn(f"{missing} training id(s) of this run are not in the dataset (missing, "
+                      "or excluded by validation).", stacklevel=2)
     return out
 
 
@@ -822,10 +926,14 @@ def resolve_config(run_dir: Path, *, preset_name: str | None, epochs: int | None
     return config
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
+def has_checkpoint(run_dir: Path) -> bool:
+    """True when the run directory's checkpoint state names a checkpoint."""
     import tensorflow as tf
 
     return tf.train.latest_checkpoint(str(Path(run_dir) / CHECKPOINT_DIR)) is not None
+
+
+_has_checkpoint = has_checkpoint
 
 
 def find_previous_run(source: Path) -> Path | None:
@@ -895,6 +1003,8 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in (STATE_FILE, "log.csv", "log_steps.csv", SPLIT_FILE, CONFIG_FILE):
             (run_dir / name).unlink(missing_ok=True)
+    if resume_from is None:
+        resume_from = find_previous_output(run_dir)  # on Kaggle: a previous version's output
     if resume_from is not None:
         import_previous_run(Path(resume_from), run_dir)
     if config is None:
@@ -906,18 +1016,23 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
             raise CheckpointError(f"{run_dir} was trained with different settings "
                                   f"({'; '.join(diffs)}). Use another run directory or fresh=True.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    catalog = _catalog_for(data)
+    catalog = _catalog_for(data, check_pixels=not (run_dir / SPLIT_FILE).exists())
     split = apply_split(catalog, prepare_run_split(run_dir, catalog, config))
     config.save(saved_path)
+    metadata_csv = None
+    if not hasattr(data, "columns"):
+        from cmc_kit.embed import find_metadata_csv
+        metadata_csv = find_metadata_csv(data)
     trainer = Trainer(config, run_dir, split["train"], split["validation"], verbose=verbose,
-                      dataset_transform=dataset_transform, callbacks=callbacks)
-    return trainer.fit(time_limit=parse_duration(time_limit))
+                      dataset_transform=dataset_transform, callbacks=callbacks,
+                      metadata_csv=metadata_csv)
+    return trainer.fit(time_limit=parse_duration(time_limit, "time_limit"))
 
 
 def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, fresh=False,
                    time_limit=None, resume_from=None) -> TrainResult:
-    if resume_from is None and on_kaggle():
-        resume_from = _kaggle_previous_output(Path(run))
+    if resume_from is None:
+        resume_from = find_previous_output(Path(run))
     if resume_from is not None:
         import_previous_run(Path(resume_from), Path(run))
     config = resolve_config(Path(run), preset_name=preset_name, epochs=epochs,
@@ -927,11 +1042,20 @@ def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, 
     return result
 
 
-def _kaggle_previous_output(run_dir: Path) -> Path | None:
-    """On Kaggle, a previous version's output attached under /kaggle/input with the same run name."""
+def find_previous_output(run, input_root: Path | None = None) -> Path | None:
+    """A previous Kaggle notebook version's copy of this run, attached as input.
+
+    Looks under `input_root` (default: /kaggle/input when running on Kaggle, else nowhere) for a
+    run directory with the same name as `run`; None when `run` already holds a checkpoint.
+    """
+    run_dir = Path(run)
     if _has_checkpoint(run_dir):
         return None
-    input_root = default_paths()["input"]
+    if input_root is None:
+        if not on_kaggle():
+            return None
+        input_root = default_paths()["input"]
+    input_root = Path(input_root)
     if not input_root.is_dir():
         return None
     for config_path in sorted(input_root.rglob(CONFIG_FILE)):
@@ -947,19 +1071,24 @@ def _kaggle_previous_output(run_dir: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 def list_checkpoints(run_dir: Path) -> list[dict]:
+    """Kept checkpoints, oldest first: {path, step, epoch, batch_in_epoch} read from each one."""
     import tensorflow as tf
 
     state = tf.train.get_checkpoint_state(str(Path(run_dir) / CHECKPOINT_DIR))
     if state is None:
         return []
-    info = read_json(Path(run_dir) / STATE_FILE) if (Path(run_dir) / STATE_FILE).exists() else {}
-    steps_per_epoch = info.get("steps_per_epoch") or 0
     out = []
     for path in state.all_model_checkpoint_paths:
         path = str(Path(run_dir) / CHECKPOINT_DIR / Path(path).name)
-        step = int(path.rsplit("-", 1)[-1])
-        epoch = step // steps_per_epoch if steps_per_epoch else None
-        out.append({"path": path, "step": step, "epoch": epoch})
+        try:
+            reader = tf.train.load_checkpoint(path)
+            values = {name: int(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+                      for name in ("step", "epoch", "batch_in_epoch")}
+        except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as err:
+            raise CheckpointError(f"Checkpoint {path} cannot be read ({str(err)[:200]}). Delete "
+                                  "it (and its entry in checkpoints/checkpoint) to use the "
+                                  "previous one, or start over with --fresh.") from err
+        out.append({"path": path, **values})
     return out
 
 

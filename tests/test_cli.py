@@ -37,7 +37,11 @@ def test_info_of_a_trained_run(trained_run, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["epoch"] == 2 and info["step"] > 0
     assert info["queue_fill"] == info["queue_size"] > 0
-    assert info["latest_checkpoint"].endswith(f"ckpt-{info['step']}")
+    from cmc_kit.training import list_checkpoints
+
+    latest = list_checkpoints(trained_run)[-1]
+    assert info["latest_checkpoint"] == latest["path"] and latest["step"] == info["step"]
+    assert latest["epoch"] == 2 and latest["batch_in_epoch"] == 0
 
 
 def test_info_of_a_folder_that_is_not_a_run(tmp_path, capsys):

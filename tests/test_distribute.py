@@ -228,13 +228,15 @@ def test_mirrored_float16_with_loss_scaling_trains(distributed_runs):
     root, report = distributed_runs
     rows = report["mirrored_float16"]["rows"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
+    assert all(np.isfinite(r["loss"]) for r in rows)
     reader = tf.train.load_checkpoint(str(root / "mirrored_float16" / "checkpoints" / "ckpt-6"))
     scale = float(reader.get_tensor("optimizer/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE"))
     applied = int(reader.get_tensor(
         "optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
     assert scale < 2.0 ** 15  # lowered from Keras's initial scale after overflowing steps
     assert 1 <= applied < 6  # the overflowing steps were skipped by the optimizer, the rest applied
+    # Overflow steps are reported as skipped updates (no EMA or queue change), exactly those.
+    assert sum(r["skipped"] for r in rows) == 6 - applied
 
 
 @pytest.mark.slow

@@ -108,9 +108,18 @@ def test_mixed_precision_trains_finite_and_checkpoints_load_back(policy, trunk, 
     assert keras.mixed_precision.global_policy().name == "float32", "policy leaked"
     log = pd.read_csv(run / "log.csv")
     terms = [c for c in log.columns if c.startswith(("inter_", "intra_"))] + ["loss"]
-    assert np.all(np.isfinite(log[terms].to_numpy())) and log["skipped_steps"].iloc[0] == 0
+    assert np.all(np.isfinite(log[terms].to_numpy()))
 
     reader = tf.train.load_checkpoint(result.checkpoint)
+    skipped = int(log["skipped_steps"].iloc[0])
+    if policy == "mixed_float16":
+        # Loss-scale warm-up: overflowing steps skip the update (and the EMA and queue) and are
+        # reported; the optimizer applied exactly the others.
+        applied = int(reader.get_tensor(
+            "optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+        assert applied == result.step - skipped
+    else:
+        assert skipped == 0
     names = list(reader.get_variable_to_shape_map())
     # Weights are stored in float32 whatever the compute dtype; float16 adds the loss scale.
     assert all(reader.get_variable_to_dtype_map()[n] != tf.bfloat16 for n in names)

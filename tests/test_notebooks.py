@@ -439,6 +439,7 @@ def _fake_run(folder: Path, checkpoint_step: int | None = None) -> Path:
         name = f"ckpt-{checkpoint_step}"
         (folder / "checkpoints" / "checkpoint").write_text(
             f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
+        (folder / "checkpoints" / f"{name}.index").write_bytes(b"")  # what TF checks exists
     return folder
 
 

@@ -156,6 +156,36 @@ def test_non_finite_losses_skip_updates_then_stop_with_the_checkpoint_intact(tra
     del tf
 
 
+def test_non_finite_steps_change_no_weights_queue_or_ema(train_root, tmp_path):
+    """Inside one process: skipped steps leave online, momentum, queues and pointer untouched."""
+    from cmc_kit import training
+    from cmc_kit.data import discover
+
+    config = tiny_config(**{"train.epochs": 1, "train.max_nonfinite_steps": 100})
+    catalog = discover(train_root)
+    trainer = training.Trainer(config, tmp_path / "run", catalog.iloc[:24], catalog.iloc[24:],
+                               verbose=0)
+    trainer.restore_or_initialize()
+    snapshot = lambda: ([w.copy() for w in trainer.online.get_weights()],  # noqa: E731
+                        [w.copy() for w in trainer.momentum.get_weights()],
+                        {v: q.numpy().copy() for v, q in trainer.queues.queues.items()},
+                        int(trainer.queues.pointer.numpy()))
+    online, momentum, queues, pointer = snapshot()
+    batch = next(iter(trainer.dataset(0)))
+    poisoned = {k: v * np.float32("nan") for k, v in batch.items()}
+    logs = trainer._train_step(poisoned)
+    assert int(logs["skipped"]) == 1 and int(trainer.skipped_total.numpy()) == 1
+    online2, momentum2, queues2, pointer2 = snapshot()
+    for a, b in zip(online + momentum, online2 + momentum2):
+        np.testing.assert_array_equal(a, b)
+    for view in queues:
+        np.testing.assert_array_equal(queues[view], queues2[view])
+    assert pointer == pointer2
+    logs = trainer._train_step(batch)  # a good step then changes all of them
+    assert int(logs["skipped"]) == 0
+    assert int(trainer.queues.pointer.numpy()) != pointer
+
+
 def test_time_limit_checkpoints_and_returns_then_resumes(train_root, tmp_path):
     from cmc_kit import training
 
@@ -283,3 +313,72 @@ def test_callbacks_see_every_step_and_epoch(train_root, tmp_path):
     per_epoch = len(step_losses) // 2
     assert recorder.epochs[0][1] == pytest.approx(np.mean(step_losses[:per_epoch]), rel=1e-5)
     assert recorder.ended == {"status": "completed", "step": result.step}
+
+
+def test_an_unreadable_training_file_shortens_one_epoch_but_never_empties_the_next(tmp_path):
+    """A file broken after validation drops one batch; later epochs still train in full."""
+    from cmc_kit import synth, training
+
+    # 28 training samples, batch 4: losing one sample loses a whole batch of every later epoch.
+    root = synth.generate(tmp_path / "data", n=28, size=64, seed=5, progress=False)
+    run = tmp_path / "run"
+    config = tiny_config(**{"train.epochs": 3, "train.eval_subset": 0,
+                            "data.validation_fraction": 0.0})
+    training.train(root, run, config.with_overrides({"train.epochs": 1}), verbose=0)
+    split = json.loads((run / "split.json").read_text())
+    victim = next((root / "_dataset").glob(f"{split['train'][0]}_t.png"))
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated after validation
+    result = training.train(root, run, config, verbose=0)
+    log = pd.read_csv(run / "log.csv")
+    assert list(log["epoch"]) == [1, 2, 3]
+    assert log["loss"].notna().all() and (log.loc[1:, "skipped_samples"] == 1).all()
+    full = len(split["train"]) // 4
+    expected = full + 2 * ((len(split["train"]) - 1) // 4)
+    assert result.step == expected
+
+
+def test_stopping_on_the_last_step_of_an_epoch_resumes_without_empty_or_duplicate_rows(
+        train_root, tmp_path, monkeypatch):
+    from cmc_kit import training
+
+    run = tmp_path / "run"
+    config = tiny_config(**{"train.epochs": 2, "train.eval_subset": 0})
+    # Out of time exactly when the first epoch's last step is done.
+    steps_per_epoch = None
+
+    def out_of_time(self, started, limit, step_seconds):
+        return int(self.step.numpy()) >= self.steps_per_epoch
+
+    monkeypatch.setattr(training.Trainer, "_out_of_time", out_of_time)
+    first = training.train(train_root, run, config, time_limit=3600, verbose=0)
+    assert first.status == "time_limit"
+    monkeypatch.undo()
+    second = training.train(train_root, run, config, verbose=0)
+    assert second.status == "completed"
+    log = pd.read_csv(run / "log.csv")
+    assert list(log["epoch"]) == [1, 2]
+    assert log["loss"].notna().all()
+    del steps_per_epoch
+
+
+def test_resume_after_the_training_set_changed_size_names_the_cause(tmp_path):
+    from cmc_kit import synth, training
+
+    root = synth.generate(tmp_path / "data", n=30, size=64, seed=5, progress=False)
+    run = tmp_path / "run"
+    training.train(root, run, tiny_config(**{"train.epochs": 1, "train.eval_subset": 0}), verbose=0)
+    split = json.loads((run / "split.json").read_text())
+    for path in (root / "_dataset").glob(f"{split['train'][0]}_*.png"):
+        path.unlink()  # a training sample disappeared from the dataset
+    with pytest.raises(CheckpointError, match="training samples"):
+        training.train(root, run, tiny_config(**{"train.epochs": 2, "train.eval_subset": 0}),
+                       verbose=0)
+
+
+def test_progress_bar_shows_the_loss_terms(train_root, tmp_path, capsys):
+    from cmc_kit import training
+
+    training.train(train_root, tmp_path / "run",
+                   tiny_config(**{"train.epochs": 1, "train.eval_subset": 0}), verbose=1)
+    out = capsys.readouterr().out
+    assert "inter:" in out and "intra:" in out and "samples/s:" in out
