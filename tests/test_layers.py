@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cmc_kit.layers import AttentionPooling2D, NormalizedConv2D
+from cmc_kit.layers import AttentionPooling2D, NormalizedConv2D, symmetric_pad
 
 
 def reference_normalized_conv(x, kernel, stride, groups, epsilon=1e-8):
@@ -53,6 +53,70 @@ def test_matches_naive_reference(kernel_size, stride, groups, cin, filters, size
     assert y.shape == expected.shape == layer.compute_output_shape(x.shape)
     assert y.shape[1:3] == tuple(-(-s // stride) for s in size)  # ceil(H / stride)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("size", [(5, 6), (8, 7)])
+def test_matches_naive_reference_over_kernels_strides_groups_and_sizes(kernel_size, stride,
+                                                                       groups, size):
+    rng = np.random.default_rng(10)
+    layer = NormalizedConv2D(4, kernel_size, strides=stride, groups=groups)
+    x = rng.normal(size=(2, *size, 4)).astype("float32")
+    y = layer(x).numpy()
+    expected = reference_normalized_conv(x, layer.kernel.numpy(), stride, groups)
+    assert y.shape == expected.shape == (2, *(-(-s // stride) for s in size), 4)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad_h, pad_w, size", [(1, 1, (5, 4)), (2, 1, (2, 6)), (0, 2, (3, 3)),
+                                                (2, 2, (7, 2))])
+def test_symmetric_pad_equals_np_pad_and_its_gradient_folds_the_border(pad_h, pad_w, size):
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(3, *size, 2)).astype("float32")
+    paddings = [(0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)]
+    weights = rng.normal(size=np.pad(x, paddings).shape).astype("float32")
+    x_tensor = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x_tensor)
+        padded = tf.function(symmetric_pad)(x_tensor, pad_h, pad_w)
+        loss = tf.reduce_sum(padded * weights)
+    np.testing.assert_array_equal(padded.numpy(), np.pad(x, paddings, mode="symmetric"))
+    # d loss / d x[i, j] = sum of the weights at every padded position that copies x[i, j].
+    expected = np.zeros_like(x, dtype=np.float64)
+    rows = [min(max(r - pad_h, -1 - (r - pad_h)), 2 * size[0] - 1 - (r - pad_h))
+            for r in range(size[0] + 2 * pad_h)]
+    cols = [min(max(c - pad_w, -1 - (c - pad_w)), 2 * size[1] - 1 - (c - pad_w))
+            for c in range(size[1] + 2 * pad_w)]
+    for r, source_r in enumerate(rows):
+        for c, source_c in enumerate(cols):
+            expected[:, source_r, source_c] += weights[:, r, c]
+    np.testing.assert_allclose(tape.gradient(loss, x_tensor).numpy(), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size, stride, groups", [(3, 1, 1), (5, 2, 2), ((3, 5), 1, 2)])
+def test_gradients_match_mirror_pad_autodiff(kernel_size, stride, groups):
+    rng = np.random.default_rng(12)
+    layer = NormalizedConv2D(4, kernel_size, strides=stride, groups=groups)
+    x = tf.constant(rng.normal(size=(2, 7, 6, 4)).astype("float32"))
+    layer(x)
+    pad_h, pad_w = ((k - 1) // 2 for k in layer.kernel_size)
+
+    def reference(x):  # tf.pad(SYMMETRIC): TF's own MirrorPad and MirrorPadGrad
+        padded = tf.pad(x, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]], mode="SYMMETRIC")
+        return tf.nn.conv2d(padded, layer.normalized_kernel(), stride, "VALID")
+
+    grads = []
+    for function in (layer, reference):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.function(function)(x) ** 2)
+        grads.append([g.numpy() for g in tape.gradient(loss, [x, layer.kernel.value])])
+    for got, expected in zip(*grads):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_scale_of_each_filter_does_not_matter():
