@@ -41,6 +41,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from cmc_kit.layers import symmetric_pad  # noqa: E402
+
 from cmc_kit import data, models, objectives, synth, training, views  # noqa: E402
 from cmc_kit.config import preset  # noqa: E402
 from cmc_kit.layers import NormalizedConv2D  # noqa: E402
@@ -103,7 +105,7 @@ class AblatedConv2D(keras.layers.Layer):
     """NormalizedConv2D with one part switched off, for attributing its cost.
 
     normalise: divide the kernel by its per-filter L2 norm (as NormalizedConv2D).
-    symmetric: tf.pad(SYMMETRIC) + VALID conv (as NormalizedConv2D), else zero 'SAME' padding.
+    symmetric: symmetric padding + VALID conv (as NormalizedConv2D), else zero 'SAME' padding.
     """
 
     def __init__(self, filters, kernel, stride, *, normalise: bool, symmetric: bool, **kwargs):
@@ -125,7 +127,7 @@ class AblatedConv2D(keras.layers.Layer):
             return tf.nn.conv2d(x, kernel, self.stride, "SAME")
         p = (self.kernel_size - 1) // 2
         if p:
-            x = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]], mode="SYMMETRIC")
+            x = symmetric_pad(x, p, p)  # the layer's own padding
         return tf.nn.conv2d(x, kernel, self.stride, "VALID")
 
 
