@@ -41,11 +41,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cmc_kit.layers import symmetric_pad  # noqa: E402
-
 from cmc_kit import data, models, objectives, synth, training, views  # noqa: E402
 from cmc_kit.config import preset  # noqa: E402
-from cmc_kit.layers import NormalizedConv2D  # noqa: E402
+from cmc_kit.layers import NormalizedConv2D, symmetric_pad  # noqa: E402
 
 
 # -- the bare reference ---------------------------------------------------------------------------
