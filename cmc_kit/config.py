@@ -322,8 +322,9 @@ def _preset_cpu_demo() -> Config:
 
 
 def _preset_kaggle_t4() -> Config:
-    # 256 crops, full-width ResNet-34; batch 32 fits a 16 GB T4 in mixed precision
-    # (about 3.5 it/s per T4 expected; 2x T4 split the batch under MirroredStrategy).
+    # 256 crops, full-width ResNet-34, batch 32 in mixed precision, split across 2x T4 by
+    # MirroredStrategy. Memory and speed on a T4 are NOT measured yet (no GPU was available);
+    # lower data.batch_size if it runs out of memory.
     return Config(
         data=DataConfig(crop_size=256, batch_size=32),
         model=ModelConfig(trunk="resnet34", width=1.0, embedding_dim=128),

@@ -25,11 +25,10 @@
 # trains the small `cpu-demo` preset instead.
 #
 # **Expected runtime.** Kaggle T4, `kaggle-t4` preset (5,000 samples, 256 px crops, ResNet-34,
-# 20 epochs): several hours, an estimate from the preset's design speed of about 3.5 steps/s
-# per T4 plus the per-epoch evaluation, not a measurement; `TIME_LIMIT` stops it cleanly before
-# Kaggle's 12-hour limit either way. CPU, `cpu-demo` preset (64 px crops, ResNet-34 at width
-# 0.125, 15 epochs) on the synthetic set: about 2 minutes for 400 samples on two busy cores
-# (measured with 160 samples: 10 s of graph building, then 2.7 s per epoch).
+# 20 epochs): not measured yet (no GPU was available to the project); expect hours, and
+# `TIME_LIMIT` stops it cleanly before Kaggle's 12-hour limit either way. CPU, `cpu-demo`
+# preset (64 px crops, ResNet-34 at width 0.125, 15 epochs) on the synthetic set: about
+# 3 minutes for 400 samples on two cores (measured: 285 steps, ~10 s per epoch).
 
 # %% [markdown]
 # ## Setup
