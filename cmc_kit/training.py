@@ -118,10 +118,10 @@ def _summary_writer(path: Path):
     return tf.summary.create_file_writer(str(path))
 
 
-def _scalar(name: str, value: float):
+def _scalar(writer, name: str, value: float):
     import tensorflow as tf
 
-    if "tensorboard" in __import__("sys").modules:
+    if not isinstance(writer, _NoSummaries):
         tf.summary.scalar(name, value)
 
 
@@ -733,7 +733,7 @@ class Trainer:
                     self._append_csv(self.run_dir / "log_steps.csv", {"step": step, **logs})
                     with writer.as_default(step=step):
                         for name, value in logs.items():
-                            _scalar(f"step/{name}", value)
+                            _scalar(writer, f"step/{name}", value)
                 epoch_ends_now = in_epoch >= self.steps_per_epoch  # the epoch-end save follows
                 if (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0
                         and not epoch_ends_now):
@@ -767,7 +767,7 @@ class Trainer:
             with writer.as_default(step=int(self.step.numpy())):
                 for name, value in row.items():
                     if name not in ("epoch", "step") and isinstance(value, (int, float)):
-                        _scalar(f"epoch/{name}", value)
+                        _scalar(writer, f"epoch/{name}", value)
             writer.flush()
             history.append(row)
             last_path = self.save()
@@ -933,8 +933,6 @@ def has_checkpoint(run_dir: Path) -> bool:
     return tf.train.latest_checkpoint(str(Path(run_dir) / CHECKPOINT_DIR)) is not None
 
 
-_has_checkpoint = has_checkpoint
-
 
 def find_previous_run(source: Path) -> Path | None:
     """A run directory (holding config.json and checkpoints/) at or below `source`."""
@@ -955,7 +953,7 @@ def import_previous_run(source: Path, run_dir: Path) -> Path:
         raise CheckpointError(f"No run directory (config.json + checkpoints/) found under {source}. "
                               "Attach the previous notebook version's output, or omit --resume-from.")
     run_dir = Path(run_dir)
-    if _has_checkpoint(run_dir):
+    if has_checkpoint(run_dir):
         return run_dir
     if previous.resolve() == run_dir.resolve():
         return run_dir
@@ -1010,7 +1008,7 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
     if config is None:
         config = resolve_config(run_dir, preset_name=None, epochs=None, overrides=None, fresh=fresh)
     saved_path = run_dir / CONFIG_FILE
-    if saved_path.exists() and _has_checkpoint(run_dir):
+    if saved_path.exists() and has_checkpoint(run_dir):
         diffs = config.model_differences(Config.load(saved_path))
         if diffs:
             raise CheckpointError(f"{run_dir} was trained with different settings "
@@ -1049,7 +1047,7 @@ def find_previous_output(run, input_root: Path | None = None) -> Path | None:
     run directory with the same name as `run`; None when `run` already holds a checkpoint.
     """
     run_dir = Path(run)
-    if _has_checkpoint(run_dir):
+    if has_checkpoint(run_dir):
         return None
     if input_root is None:
         if not on_kaggle():
