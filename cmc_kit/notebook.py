@@ -318,12 +318,9 @@ def config_table(config: Config) -> pd.DataFrame:
 
 def in_kernel() -> bool:
     """True inside a Jupyter kernel (papermill included), where display() reaches a notebook."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
+    from cmc_kit.explore import widgets_can_render  # the same check: a kernel with a comm
+
+    return widgets_can_render()
 
 
 def show(obj) -> None:
