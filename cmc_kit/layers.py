@@ -13,7 +13,10 @@ of every spatial position.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import math
+import os
 
 import keras
 import numpy as np
@@ -45,6 +48,104 @@ def _batched_indices(positions: np.ndarray, batch) -> tf.Tensor:
 
 def symmetric_pad(inputs, pad_h: int, pad_w: int):
     """`tf.pad(inputs, ..., mode="SYMMETRIC")` on [B, H, W, C], bit-identical, but cheaper.
+
+    TF's own MirrorPad and MirrorPadGrad kernels are slow (3x a zero pad on CPU). Where XLA
+    can compile for the current device, the pad (and, through the function's gradient, the
+    fold of the border back onto the edge) runs as one XLA-compiled copy each way; the convs
+    around it stay on TensorFlow's kernels (oneDNN / cuDNN). Elsewhere (an XLA-less device
+    plugin, or `CMC_KIT_XLA_PAD=0`) it falls back to `ring_symmetric_pad`.
+    Measured on CPU, fwd + bwd of a 3x3 conv at cpu-demo shapes: XLA pad 1.1-1.2x faster
+    than `ring_symmetric_pad`, which is itself 1.1-1.4x faster than MirrorPad.
+    """
+    if not (pad_h or pad_w):
+        return inputs
+    if _inside_xla_compilation():
+        # Already compiled whole (the trainer's XLA step): XLA fuses MirrorPad itself, and a
+        # nested XLA function here would be recompiled at every call.
+        return tf.pad(inputs, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]], mode="SYMMETRIC")
+    if xla_padding_available():
+        padded = _xla_symmetric_pad_function(pad_h, pad_w)(inputs)
+        batch, height, width, channels = inputs.shape
+        padded.set_shape([batch, None if height is None else height + 2 * pad_h,
+                          None if width is None else width + 2 * pad_w, channels])
+        return padded
+    return ring_symmetric_pad(inputs, pad_h, pad_w)
+
+
+@contextlib.contextmanager
+def xla_padding(enabled: bool):
+    """Within the block, `symmetric_pad` (in functions traced there) uses XLA or not.
+
+    `enabled=True` still needs `xla_padding_available()`. For comparisons and tools that read
+    graphs (TensorFlow's FLOP profiler does not see through the XLA function call).
+    """
+    global _XLA_PAD_AVAILABLE
+    previous = _XLA_PAD_AVAILABLE
+    _XLA_PAD_AVAILABLE = bool(enabled) and xla_padding_available()
+    try:
+        yield
+    finally:
+        _XLA_PAD_AVAILABLE = previous
+
+
+def _inside_xla_compilation() -> bool:
+    """Whether the graph being traced is (inside) a `jit_compile=True` function."""
+    if tf.executing_eagerly():
+        return False
+    try:
+        from tensorflow.python.ops import control_flow_util
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):  # private API moved: assume not compiled
+        return False
+
+
+_XLA_PAD_FUNCTIONS: dict[tuple[int, int], tf.types.experimental.GenericFunction] = {}
+_XLA_PAD_AVAILABLE: bool | None = None
+
+
+def _xla_symmetric_pad_function(pad_h: int, pad_w: int):
+    """One XLA-compiled tf.function per padding (traced again per input shape and dtype)."""
+    key = (pad_h, pad_w)
+    if key not in _XLA_PAD_FUNCTIONS:
+        paddings = [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]]
+        _XLA_PAD_FUNCTIONS[key] = tf.function(
+            lambda x: tf.pad(x, paddings, mode="SYMMETRIC"),
+            jit_compile=True)
+    return _XLA_PAD_FUNCTIONS[key]
+
+
+def xla_padding_available() -> bool:
+    """Whether `symmetric_pad` compiles with XLA here (probed once per process).
+
+    False when `CMC_KIT_XLA_PAD=0`, or when a tiny XLA-compiled pad with its gradient fails on
+    the default device (e.g. a device plugin without an XLA JIT).
+    """
+    global _XLA_PAD_AVAILABLE
+    if _XLA_PAD_AVAILABLE is None:
+        if os.environ.get("CMC_KIT_XLA_PAD", "1").strip().lower() in ("0", "false", "no", "off"):
+            _XLA_PAD_AVAILABLE = False
+        else:
+            # A fresh thread executes eagerly even when this is first called while tracing
+            # a graph (tf.init_scope would pause the gradient tape).
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                _XLA_PAD_AVAILABLE = pool.submit(_probe_xla_padding).result()
+    return _XLA_PAD_AVAILABLE
+
+
+def _probe_xla_padding() -> bool:
+    try:
+        probe = tf.ones([1, 2, 2, 1])
+        with tf.GradientTape() as tape:
+            tape.watch(probe)
+            padded = _xla_symmetric_pad_function(1, 1)(probe)              # [1, 4, 4, 1]
+        gradient = tape.gradient(padded, probe)
+        return gradient is not None and float(tf.reduce_sum(gradient)) == 16.0
+    except (tf.errors.OpError, NotImplementedError, ValueError):
+        return False
+
+
+def ring_symmetric_pad(inputs, pad_h: int, pad_w: int):
+    """`tf.pad(inputs, ..., mode="SYMMETRIC")` on [B, H, W, C], bit-identical, without XLA.
 
     TF's MirrorPad and MirrorPadGrad kernels are slow (3x a zero pad on CPU). Here the forward
     is a zero pad with only the border ring overwritten (gather + scatter of the ring pixels),
@@ -159,8 +260,7 @@ class NormalizedConv2D(keras.layers.Layer):
     def call(self, inputs):
         kernel = ops.cast(self.normalized_kernel(), inputs.dtype)
         pad_h, pad_w = (self.kernel_size[0] - 1) // 2, (self.kernel_size[1] - 1) // 2
-        if pad_h or pad_w:
-            inputs = symmetric_pad(inputs, pad_h, pad_w)
+        inputs = symmetric_pad(inputs, pad_h, pad_w)
         # tf.nn.conv2d, not keras.ops.conv: for grouped kernels Keras wraps the op in XLA on
         # CPU, which measured ~170x slower than TF 2.21's native grouped conv (fwd+bwd,
         # 8x32x32x64, 8 groups: 284 ms vs 1.7 ms; split-and-concat 3.7 ms).

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cmc_kit.layers import AttentionPooling2D, NormalizedConv2D, symmetric_pad
+from cmc_kit import layers
+from cmc_kit.layers import AttentionPooling2D, NormalizedConv2D, ring_symmetric_pad, symmetric_pad
 
 
 def reference_normalized_conv(x, kernel, stride, groups, epsilon=1e-8):
@@ -36,6 +37,15 @@ def restore_policy():
     keras.mixed_precision.set_dtype_policy(previous)
 
 
+@pytest.fixture(params=["xla", "ring"])
+def padding_path(request):
+    """Runs a test through both implementations of `symmetric_pad`."""
+    if request.param == "xla" and not layers.xla_padding_available():
+        pytest.skip("XLA cannot compile on this device")
+    with layers.xla_padding(request.param == "xla"):
+        yield request.param
+
+
 @pytest.mark.parametrize("kernel_size, stride, groups, cin, filters, size", [
     (3, 1, 1, 3, 4, (7, 9)),
     (3, 2, 2, 4, 6, (7, 8)),
@@ -44,7 +54,7 @@ def restore_policy():
     (3, 1, 4, 8, 8, (6, 6)),
     ((3, 5), 1, 1, 2, 2, (5, 7)),
 ])
-def test_matches_naive_reference(kernel_size, stride, groups, cin, filters, size):
+def test_matches_naive_reference(kernel_size, stride, groups, cin, filters, size, padding_path):
     rng = np.random.default_rng(0)
     layer = NormalizedConv2D(filters, kernel_size, strides=stride, groups=groups)
     x = rng.normal(size=(2, *size, cin)).astype("float32")
@@ -73,7 +83,8 @@ def test_matches_naive_reference_over_kernels_strides_groups_and_sizes(kernel_si
 
 @pytest.mark.parametrize("pad_h, pad_w, size", [(1, 1, (5, 4)), (2, 1, (2, 6)), (0, 2, (3, 3)),
                                                 (2, 2, (7, 2))])
-def test_symmetric_pad_equals_np_pad_and_its_gradient_folds_the_border(pad_h, pad_w, size):
+@pytest.mark.parametrize("pad", [symmetric_pad, ring_symmetric_pad])
+def test_symmetric_pad_equals_np_pad_and_its_gradient_folds_the_border(pad, pad_h, pad_w, size):
     rng = np.random.default_rng(11)
     x = rng.normal(size=(3, *size, 2)).astype("float32")
     paddings = [(0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)]
@@ -81,7 +92,7 @@ def test_symmetric_pad_equals_np_pad_and_its_gradient_folds_the_border(pad_h, pa
     x_tensor = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(x_tensor)
-        padded = tf.function(symmetric_pad)(x_tensor, pad_h, pad_w)
+        padded = tf.function(pad)(x_tensor, pad_h, pad_w)
         loss = tf.reduce_sum(padded * weights)
     np.testing.assert_array_equal(padded.numpy(), np.pad(x, paddings, mode="symmetric"))
     # d loss / d x[i, j] = sum of the weights at every padded position that copies x[i, j].
@@ -98,7 +109,7 @@ def test_symmetric_pad_equals_np_pad_and_its_gradient_folds_the_border(pad_h, pa
 
 
 @pytest.mark.parametrize("kernel_size, stride, groups", [(3, 1, 1), (5, 2, 2), ((3, 5), 1, 2)])
-def test_gradients_match_mirror_pad_autodiff(kernel_size, stride, groups):
+def test_gradients_match_mirror_pad_autodiff(kernel_size, stride, groups, padding_path):
     rng = np.random.default_rng(12)
     layer = NormalizedConv2D(4, kernel_size, strides=stride, groups=groups)
     x = tf.constant(rng.normal(size=(2, 7, 6, 4)).astype("float32"))
@@ -117,6 +128,26 @@ def test_gradients_match_mirror_pad_autodiff(kernel_size, stride, groups):
         grads.append([g.numpy() for g in tape.gradient(loss, [x, layer.kernel.value])])
     for got, expected in zip(*grads):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_xla_padding_can_be_switched_off_by_environment(monkeypatch):
+    monkeypatch.setattr(layers, "_XLA_PAD_AVAILABLE", None)
+    monkeypatch.setenv("CMC_KIT_XLA_PAD", "0")
+    assert not layers.xla_padding_available()
+    x = tf.reshape(tf.range(12.0), [1, 3, 4, 1])
+    expected = np.pad(x.numpy(), [(0, 0), (1, 1), (1, 1), (0, 0)], mode="symmetric")
+    np.testing.assert_array_equal(symmetric_pad(x, 1, 1).numpy(), expected)
+
+
+def test_inside_an_xla_compiled_function_the_pad_is_not_a_nested_xla_call():
+    """A nested jit function recompiles at every call of the outer one (11 s per train step)."""
+    layer = NormalizedConv2D(4, 3)
+    spec = tf.TensorSpec([2, 6, 6, 4])
+    compiled = tf.function(lambda x: layer(x), jit_compile=True).get_concrete_function(spec)
+    op_types = {op.type for op in compiled.graph.get_operations()}
+    assert "MirrorPad" in op_types and not op_types & {"PartitionedCall", "StatefulPartitionedCall"}
+    x = tf.random.normal([2, 6, 6, 4])
+    np.testing.assert_allclose(compiled(x).numpy(), layer(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_scale_of_each_filter_does_not_matter():
