@@ -215,8 +215,13 @@ def test_mirrored_checkpoint_resumes_on_one_device(distributed_runs):
     assert [r["step"] for r in resumed["rows"]] == [4, 5, 6]
     for one, two in zip(straight["rows"], resumed["rows"]):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5)
-    _assert_same_state(_checkpoint(root / "single", 6), _checkpoint(root / "mirrored", 6),
-                       rtol=1e-3, atol=1e-4, what="after resuming")
+    # The whole state after the first step on one device, which reads every restored variable.
+    # Later steps are not compared weight by weight: a round-off difference of ~4e-6 between
+    # two states (the replicas' summation order) measured to grow to ~2e-3 in an Adam moment
+    # after one more step, the same in a fresh process (plausibly a leaky ReLU input near zero
+    # changing side, which flips its slope), so a multi-step weight comparison tests luck.
+    _assert_same_state(_checkpoint(root / "single", 4), _checkpoint(root / "mirrored", 4),
+                       rtol=1e-4, atol=2e-5, what="first step after resuming")
     state = json.loads((root / "mirrored" / "state.json").read_text())
     assert state["epoch"] == 2 and state["queue_fill"] == state["queue_size"] == 16
 
