@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from cmc_kit import models  # noqa: E402
+from cmc_kit import layers, models  # noqa: E402
 
 TRUNKS = ("resnet34", "regnetx-1.6gf", "regnetx-1.6gf-dense")
 
@@ -46,10 +46,14 @@ def dense_twin(width: float):
 
 
 def forward_flops(function, *input_specs) -> int:
-    """Floating-point operations of one call of `function` (profiler count of the frozen graph)."""
+    """Floating-point operations of one call of `function` (profiler count of the frozen graph).
+
+    Traced without the XLA-compiled padding, whose function call hides the shapes after it.
+    """
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    concrete = tf.function(function).get_concrete_function(*input_specs)
+    with layers.xla_padding(False):
+        concrete = tf.function(function).get_concrete_function(*input_specs)
     frozen = convert_variables_to_constants_v2(concrete)
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
