@@ -467,14 +467,17 @@ class Trainer:
                 replica_loss = total / replicas
                 if loss_scaled:
                     replica_loss = optimizer.scale_loss(replica_loss)
-            grads = tape.gradient(replica_loss, online.trainable_variables)
+            variables = online.trainable_variables
+            query_list = [queries[v] for v in sorted(queries)]               # [b, D] each
+            gradients = tape.gradient(replica_loss, variables + query_list)
+            grads, query_grads = gradients[:len(variables)], gradients[len(variables):]
             first = pairs[0]
             if replicas == 1:
                 accuracy = objectives.contrastive_accuracy(queries[first[0]], keys[first[1]])
             else:
                 accuracy = objectives.contrastive_accuracy(
                     queries[first[0]], global_keys[first[1]], key_offset=offset)
-            return total, terms, grads, accuracy
+            return total, terms, grads, accuracy, [g for g in query_grads if g is not None]
 
         if jit_per_replica:
             encode_keys = tf.function(encode_keys, jit_compile=True)
@@ -489,12 +492,19 @@ class Trainer:
             global_keys = {v: ctx.all_gather(keys[v], axis=0) for v in key_views}  # {v: [R*b, D]}
             local_batch = tf.shape(keys[key_views[0]])[0]
             offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * local_batch
-            total, terms, grads, accuracy = losses_and_grads(batch, keys, global_keys, offset)
+            total, terms, grads, accuracy, query_grads = losses_and_grads(batch, keys, global_keys,
+                                                                         offset)
             if replicas > 1:
                 grads = _global_clipped_shares(grads, ctx, optimizer, tc.clipnorm, replicas,
                                                loss_scaled)
             loss_finite = tf.math.is_finite(total)
-            grads_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            # Under float16 loss scaling an overflow anywhere is routine and decides whether the
+            # optimizer applies: every gradient is checked. Otherwise the embeddings' gradients
+            # (the first out of backprop) are: waiting for all of them held the optimizer back
+            # until the last one was ready, 5% of a CPU step (benchmarks/train_step.py). A
+            # non-finite weight still never reaches a checkpoint: `save` checks.
+            checked = grads if loss_scaled else query_grads
+            grads_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in checked])
             # Every replica decides together: [bad losses, bad gradients] summed over replicas.
             bad = ctx.all_reduce("sum", tf.stack([1.0 - tf.cast(loss_finite, tf.float32),
                                                   1.0 - tf.cast(grads_finite, tf.float32)]))
@@ -583,9 +593,23 @@ class Trainer:
     def save(self) -> str:
         # Numbered by the checkpoint's own save counter, never by step: a number is never reused,
         # so a checkpoint is never overwritten in place (TF writes the state file atomically).
+        self._check_finite_state()
         path = self.manager.save()
         self.write_state(path)
         return path
+
+    def _check_finite_state(self):
+        """Refuses to checkpoint non-finite weights or queues: the last good checkpoint stays latest."""
+        named = [(f"online/{w.path}", w) for w in self.online.weights]
+        named += [(f"momentum/{w.path}", w) for w in self.momentum.weights]
+        named += [(f"queue/{view}", queue) for view, queue in self.queues.queues.items()]
+        bad = [name for name, value in named if not np.all(np.isfinite(np.asarray(value)))]
+        if bad:
+            raise TrainingError(
+                f"Not saving step {int(self.step.numpy())} of {self.run_dir}: non-finite values in "
+                f"{len(bad)} tensor(s) ({', '.join(bad[:3])}). The latest checkpoint, "
+                f"{self.manager.latest_checkpoint}, is intact and training resumes from it. Lower "
+                "train.learning_rate or check the data with `cmc-kit validate`.")
 
     def write_state(self, checkpoint_path: str | None):
         state = {

@@ -186,6 +186,22 @@ def test_non_finite_steps_change_no_weights_queue_or_ema(train_root, tmp_path):
     assert int(trainer.queues.pointer.numpy()) != pointer
 
 
+def test_non_finite_weights_are_never_checkpointed(train_root, tmp_path):
+    from cmc_kit import training
+    from cmc_kit.data import discover
+
+    catalog = discover(train_root)
+    trainer = training.Trainer(tiny_config(), tmp_path / "run", catalog.iloc[:24], verbose=0)
+    trainer.restore_or_initialize()
+    good = trainer.save()
+    kernel = trainer.online.trainable_variables[0]
+    kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+    with pytest.raises(training.TrainingError, match=r"non-finite values in 1 tensor.*intact"):
+        trainer.save()
+    assert trainer.manager.latest_checkpoint == good
+    assert training.list_checkpoints(tmp_path / "run")[-1]["path"] == good
+
+
 def test_time_limit_checkpoints_and_returns_then_resumes(train_root, tmp_path):
     from cmc_kit import training
 
