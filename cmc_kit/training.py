@@ -605,10 +605,12 @@ class Trainer:
         named += [(f"queue/{view}", queue) for view, queue in self.queues.queues.items()]
         bad = [name for name, value in named if not np.all(np.isfinite(np.asarray(value)))]
         if bad:
+            latest = self.manager.latest_checkpoint
+            kept = (f"The latest checkpoint, {latest}, is intact and training resumes from it."
+                    if latest else "No checkpoint was written; nothing was overwritten.")
             raise TrainingError(
                 f"Not saving step {int(self.step.numpy())} of {self.run_dir}: non-finite values in "
-                f"{len(bad)} tensor(s) ({', '.join(bad[:3])}). The latest checkpoint, "
-                f"{self.manager.latest_checkpoint}, is intact and training resumes from it. Lower "
+                f"{len(bad)} tensor(s) ({', '.join(bad[:3])}). {kept} Lower "
                 "train.learning_rate or check the data with `cmc-kit validate`.")
 
     def write_state(self, checkpoint_path: str | None):
