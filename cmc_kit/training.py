@@ -133,26 +133,70 @@ def read_json(path: Path) -> dict:
                               "restore the file or start over with --fresh.") from err
 
 
+# Device files of TPU chips attached to the VM itself: /dev/accel* (TPU v2-v4 VMs, e.g. Kaggle's
+# v3-8), /dev/vfio/N (v5e and later, e.g. Kaggle's v5e-8).
+LOCAL_TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def tpu_addresses_to_try(environ=None, device_globs=None) -> list:
+    """`TPUClusterResolver(tpu=...)` arguments to try, most likely first.
+
+    TPU_NAME in the environment: that TPU only. TPU chips attached to this VM (Kaggle's and
+    Colab's TPU VMs): "local" first, as TensorFlow's TPU guide recommends there (the default
+    resolver goes through the Cloud TPU API, which such VMs may not answer), then the default.
+    Otherwise the default resolver (a Cloud TPU node found through the GCE metadata server).
+    """
+    import glob
+
+    environ = os.environ if environ is None else environ
+    device_globs = LOCAL_TPU_DEVICE_GLOBS if device_globs is None else device_globs
+    if environ.get("TPU_NAME"):
+        return [environ["TPU_NAME"]]
+    attached = any(glob.glob(pattern) for pattern in device_globs)
+    return ["local", None] if attached or environ.get("TPU_ACCELERATOR_TYPE") else [None]
+
+
+def connect_tpu(addresses=None):
+    """A TPUStrategy for the first TPU in `addresses` that initialises, or None.
+
+    Also returns the errors met on the way, for the message when a TPU was insisted on.
+    """
+    import tensorflow as tf
+
+    errors = []
+    for address in tpu_addresses_to_try() if addresses is None else addresses:
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+            return tf.distribute.TPUStrategy(resolver), errors
+        except (ValueError, RuntimeError, tf.errors.OpError) as err:
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            errors.append(f"tpu={address!r}: {first_line[:200]}")
+    return None, errors
+
+
 def select_strategy(name: str = "auto"):
     """The tf.distribute strategy for `train.strategy`.
 
     "auto": TPUStrategy if a TPU is attached, MirroredStrategy over all GPUs if there are
     two or more (Kaggle's 2x T4), else the default strategy. "mirrored" mirrors over all
     GPUs, or over all logical CPU devices when there is no GPU (CPU tests split the CPU in
-    two); "default" is the default strategy; "tpu" insists on a TPU.
+    two); "default" is the default strategy; "tpu" insists on a TPU (see
+    `tpu_addresses_to_try` for where it looks; set TPU_NAME to name one).
     """
     import tensorflow as tf
 
     if name in ("auto", "tpu"):
-        try:
-            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-            tf.config.experimental_connect_to_cluster(resolver)
-            tf.tpu.experimental.initialize_tpu_system(resolver)
-            return tf.distribute.TPUStrategy(resolver)
-        except (ValueError, RuntimeError, tf.errors.NotFoundError):
-            if name == "tpu":
-                raise TrainingError("train.strategy=tpu but no TPU was found. Attach a TPU "
-                                    "or use --set train.strategy=auto.") from None
+        strategy, errors = connect_tpu()
+        if strategy is not None:
+            return strategy
+        if name == "tpu":
+            raise TrainingError(
+                "train.strategy=tpu but no TPU could be initialised ("
+                + "; ".join(errors) + "). On Kaggle pick a TPU accelerator in the notebook "
+                "settings; elsewhere set TPU_NAME to the TPU's name or address, or use "
+                "--set train.strategy=auto.")
     gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         devices = gpus or tf.config.list_logical_devices("CPU")

@@ -254,3 +254,76 @@ def test_mirrored_steps_compiled_per_replica_with_xla_match_one_device(distribut
     for one, two in zip(single, xla["rows"]):
         for name in ("loss", "accuracy", "inter_terrain-height", "intra_terrain-height"):
             assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-5), (one["step"], name)
+
+
+# -- finding a TPU ----------------------------------------------------------------------------------
+
+def test_tpu_addresses_prefer_a_named_tpu_then_locally_attached_chips(tmp_path):
+    from cmc_kit.training import tpu_addresses_to_try
+
+    no_devices = [str(tmp_path / "accel*")]
+    assert tpu_addresses_to_try({}, no_devices) == [None]
+    assert tpu_addresses_to_try({"TPU_NAME": "my-tpu"}, no_devices) == ["my-tpu"]
+    # A TPU VM: chips show up as device files (Kaggle's v3-8: /dev/accel0..3).
+    (tmp_path / "accel0").touch()
+    assert tpu_addresses_to_try({}, [str(tmp_path / "accel*")]) == ["local", None]
+    assert tpu_addresses_to_try({"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, no_devices) == \
+        ["local", None]
+    assert tpu_addresses_to_try({"TPU_NAME": "my-tpu"}, [str(tmp_path / "accel*")]) == ["my-tpu"]
+
+
+class _FakeResolver:
+    """Stands in for TPUClusterResolver: only the addresses in `working` resolve."""
+
+    working: tuple = ()
+    tried: list = []
+
+    def __init__(self, tpu=None):
+        type(self).tried.append(tpu)
+        if tpu not in self.working:
+            raise ValueError(f"Please provide a TPU Name to connect to. ({tpu})")
+        self.tpu = tpu
+
+
+def test_connect_tpu_falls_back_through_the_addresses(monkeypatch):
+    import tensorflow as tf
+
+    from cmc_kit import training
+
+    initialised = []
+    monkeypatch.setattr(_FakeResolver, "working", ("local",))
+    monkeypatch.setattr(_FakeResolver, "tried", [])
+    monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", _FakeResolver)
+    monkeypatch.setattr(tf.config, "experimental_connect_to_cluster", lambda resolver: None)
+    monkeypatch.setattr(tf.tpu.experimental, "initialize_tpu_system",
+                        lambda resolver: initialised.append(resolver.tpu))
+    monkeypatch.setattr(tf.distribute, "TPUStrategy", lambda resolver: ("strategy", resolver.tpu))
+
+    strategy, errors = training.connect_tpu([None, "local"])
+    assert strategy == ("strategy", "local")
+    assert _FakeResolver.tried == [None, "local"] and initialised == ["local"]
+    assert errors == ["tpu=None: Please provide a TPU Name to connect to. (None)"]
+
+    # Nothing resolves: auto falls through to the default strategy, "tpu" says what it tried.
+    monkeypatch.setattr(_FakeResolver, "working", ())
+    monkeypatch.setattr(training, "LOCAL_TPU_DEVICE_GLOBS", ())
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
+    if not tf.config.list_logical_devices("GPU"):
+        assert training.select_strategy("auto") is tf.distribute.get_strategy()
+    with pytest.raises(training.TrainingError, match=r"tpu=None: Please provide.*TPU_NAME"):
+        training.select_strategy("tpu")
+
+
+def test_insisting_on_a_tpu_without_one_names_the_fix(monkeypatch):
+    import tensorflow as tf
+
+    from cmc_kit import training
+
+    if tf.config.list_logical_devices("TPU"):
+        pytest.skip("a TPU is attached")
+    monkeypatch.setattr(training, "LOCAL_TPU_DEVICE_GLOBS", ())
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
+    with pytest.raises(training.TrainingError, match="train.strategy=tpu but no TPU"):
+        training.select_strategy("tpu")
