@@ -372,8 +372,10 @@ class Trainer:
         if tc.deterministic:
             tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(tc.seed)
-        self.precision = resolve_mixed_precision(tc.mixed_precision)
+        # The strategy first: a TPU's devices exist only once it is initialised, and "auto"
+        # precision asks which devices there are.
         self.strategy = strategy or select_strategy(tc.strategy)
+        self.precision = resolve_mixed_precision(tc.mixed_precision)
         self.replicas = self.strategy.num_replicas_in_sync
         if dc.batch_size % self.replicas:
             raise ConfigError(f"Setting 'data.batch_size' ({dc.batch_size}) must be divisible by "
