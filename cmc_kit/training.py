@@ -1,7 +1,8 @@
 """Training: CMC + MoCo train step, memory queues, exact checkpoint/resume, progress and logs.
 
 One `Trainer` owns everything that must survive a restart (online and momentum weights, the
-queues and their write pointer, the optimizer, the step and epoch counters) inside one
+queues and their write pointer, the optimizer, the step and epoch counters and the place in the
+epoch's sample plan) inside one
 `tf.train.Checkpoint`, so resuming never rebuilds anything at random.
 
 Run directory layout:
@@ -418,6 +419,10 @@ class Trainer:
             # shortened by an unreadable file would shift every later epoch.
             self.batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
                                               name="batch_in_epoch", aggregation=agg)
+            # Where the epoch plan continues: batches x batch size plus the unreadable samples
+            # passed on the way, so a resumed epoch starts at exactly the next sample.
+            self.epoch_position = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                              name="epoch_position", aggregation=agg)
             # Running sums of the epoch's logged values (sum_keys over steps with a finite loss,
             # then that step count, skipped updates, skipped samples): a resumed epoch logs the
             # same means.
@@ -428,11 +433,12 @@ class Trainer:
             # What the data order and queue depend on: checked before any restore.
             self.geometry = tf.Variable(self._geometry(), dtype=tf.int64, trainable=False,
                                         name="geometry", aggregation=agg)
-        self.checkpoint = tf.train.Checkpoint(
+        self.checkpointed = dict(
             online=self.online, momentum=self.momentum, optimizer=self.optimizer,
             queues=self.queues, step=self.step, epoch=self.epoch, skipped=self.skipped_total,
-            batch_in_epoch=self.batch_in_epoch, epoch_sums=self.epoch_sums,
-            geometry=self.geometry)
+            batch_in_epoch=self.batch_in_epoch, epoch_position=self.epoch_position,
+            epoch_sums=self.epoch_sums, geometry=self.geometry)
+        self.checkpoint = tf.train.Checkpoint(**self.checkpointed)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(self.run_dir / CHECKPOINT_DIR), max_to_keep=tc.keep_checkpoints,
             checkpoint_name="ckpt")
@@ -450,7 +456,9 @@ class Trainer:
                 self.config.train.seed]
 
     # -- data -----------------------------------------------------------------------------------
-    def dataset(self, epoch: int, seed: int | None = None, start_batch: int = 0):
+    def dataset(self, epoch: int, seed: int | None = None, start_batch: int = 0,
+                start_position: int | None = None, with_positions: bool = False):
+        """The epoch's batches ({view: [B, S, S, C]}, plus "position": [B] if asked)."""
         from cmc_kit import views
 
         dc = self.config.data
@@ -459,7 +467,8 @@ class Trainer:
             batch_size=self.global_batch, training=True,
             seed=self.config.train.seed if seed is None else seed, epoch=epoch,
             augment=dc.augment, cache=dc.cache or None, skipped_counter=self.skipped_samples,
-            start_batch=start_batch)
+            start_batch=start_batch, start_position=start_position,
+            with_positions=with_positions)
         if self.dataset_transform is not None:
             ds = self.dataset_transform(ds)
         return ds
@@ -664,6 +673,7 @@ class Trainer:
             "epoch": int(self.epoch.numpy()),
             "step": int(self.step.numpy()),
             "batch_in_epoch": int(self.batch_in_epoch.numpy()),
+            "epoch_position": int(self.epoch_position.numpy()),
             "steps_per_epoch": self.steps_per_epoch,
             "num_train": len(self.train_catalog),
             "queue_size": self.queue_size,
@@ -680,17 +690,42 @@ class Trainer:
         latest = self.manager.latest_checkpoint
         if latest:
             self._check_geometry(latest)
-            status = self.checkpoint.restore(latest)
+            checkpoint = self._checkpoint_for(latest)
+            status = checkpoint.restore(latest)
             try:
                 status.assert_existing_objects_matched()
             except AssertionError as err:
                 raise CheckpointError(
                     f"Checkpoint {latest} does not match the model built from "
                     f"{self.run_dir / CONFIG_FILE}: {str(err)[:300]}. Start over with --fresh.") from err
+            if checkpoint is not self.checkpoint:  # the manager numbers saves by this counter
+                self.checkpoint.save_counter.assign(checkpoint.save_counter)
+            if not self._saved_names(latest) >= {"epoch_position"}:
+                # Written before epoch_position existed: batches x B, exact unless a sample
+                # before the resume point was unreadable.
+                self.epoch_position.assign(int(self.batch_in_epoch.numpy()) * self.global_batch)
             self._reconcile_logs()
             return True
         self.fill_queues()
         return False
+
+    @staticmethod
+    def _saved_names(checkpoint_path: str) -> set[str]:
+        import tensorflow as tf
+
+        return {name.split("/")[0] for name in
+                tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()}
+
+    def _checkpoint_for(self, checkpoint_path: str):
+        """The checkpoint object, less the variables an older checkpoint does not have yet."""
+        import tensorflow as tf
+
+        saved = self._saved_names(checkpoint_path)
+        optional = {"epoch_position"}
+        if optional <= saved:
+            return self.checkpoint
+        return tf.train.Checkpoint(**{name: value for name, value in self.checkpointed.items()
+                                      if name in saved or name not in optional})
 
     def _check_geometry(self, checkpoint_path: str):
         import tensorflow as tf
@@ -760,7 +795,8 @@ class Trainer:
         while int(self.epoch.numpy()) < tc.epochs:
             epoch = int(self.epoch.numpy())
             done_in_epoch = int(self.batch_in_epoch.numpy())
-            dataset = self.dataset(epoch, start_batch=done_in_epoch)
+            start_position = int(self.epoch_position.numpy())
+            dataset = self.dataset(epoch, start_position=start_position, with_positions=True)
             dataset = self.strategy.experimental_distribute_dataset(dataset)
             progbar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
                                           stateful_metrics=["samples/s"]) if self.verbose else None
@@ -769,12 +805,16 @@ class Trainer:
                 progbar.update(done_in_epoch)
             self.skipped_samples.reset()
             sums = self.epoch_sums.numpy().copy()  # restored mid-epoch, or zeros
-            skipped_before = sums[-1]  # unreadable samples met before a resume
+            # Unreadable samples passed before a resume: plan places without a batch slot.
+            skipped_before = start_position - done_in_epoch * self.global_batch
             epoch_started = time.monotonic()
             self._notify("on_epoch_begin", epoch)
             for batch in dataset:
                 step_started = time.monotonic()
+                positions = batch.pop("position")                           # [B] plan places
                 logs = self._train_step(batch)
+                self.epoch_position.assign(1 + max(
+                    int(np.max(p)) for p in self.strategy.experimental_local_results(positions)))
                 logs = {k: float(v.numpy()) for k, v in logs.items()}
                 seconds = time.monotonic() - step_started
                 step_seconds = seconds if step_seconds is None else 0.9 * step_seconds + 0.1 * seconds
@@ -793,10 +833,11 @@ class Trainer:
                 if not logs["nonfinite"]:  # finite loss: logged, even if the update was skipped
                     sums[-3] += 1
                     sums[:len(self.sum_keys)] += [logs[key] for key in self.sum_keys]
-                sums[-1] = skipped_before + self.skipped_samples.count
-                self.epoch_sums.assign(sums)
                 step = int(self.step.numpy())
                 in_epoch = int(self.batch_in_epoch.numpy())
+                # Exact, unlike the counter, which also sees samples the pipeline read ahead.
+                sums[-1] = int(self.epoch_position.numpy()) - in_epoch * self.global_batch
+                self.epoch_sums.assign(sums)
                 self._notify("on_train_batch_end", step, logs)
                 if progbar is not None:
                     progbar.update(min(in_epoch, self.steps_per_epoch),
@@ -833,6 +874,7 @@ class Trainer:
                                           * self.global_batch / max(seconds, 1e-9), 2)}
             self.epoch.assign_add(1)
             self.batch_in_epoch.assign(0)
+            self.epoch_position.assign(0)
             self.epoch_sums.assign(tf.zeros_like(self.epoch_sums))
             row.update(self._epoch_evaluation(epoch + 1))
             self._append_csv(self.run_dir / "log.csv", row)

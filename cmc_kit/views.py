@@ -264,6 +264,8 @@ def make_dataset(
     num_parallel_calls: int = tf.data.AUTOTUNE,
     skipped_counter: SkippedCounter | None = None,
     start_batch: int = 0,
+    start_position: int | None = None,
+    with_positions: bool = False,
 ) -> tf.data.Dataset:
     """Batches of views of the catalog's samples.
 
@@ -281,8 +283,14 @@ def make_dataset(
         views: view names from `VIEW_SPECS`.
         cache: folder written by `prepare_cache`; read instead of the PNGs.
         with_ids: add `"id"`: tf.string [B] to every batch.
+        with_positions: add `"position"`: tf.int64 [B], each sample's place in the epoch plan.
+            After a batch, `max(position) + 1` is where the epoch continues, also when
+            unreadable samples were skipped on the way (then it differs from batches x B).
         start_batch: training only: begin the epoch at this batch, as `.skip(start_batch)`
             would, but without decoding the skipped samples (resuming mid-epoch on 5,000 PNGs).
+        start_position: training only: begin at this place in the epoch plan instead (a
+            saved `max(position) + 1`). Exact where start_batch is not: with an unreadable
+            sample before the resume point, batch k starts one plan place later.
     Returns:
         tf.data.Dataset of {view_name: float32 [B, crop_size, crop_size, C]}.
     """
@@ -299,10 +307,17 @@ def make_dataset(
                         "data.batch_size or add samples.")
 
     start_batch = _non_negative_int("start_batch", start_batch)
-    if start_batch and not training:
-        raise ValueError(f"start_batch applies to training datasets only. Received: "
-                         f"start_batch={start_batch}, training=False")
-    first = min(start_batch * batch_size, n)  # first plan position to decode
+    if start_position is not None:
+        start_position = _non_negative_int("start_position", start_position)
+        if start_batch:
+            raise ValueError(f"Pass start_batch or start_position, not both. Received: "
+                             f"start_batch={start_batch}, start_position={start_position}")
+    if (start_batch or start_position) and not training:
+        raise ValueError(f"start_batch and start_position apply to training datasets only. "
+                         f"Received: start_batch={start_batch}, start_position={start_position}, "
+                         "training=False")
+    # First plan position to decode.
+    first = min(start_batch * batch_size if start_position is None else start_position, n)
 
     order, sample_seeds = epoch_plan(n, seed=seed, epoch=epoch, training=training)
     table = {"id": ids[order], "position": np.arange(n, dtype=np.int64), "seed": sample_seeds}
@@ -343,7 +358,8 @@ def make_dataset(
                .ignore_errors(log_warning=True))
     dataset = _count_skipped(dataset, epoch_ids=epoch_ids, views=views, crop_size=crop_size,
                              counter=skipped_counter, first=first)
-    keep = set(views) | ({"id"} if with_ids else set())
+    keep = set(views) | {name for name, wanted in (("id", with_ids), ("position", with_positions))
+                         if wanted}
     dataset = dataset.map(lambda element: {k: v for k, v in element.items() if k in keep})
     dataset = dataset.batch(batch_size, drop_remainder=training)
     return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)

@@ -353,6 +353,93 @@ def test_an_unreadable_training_file_shortens_one_epoch_but_never_empties_the_ne
     assert result.step == expected
 
 
+def test_resume_after_an_unreadable_sample_continues_at_exactly_the_next_sample(
+        tmp_path, monkeypatch):
+    """An epoch interrupted after a skipped sample resumes where a straight run goes on.
+
+    Batches after a skip start one plan place later than batches x B; resuming at batches x B
+    (the old way) trained one sample twice and ended with different weights.
+    """
+    import shutil
+
+    from cmc_kit import synth, training, views
+
+    root = synth.generate(tmp_path / "data", n=28, size=64, seed=5, progress=False)
+    config = tiny_config(**{"train.epochs": 2, "train.eval_subset": 0, "train.deterministic": True,
+                            "data.validation_fraction": 0.0})
+    base = tmp_path / "base"
+    training.train(root, base, config.with_overrides({"train.epochs": 1}), verbose=0)
+    # The sample at place 1 of epoch 2's plan, in the trainer's catalog order, becomes unreadable.
+    split = json.loads((base / "split.json").read_text())
+    catalog = training.apply_split(training._catalog_for(root, check_pixels=False), split)["train"]
+    order, _ = views.epoch_plan(len(catalog), seed=config.train.seed, epoch=1, training=True)
+    victim = Path(catalog["terrain"].iloc[order[1]])
+    victim.write_bytes(victim.read_bytes()[:200])
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    shutil.copytree(base, straight)
+    shutil.copytree(base, interrupted)
+
+    training.train(root, straight, config, verbose=0)
+    steps_per_epoch = len(catalog) // 4
+    monkeypatch.setattr(training.Trainer, "_out_of_time",
+                        lambda self, *args: int(self.step.numpy()) >= steps_per_epoch + 3)
+    stopped = training.train(root, interrupted, config, time_limit=3600, verbose=0)
+    assert stopped.status == "time_limit" and stopped.step == steps_per_epoch + 3
+    state = json.loads((interrupted / "state.json").read_text())
+    assert state["epoch_position"] == 3 * 4 + 1  # three batches and the skipped sample
+    monkeypatch.undo()
+    training.train(root, interrupted, config, verbose=0)
+
+    a, b = training.load_run(straight), training.load_run(interrupted)
+    assert a.step == b.step == 2 * steps_per_epoch - 1  # epoch 2 lost its last full batch
+    for network in ("online", "momentum"):
+        for wa, wb in zip(a.encoder(network).get_weights(), b.encoder(network).get_weights()):
+            np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    qa, qb = _queues(a), _queues(b)
+    for name in qa:
+        np.testing.assert_allclose(qa[name], qb[name], rtol=1e-5, atol=1e-6)
+    log_a, log_b = pd.read_csv(straight / "log.csv"), pd.read_csv(interrupted / "log.csv")
+    assert list(log_a["skipped_samples"]) == list(log_b["skipped_samples"]) == [0, 1]
+    np.testing.assert_allclose(log_a["loss"], log_b["loss"], rtol=1e-5)
+
+
+def test_a_checkpoint_without_epoch_position_still_resumes_and_numbers_on(
+        train_root, tmp_path, monkeypatch):
+    """Checkpoints written before `epoch_position` existed resume at batches x B."""
+    import tensorflow as tf
+
+    from cmc_kit import training
+
+    original_init = training.Trainer.__init__
+
+    def older_trainer(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        older = {k: v for k, v in self.checkpointed.items() if k != "epoch_position"}
+        self.checkpoint = tf.train.Checkpoint(**older)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, str(self.run_dir / "checkpoints"),
+            max_to_keep=self.config.train.keep_checkpoints, checkpoint_name="ckpt")
+
+    run = tmp_path / "run"
+    config = tiny_config(**{"train.epochs": 2, "train.eval_subset": 0})
+    monkeypatch.setattr(training.Trainer, "__init__", older_trainer)
+    monkeypatch.setattr(training.Trainer, "_out_of_time",
+                        lambda self, *args: int(self.step.numpy()) >= 2)
+    stopped = training.train(train_root, run, config, time_limit=3600, verbose=0)
+    assert stopped.status == "time_limit" and stopped.step == 2
+    saved = tf.train.load_checkpoint(stopped.checkpoint).get_variable_to_shape_map()
+    assert not any(name.startswith("epoch_position") for name in saved)
+    monkeypatch.undo()
+
+    finished = training.train(train_root, run, config, verbose=0)
+    assert finished.status == "completed" and finished.step == 12
+    number = lambda path: int(str(path).rsplit("-", 1)[1])  # noqa: E731
+    later = [c for c in training.list_checkpoints(run) if c["step"] > stopped.step]
+    assert later and all(number(c["path"]) > number(stopped.checkpoint) for c in later), \
+        "a checkpoint number was reused after the resume"
+    assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2]
+
+
 def test_stopping_on_the_last_step_of_an_epoch_resumes_without_empty_or_duplicate_rows(
         train_root, tmp_path, monkeypatch):
     from cmc_kit import training

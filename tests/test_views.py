@@ -323,6 +323,31 @@ def test_start_batch_equals_skip_without_decoding_the_skipped_samples(catalog_co
         make_training(catalog_copy, training=False, start_batch=1)
 
 
+def test_positions_resume_at_the_next_sample_after_an_unreadable_one(catalog_copy):
+    intact = batches(make_training(catalog_copy, with_positions=True))
+    assert [list(b["position"]) for b in intact] == [[0, 1], [2, 3], [4, 5]]
+    victim = intact[0]["id"][0].decode()  # plan place 0
+    path = catalog_copy.loc[catalog_copy["id"] == victim, "terrain"].iloc[0]
+    with open(path, "wb") as handle:
+        handle.write(b"not a png")
+
+    damaged = batches(make_training(catalog_copy, with_positions=True))
+    assert [list(b["position"]) for b in damaged] == [[1, 2], [3, 4], [5, 6]]
+    next_place = int(damaged[0]["position"].max()) + 1
+    counter = views.SkippedCounter()
+    resumed = batches(make_training(catalog_copy, with_positions=True, start_position=next_place,
+                                    skipped_counter=counter))
+    assert_same_batches(damaged[1:], resumed)
+    assert counter.count == 0  # the unreadable sample lies before the resume point
+    # Batches x B lands one place early and would train plan place 2 twice.
+    early = batches(make_training(catalog_copy, with_positions=True, start_batch=1))
+    assert list(early[0]["position"]) == [2, 3]
+    with pytest.raises(ValueError, match="not both"):
+        make_training(catalog_copy, start_batch=1, start_position=2)
+    with pytest.raises(ValueError, match="start_position"):
+        make_training(catalog_copy, training=False, start_position=2)
+
+
 def test_epochs_and_seeds_change_order_and_crops(coordinate_catalog):
     def ids(dataset):
         return [i for b in batches(dataset) for i in b["id"]]
