@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split", default="all", choices=["validation", "train", "all"])
+    p.add_argument("--over-epochs", type=Path, default=None, metavar="HTML",
+                   help="also write an animated page of the held-out subset's UMAP after each "
+                        "epoch (from RUN/embeddings/epoch_NNN.parquet)")
 
     p = sub.add_parser("evaluate", help="kNN / linear-probe table vs baselines")
     p.add_argument("--run", type=Path, required=True)
@@ -162,6 +165,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cmc_kit import explore
         out = explore.export_html(args.run, args.data, args.out, split=args.split)
         print(f"Wrote {out}")
+        if args.over_epochs is not None:
+            print(f"Wrote {explore.write_epochs_html(args.run, args.over_epochs)}")
         return 0
 
     if args.command == "evaluate":

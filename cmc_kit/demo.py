@@ -49,7 +49,8 @@ def run_demo(out: Path | str = "runs/demo", data: Path | str | None = None,
 
 
 def write_explorer_outputs(run: Path, data: Path) -> dict:
-    """One embedding pass over every sample -> table, UMAP, standalone page and mosaic."""
+    """One embedding pass over every sample -> table, UMAP, standalone page and mosaic; the
+    animated page of the per-epoch embeddings when the trainer wrote them."""
     from cmc_kit import data as data_module
     from cmc_kit import embed, explore
 
@@ -61,7 +62,10 @@ def write_explorer_outputs(run: Path, data: Path) -> dict:
                                        title=f"{run.name}: trunk / terrain, epoch "
                                              f"{table.attrs.get('epoch')}", progress=False)
     picture = explore.mosaic(layout, catalog, run / "mosaic.png", ids=list(table["id"]))
-    return {"embeddings": table_path, "explorer": page, "mosaic": picture}
+    outputs = {"embeddings": table_path, "explorer": page, "mosaic": picture}
+    if explore.epoch_tables(run):  # the held-out subset after each epoch, animated
+        outputs["over epochs"] = explore.write_epochs_html(run)
+    return outputs
 
 
 __all__ = ["run_demo", "ensure_synthetic", "preset"]

@@ -6,6 +6,9 @@
 - `write_explorer_html(table, layout, catalog, out)` / `export_html(run, data, out)`: one
   self-contained HTML file (Plotly JS and thumbnails inlined) that works offline.
 - `mosaic(layout, catalog, out_png)`: terrain thumbnails placed on the layout, without overlap.
+- `embedding_over_epochs(run)` / `write_epochs_html(run)`: an animated Plotly figure (or page) of
+  the held-out subset the trainer embeds after every epoch (`RUN/embeddings/epoch_NNN.parquet`),
+  one UMAP frame per epoch.
 - `feature_maps(encoder, batch)`: PCA of a trunk stage's feature map as RGB.
 
 Thumbnails show the whole sample (not the crop): terrain as JPEG, height colour-mapped with a
@@ -453,6 +456,140 @@ def export_html(run: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         (f", epoch {epoch}" if epoch is not None else "")
     return write_explorer_html(table, layout, data_module.discover(data), out, title=title,
                                thumb=thumb, progress=progress)
+
+
+# =============================================================================================
+# The embedding over training
+# =============================================================================================
+
+def epoch_tables(run: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The per-epoch embedding tables the trainer wrote, as (epoch, path), oldest first."""
+    found = []
+    for path in (Path(run) / "embeddings").glob("epoch_*.parquet"):
+        suffix = path.stem.split("_", 1)[1]
+        if suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def align_layout(layout: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`layout` rotated (or mirrored), uniformly scaled and shifted to best match `reference`.
+
+    UMAP's axes mean nothing: two runs on similar embeddings can come out rotated or mirrored.
+    Least squares over those similarity transforms (orthogonal Procrustes) makes successive
+    frames comparable without changing any distance ratio within a frame.
+    Both [N, d], rows matching.
+    """
+    layout = np.asarray(layout, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if layout.shape != reference.shape or layout.ndim != 2:
+        raise CmcKitError(f"align_layout needs two [N, d] layouts of the same shape. Received "
+                          f"{layout.shape} and {reference.shape}.")
+    centred, ref_centred = layout - layout.mean(0), reference - reference.mean(0)
+    u, singular, vt = np.linalg.svd(centred.T @ ref_centred)           # [d, d]
+    rotation = u @ vt
+    norm = float((centred ** 2).sum())
+    scale = float(singular.sum()) / norm if norm > 0 else 1.0
+    return (scale * centred @ rotation + reference.mean(0)).astype(np.float32)
+
+
+def _spread(count: int, most: int) -> list[int]:
+    """At most `most` indices of range(count), evenly spread, always the first and the last."""
+    if count <= most:
+        return list(range(count))
+    if most < 2:
+        return [count - 1]
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
+
+
+def embedding_over_epochs(run: str | os.PathLike, *, colour_by: str = DOMINANT,
+                          n_neighbors: int = 15, min_dist: float = 0.1, max_frames: int = 30,
+                          cache_dir: str | os.PathLike | None = None):
+    """An animated Plotly figure: the held-out subset's UMAP after each epoch, with a slider.
+
+    The trainer embeds the same `train.eval_subset` held-out samples after every epoch (trunk
+    features of the first view, online network). Each epoch gets its own UMAP; frames are then
+    aligned to the next one (`align_layout`, from the last epoch backwards) so a point moves only
+    as much as its neighbourhood changed. `max_frames` spreads long runs' epochs evenly.
+    `figure.write_html(path)` keeps the animation in a standalone page.
+    """
+    import plotly.graph_objects as go
+
+    found = epoch_tables(run)
+    if not found:
+        raise CmcKitError(f"{Path(run) / 'embeddings'} holds no epoch_NNN.parquet tables. The "
+                          "trainer writes them after each epoch when the run has a held-out "
+                          "split and train.eval_subset > 0.")
+    found = [found[i] for i in _spread(len(found), max(int(max_frames), 1))]
+    tables = [(epoch, embed.load_table(path)) for epoch, path in found]
+    # Samples present in every table (an unreadable file can drop one from some epochs).
+    common = set(tables[-1][1]["id"].astype(str))
+    for _, table in tables:
+        common &= set(table["id"].astype(str))
+    order = [i for i in tables[-1][1]["id"].astype(str) if i in common]
+    if len(order) < 3:
+        raise CmcKitError(f"The epoch tables of {run} share only {len(order)} sample(s); a layout "
+                          "needs at least 3. Raise train.eval_subset.")
+    tables = [(epoch, table.set_index(table["id"].astype(str)).loc[order].reset_index(drop=True))
+              for epoch, table in tables]
+    cache_dir = Path(run) / "umap_cache" if cache_dir is None else cache_dir
+    layouts = [embed.umap_layout(embed.embedding_matrix(table), n_neighbors=n_neighbors,
+                                 min_dist=min_dist, cache_dir=cache_dir)
+               for _, table in tables]
+    for i in range(len(layouts) - 2, -1, -1):
+        layouts[i] = align_layout(layouts[i], layouts[i + 1])
+
+    colours = marker_colours(tables[-1][1], colour_by)
+    size = _marker_size(len(order))
+
+    def trace(epoch, table, layout):
+        hover = [f"{sample_id}<br>{cls}<br>epoch {epoch}" for sample_id, cls in
+                 zip(order, table[DOMINANT] if DOMINANT in table else [""] * len(order))]
+        return go.Scatter(x=layout[:, 0], y=layout[:, 1], ids=order, mode="markers",
+                          marker=dict(size=size, opacity=0.85, line=dict(width=0),
+                                      **_marker_update(colours)),
+                          text=hover, hovertemplate="%{text}<extra></extra>", showlegend=False)
+
+    frames = [go.Frame(data=[trace(epoch, table, layout)], name=f"epoch {epoch}",
+                       layout=dict(title=dict(text=f"epoch {epoch}")))
+              for (epoch, table), layout in zip(tables, layouts)]
+    every = np.concatenate(layouts)
+    low, high = every.min(0), every.max(0)
+    pad = 0.05 * np.maximum(high - low, 1e-6)
+    play = dict(frame=dict(duration=600, redraw=False), transition=dict(duration=400),
+                fromcurrent=True, mode="immediate")
+    figure = go.Figure(data=frames[-1].data, frames=frames)
+    figure.update_layout(
+        template="plotly_white", width=640, height=600, hovermode="closest",
+        title=dict(text=f"epoch {tables[-1][0]}"),
+        margin=dict(l=10, r=10, t=40, b=10),
+        xaxis=dict(visible=False, range=[float(low[0] - pad[0]), float(high[0] + pad[0])]),
+        yaxis=dict(visible=False, range=[float(low[1] - pad[1]), float(high[1] + pad[1])]),
+        updatemenus=[dict(type="buttons", direction="left", x=0.0, y=0.0, xanchor="left",
+                          yanchor="top", pad=dict(t=30), buttons=[
+                              dict(label="play", method="animate", args=[None, play]),
+                              dict(label="pause", method="animate",
+                                   args=[[None], dict(mode="immediate",
+                                                      frame=dict(duration=0, redraw=False))])])],
+        sliders=[dict(active=len(frames) - 1, x=0.25, len=0.75, y=0.0, yanchor="top",
+                      currentvalue=dict(visible=False), steps=[
+                          dict(label=str(epoch), method="animate",
+                               args=[[f"epoch {epoch}"], dict(mode="immediate",
+                                                              frame=dict(duration=0, redraw=False),
+                                                              transition=dict(duration=300))])
+                          for epoch, _ in tables])])
+    return figure
+
+
+def write_epochs_html(run: str | os.PathLike, out: str | os.PathLike | None = None,
+                      **options) -> Path:
+    """`embedding_over_epochs(run, **options)` as one self-contained page (default
+    RUN/embedding_over_epochs.html), written atomically."""
+    figure = embedding_over_epochs(run, **options)
+    out = Path(run) / "embedding_over_epochs.html" if out is None else Path(out)
+    page = figure.to_html(include_plotlyjs=True, full_html=True, div_id="epochs",
+                          config={"displaylogo": False})
+    return atomic_write_bytes(out, page.encode("utf-8"))
 
 
 # =============================================================================================

@@ -94,6 +94,26 @@ explorer
 explorer.static_figure()
 
 # %% [markdown]
+# ## How the embedding formed during training
+#
+# After every epoch the trainer embedded the same held-out samples (`train.eval_subset` of
+# them, `RUN/embeddings/epoch_NNN.parquet`). Each epoch gets its own UMAP, rotated and scaled
+# onto the next one (UMAP's axes are arbitrary), so a point moves only as far as its
+# neighbourhood changed. Press *play* or drag the slider: early epochs are usually one mixed
+# cloud; classes pulling apart over the epochs is the encoder learning. The page is saved as
+# `embedding_over_epochs.html` beside the run.
+
+# %%
+if explore.epoch_tables(RUN):
+    epochs_page = explore.write_epochs_html(RUN)
+    print(f"wrote {epochs_page}")
+    over_epochs = explore.embedding_over_epochs(RUN)
+else:
+    over_epochs = None
+    print("This run has no per-epoch embeddings (no held-out split, or train.eval_subset=0).")
+over_epochs
+
+# %% [markdown]
 # ## Mosaic
 #
 # The same layout with each point replaced by its terrain thumbnail (one per grid cell, the

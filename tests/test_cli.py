@@ -76,7 +76,10 @@ def test_embed_and_explore_commands_write_their_files(trained_run, small_dataset
     table = pd.read_csv(table_path, dtype={"id": str})
     split = json.loads((trained_run / "split.json").read_text())
     assert sorted(table["id"]) == sorted(split["validation"])
-    page = tmp_path / "explorer.html"
+    page, epochs_page = tmp_path / "explorer.html", tmp_path / "epochs.html"
     assert main(["explore", "--run", str(trained_run), "--data", str(small_dataset),
-                 "--out", str(page)]) == 0
+                 "--out", str(page), "--over-epochs", str(epochs_page)]) == 0
     assert page.stat().st_size > 100_000 and "plotly" in page.read_text()[:200_000].lower()
+    # One frame per epoch the trainer embedded (2 epochs), in a standalone page.
+    text = epochs_page.read_text()
+    assert text.count('"name":"epoch ') == 2 and "Plotly.newPlot" in text

@@ -461,3 +461,138 @@ def test_page_works_in_headless_chromium(page_path, tmp_path):
         finally:
             browser.close()
     assert errors == []
+
+
+# -- the embedding over epochs ----------------------------------------------------------------------
+
+def test_align_layout_undoes_rotation_mirror_scale_and_shift():
+    rng = np.random.default_rng(3)
+    reference = rng.normal(size=(30, 2))
+    angle = 0.9
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = 3.0 * reference @ rotation @ np.diag([1.0, -1.0]) + [5.0, -2.0]
+    np.testing.assert_allclose(explore.align_layout(moved, reference), reference, atol=1e-5)
+    # On unrelated layouts it is still only a similarity transform, and never fits worse.
+    other = rng.normal(size=(30, 2)) * [4.0, 0.5]
+    aligned = explore.align_layout(other, reference)
+    ratio = pairwise(aligned) / np.where(pairwise(other) > 0, pairwise(other), 1)
+    off_diagonal = ~np.eye(30, dtype=bool)
+    np.testing.assert_allclose(ratio[off_diagonal], ratio[off_diagonal][0], rtol=1e-4)
+    assert ((aligned - reference) ** 2).sum() <= ((other - reference) ** 2).sum()
+    with pytest.raises(Exception, match="same shape"):
+        explore.align_layout(other[:5], reference)
+
+
+def pairwise(points):
+    return np.linalg.norm(points[:, None, :] - points[None, :, :], axis=-1)
+
+
+@pytest.fixture
+def epoch_run(dataset, tmp_path):
+    """A run folder with three epoch tables whose embeddings drift, as the trainer writes them."""
+    run = tmp_path / "epoch_run"
+    rng = np.random.default_rng(7)
+    for epoch in (1, 2, 3):
+        table = dataset.table.copy()
+        drift = rng.normal(scale=0.3 * (4 - epoch), size=(N, 6))
+        for k, column in enumerate(embed.embedding_columns(table)):
+            table[column] = table[column] + drift[:, k]
+        embed.save_table(table, run / "embeddings" / f"epoch_{epoch:03d}.parquet")
+    return run
+
+
+def test_embedding_over_epochs_animates_each_epoch_aligned_to_the_next(dataset, epoch_run):
+    figure = explore.embedding_over_epochs(epoch_run, n_neighbors=5)
+    assert [frame.name for frame in figure.frames] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert [step.label for step in figure.layout.sliders[0].steps] == ["1", "2", "3"]
+    ids = list(dataset.table["id"])
+    raw = [embed.umap_layout(embed.embedding_matrix(embed.load_table(path)), n_neighbors=5)
+           for _, path in explore.epoch_tables(epoch_run)]
+    frames = [np.column_stack([f.data[0].x, f.data[0].y]) for f in figure.frames]
+    # The last epoch is the reference, as UMAP laid it out; the figure opens on it.
+    np.testing.assert_allclose(frames[-1], raw[-1], atol=1e-6)
+    np.testing.assert_allclose(figure.data[0].x, raw[-1][:, 0], atol=1e-6)
+    for i in (0, 1):
+        # Earlier frames: their own UMAP up to a similarity transform, fitted to the next frame.
+        ratio = pairwise(frames[i]) / np.where(pairwise(raw[i]) > 0, pairwise(raw[i]), 1)
+        off_diagonal = ~np.eye(N, dtype=bool)
+        np.testing.assert_allclose(ratio[off_diagonal], ratio[off_diagonal][0], rtol=1e-3)
+        assert ((frames[i] - frames[i + 1]) ** 2).sum() <= ((raw[i] - frames[i + 1]) ** 2).sum()
+    for frame in figure.frames:
+        assert list(frame.data[0].ids) == ids  # object constancy: points glide, not jump
+        expected = ["rgb({},{},{})".format(*PALETTE[k % 7]) for k in range(N)]
+        assert list(frame.data[0].marker.color) == expected
+    low, high = figure.layout.xaxis.range
+    assert all(low <= x <= high for f in frames for x in f[:, 0])
+
+
+def test_embedding_over_epochs_spreads_frames_and_keeps_common_samples(dataset, epoch_run):
+    # An unreadable file dropped sample 0003 from epoch 2's table.
+    path = epoch_run / "embeddings" / "epoch_002.parquet"
+    table = embed.load_table(path)
+    embed.save_table(table[table["id"] != "0003"], path)
+    figure = explore.embedding_over_epochs(epoch_run, n_neighbors=5, max_frames=2)
+    assert [frame.name for frame in figure.frames] == ["epoch 1", "epoch 3"]
+    assert len(figure.frames[0].data[0].x) == N  # epoch 2 was not a frame
+    figure = explore.embedding_over_epochs(epoch_run, n_neighbors=5)
+    assert "0003" not in figure.frames[0].data[0].ids and len(figure.frames[0].data[0].x) == N - 1
+
+
+def test_embedding_over_epochs_without_tables_says_how_to_get_them(tmp_path):
+    with pytest.raises(Exception, match="train.eval_subset"):
+        explore.embedding_over_epochs(tmp_path / "empty_run")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                    reason=f"needs Debian's chromium at {CHROMIUM} (`make browser` installs it)")
+def test_epoch_animation_page_plays_in_headless_chromium(epoch_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    figure = explore.embedding_over_epochs(epoch_run, n_neighbors=5)
+    page_path = tmp_path / "over_epochs.html"
+    figure.write_html(page_path, include_plotlyjs=True, div_id="epochs")
+    first = np.column_stack([figure.frames[0].data[0].x, figure.frames[0].data[0].y])
+    errors = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 800, "height": 700})
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(page_path.as_uri())
+            page.wait_for_function("document.getElementById('epochs') && "
+                                   "document.getElementById('epochs').calcdata")
+            # Plotly rejects an interrupted animation's promise and nobody catches it (a slider
+            # press interrupts the frame it re-selects): those show as 'undefined' page errors.
+            page.evaluate("""() => { window.interrupted = 0; document.getElementById('epochs')
+                .on('plotly_animationinterrupted', () => { window.interrupted += 1; }); }""")
+            # Drag the slider's grip onto its first tick ("1"), as a person would.
+            ticks = page.evaluate("""() => Array.from(document.querySelectorAll(
+                '.slider-tick-rect')).map(e => { const r = e.getBoundingClientRect();
+                                                 return r.x + r.width / 2; })""")
+            rail = page.locator(".slider-rail-rect").bounding_box()
+            y = rail["y"] + rail["height"] / 2
+            page.mouse.move(ticks[-1], y)  # the grip sits on the last epoch
+            page.mouse.down()
+            page.mouse.move(ticks[1], y, steps=4)
+            page.mouse.move(ticks[0], y, steps=4)
+            page.mouse.up()
+            page.wait_for_function("document.getElementById('epochs')._fullLayout.title.text "
+                                   "=== 'epoch 1'")
+            page.wait_for_timeout(800)  # the 300 ms transition
+            shown = page.evaluate("""() => document.getElementById('epochs').calcdata[0]
+                                          .map(point => [point.x, point.y])""")
+            np.testing.assert_allclose(np.array(shown), first, rtol=1e-5, atol=1e-5)
+            # Play runs from the current frame to the last.
+            page.get_by_text("play", exact=True).click()
+            page.wait_for_function("document.getElementById('epochs')._fullLayout.title.text "
+                                   "=== 'epoch 3'", timeout=10_000)
+            interrupted = page.evaluate("window.interrupted")
+        finally:
+            browser.close()
+    assert [e for e in errors if e != "undefined"] == []
+    assert errors.count("undefined") <= interrupted

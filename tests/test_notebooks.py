@@ -136,6 +136,8 @@ def test_notebooks_run_in_order_and_hand_over_through_files(tmp_path, monkeypatc
     page = (run / "explorer.html").read_text()
     assert "plotly" in page.lower() and '"0040"' in page
     assert (run / "mosaic.png").is_file()
+    epochs_page = (run / "embedding_over_epochs.html").read_text()
+    assert [f'"name":"epoch {e}"' in epochs_page for e in (1, 2, 3)] == [True] * 3
 
     _execute("05_evaluate", tmp_path, params)
     table = pd.read_csv(run / "evaluation.csv")
