@@ -840,8 +840,13 @@ class Trainer:
                 self.epoch_sums.assign(sums)
                 self._notify("on_train_batch_end", step, logs)
                 if progbar is not None:
+                    shown = logs
+                    if in_epoch >= self.steps_per_epoch:
+                        # Keras's Progbar shows the values of its final update as they are (it
+                        # expects epoch means, as fit passes): the epoch's means, not this step's.
+                        shown = {**logs, **self._epoch_totals()["means"]}
                     progbar.update(min(in_epoch, self.steps_per_epoch),
-                                   values=self._progress_values(logs, step_seconds))
+                                   values=self._progress_values(shown, step_seconds))
                 if tc.log_every_steps and step % tc.log_every_steps == 0:
                     self._append_csv(self.run_dir / "log_steps.csv", {"step": step, **logs})
                     with writer.as_default(step=step):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -485,3 +486,7 @@ def test_progress_bar_shows_the_loss_terms(train_root, tmp_path, capsys):
                    tiny_config(**{"train.epochs": 1, "train.eval_subset": 0}), verbose=1)
     out = capsys.readouterr().out
     assert "inter:" in out and "intra:" in out and "samples/s:" in out
+    # The bar's final line shows the epoch's mean loss, as log.csv has it (not the last step's).
+    shown = float(re.findall(r"loss: ([0-9.]+)", out)[-1])
+    logged = pd.read_csv(tmp_path / "run" / "log.csv")["loss"].iloc[-1]
+    assert shown == pytest.approx(logged, abs=1e-3)
