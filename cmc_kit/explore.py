@@ -473,12 +473,13 @@ def epoch_tables(run: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def align_layout(layout: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """`layout` rotated (or mirrored), uniformly scaled and shifted to best match `reference`.
+    """`layout` rotated (or mirrored), scaled and shifted onto `reference`.
 
-    UMAP's axes mean nothing: two runs on similar embeddings can come out rotated or mirrored.
-    Least squares over those similarity transforms (orthogonal Procrustes) makes successive
-    frames comparable without changing any distance ratio within a frame.
-    Both [N, d], rows matching.
+    UMAP's axes mean nothing: two runs on similar embeddings can come out rotated, mirrored or
+    scaled. The rotation is the least-squares one (orthogonal Procrustes); the scale gives the
+    layout the reference's spread (RMS distance to the centre). The least-squares scale would
+    shrink a layout that matches its reference poorly (early epochs) towards a dot. Distance
+    ratios within the layout do not change. Both [N, d], rows matching.
     """
     layout = np.asarray(layout, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
@@ -486,11 +487,10 @@ def align_layout(layout: np.ndarray, reference: np.ndarray) -> np.ndarray:
         raise CmcKitError(f"align_layout needs two [N, d] layouts of the same shape. Received "
                           f"{layout.shape} and {reference.shape}.")
     centred, ref_centred = layout - layout.mean(0), reference - reference.mean(0)
-    u, singular, vt = np.linalg.svd(centred.T @ ref_centred)           # [d, d]
-    rotation = u @ vt
-    norm = float((centred ** 2).sum())
-    scale = float(singular.sum()) / norm if norm > 0 else 1.0
-    return (scale * centred @ rotation + reference.mean(0)).astype(np.float32)
+    u, _, vt = np.linalg.svd(centred.T @ ref_centred)                   # [d, d]
+    spread, ref_spread = np.sqrt((centred ** 2).sum()), np.sqrt((ref_centred ** 2).sum())
+    scale = ref_spread / spread if spread > 0 else 1.0
+    return (scale * centred @ (u @ vt) + reference.mean(0)).astype(np.float32)
 
 
 def _spread(count: int, most: int) -> list[int]:
@@ -509,8 +509,8 @@ def embedding_over_epochs(run: str | os.PathLike, *, colour_by: str = DOMINANT,
 
     The trainer embeds the same `train.eval_subset` held-out samples after every epoch (trunk
     features of the first view, online network). Each epoch gets its own UMAP; frames are then
-    aligned to the next one (`align_layout`, from the last epoch backwards) so a point moves only
-    as much as its neighbourhood changed. `max_frames` spreads long runs' epochs evenly.
+    aligned to the next one (`align_layout`, from the last epoch backwards: rotation, mirror,
+    shift and the same spread) so a point moves only as much as its neighbourhood changed. `max_frames` spreads long runs' epochs evenly.
     `figure.write_html(path)` keeps the animation in a standalone page.
     """
     import plotly.graph_objects as go
@@ -556,8 +556,9 @@ def embedding_over_epochs(run: str | os.PathLike, *, colour_by: str = DOMINANT,
     every = np.concatenate(layouts)
     low, high = every.min(0), every.max(0)
     pad = 0.05 * np.maximum(high - low, 1e-6)
+    # Play always runs from the first epoch: the figure opens on the last one.
     play = dict(frame=dict(duration=600, redraw=False), transition=dict(duration=400),
-                fromcurrent=True, mode="immediate")
+                fromcurrent=False, mode="immediate")
     figure = go.Figure(data=frames[-1].data, frames=frames)
     figure.update_layout(
         template="plotly_white", width=640, height=600, hovermode="closest",
@@ -587,8 +588,9 @@ def write_epochs_html(run: str | os.PathLike, out: str | os.PathLike | None = No
     RUN/embedding_over_epochs.html), written atomically."""
     figure = embedding_over_epochs(run, **options)
     out = Path(run) / "embedding_over_epochs.html" if out is None else Path(out)
+    # Opens on the last epoch, still (auto_play would start the animation on load).
     page = figure.to_html(include_plotlyjs=True, full_html=True, div_id="epochs",
-                          config={"displaylogo": False})
+                          auto_play=False, config={"displaylogo": False})
     return atomic_write_bytes(out, page.encode("utf-8"))
 
 

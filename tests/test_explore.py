@@ -472,13 +472,24 @@ def test_align_layout_undoes_rotation_mirror_scale_and_shift():
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     moved = 3.0 * reference @ rotation @ np.diag([1.0, -1.0]) + [5.0, -2.0]
     np.testing.assert_allclose(explore.align_layout(moved, reference), reference, atol=1e-5)
-    # On unrelated layouts it is still only a similarity transform, and never fits worse.
+    # On an unrelated layout it is still only a similarity transform, it takes the reference's
+    # spread (no shrinking towards a dot), and no other rotation or mirror fits better.
     other = rng.normal(size=(30, 2)) * [4.0, 0.5]
     aligned = explore.align_layout(other, reference)
     ratio = pairwise(aligned) / np.where(pairwise(other) > 0, pairwise(other), 1)
     off_diagonal = ~np.eye(30, dtype=bool)
     np.testing.assert_allclose(ratio[off_diagonal], ratio[off_diagonal][0], rtol=1e-4)
-    assert ((aligned - reference) ** 2).sum() <= ((other - reference) ** 2).sum()
+
+    def spread(points):
+        return np.sqrt(((points - points.mean(0)) ** 2).sum())
+
+    assert spread(aligned) == pytest.approx(spread(reference), rel=1e-5)
+    residual = ((aligned - reference) ** 2).sum()
+    for turn in np.linspace(0, 2 * np.pi, 73):
+        for mirror in (1.0, -1.0):
+            rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+            candidate = (aligned - aligned.mean(0)) @ rotation @ np.diag([1.0, mirror])
+            assert residual <= ((candidate + reference.mean(0) - reference) ** 2).sum() + 1e-4
     with pytest.raises(Exception, match="same shape"):
         explore.align_layout(other[:5], reference)
 
@@ -517,7 +528,8 @@ def test_embedding_over_epochs_animates_each_epoch_aligned_to_the_next(dataset, 
         ratio = pairwise(frames[i]) / np.where(pairwise(raw[i]) > 0, pairwise(raw[i]), 1)
         off_diagonal = ~np.eye(N, dtype=bool)
         np.testing.assert_allclose(ratio[off_diagonal], ratio[off_diagonal][0], rtol=1e-3)
-        assert ((frames[i] - frames[i + 1]) ** 2).sum() <= ((raw[i] - frames[i + 1]) ** 2).sum()
+        np.testing.assert_allclose(frames[i], explore.align_layout(raw[i], frames[i + 1]),
+                                   atol=1e-5)
     for frame in figure.frames:
         assert list(frame.data[0].ids) == ids  # object constancy: points glide, not jump
         expected = ["rgb({},{},{})".format(*PALETTE[k % 7]) for k in range(N)]
@@ -550,8 +562,7 @@ def test_epoch_animation_page_plays_in_headless_chromium(epoch_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
     figure = explore.embedding_over_epochs(epoch_run, n_neighbors=5)
-    page_path = tmp_path / "over_epochs.html"
-    figure.write_html(page_path, include_plotlyjs=True, div_id="epochs")
+    page_path = explore.write_epochs_html(epoch_run, tmp_path / "over_epochs.html", n_neighbors=5)
     first = np.column_stack([figure.frames[0].data[0].x, figure.frames[0].data[0].y])
     errors = []
     with sync_playwright() as playwright:
@@ -566,10 +577,20 @@ def test_epoch_animation_page_plays_in_headless_chromium(epoch_run, tmp_path):
             page.goto(page_path.as_uri())
             page.wait_for_function("document.getElementById('epochs') && "
                                    "document.getElementById('epochs').calcdata")
+            page.wait_for_timeout(500)
+            assert page.evaluate("document.getElementById('epochs')._fullLayout.title.text") \
+                == "epoch 3"  # opens on the last epoch and stays there
             # Plotly rejects an interrupted animation's promise and nobody catches it (a slider
             # press interrupts the frame it re-selects): those show as 'undefined' page errors.
-            page.evaluate("""() => { window.interrupted = 0; document.getElementById('epochs')
-                .on('plotly_animationinterrupted', () => { window.interrupted += 1; }); }""")
+            page.evaluate("""() => { window.interrupted = 0; window.shownFrames = [];
+                const gd = document.getElementById('epochs');
+                gd.on('plotly_animationinterrupted', () => { window.interrupted += 1; });
+                gd.on('plotly_animatingframe', e => window.shownFrames.push(e.name)); }""")
+            # Play runs through every epoch from the first.
+            page.get_by_text("play", exact=True).click()
+            page.wait_for_function("window.shownFrames.length === 3", timeout=10_000)
+            assert page.evaluate("window.shownFrames") == ["epoch 1", "epoch 2", "epoch 3"]
+            page.wait_for_timeout(800)
             # Drag the slider's grip onto its first tick ("1"), as a person would.
             ticks = page.evaluate("""() => Array.from(document.querySelectorAll(
                 '.slider-tick-rect')).map(e => { const r = e.getBoundingClientRect();
@@ -587,10 +608,6 @@ def test_epoch_animation_page_plays_in_headless_chromium(epoch_run, tmp_path):
             shown = page.evaluate("""() => document.getElementById('epochs').calcdata[0]
                                           .map(point => [point.x, point.y])""")
             np.testing.assert_allclose(np.array(shown), first, rtol=1e-5, atol=1e-5)
-            # Play runs from the current frame to the last.
-            page.get_by_text("play", exact=True).click()
-            page.wait_for_function("document.getElementById('epochs')._fullLayout.title.text "
-                                   "=== 'epoch 3'", timeout=10_000)
             interrupted = page.evaluate("window.interrupted")
         finally:
             browser.close()
