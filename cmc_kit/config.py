@@ -323,8 +323,10 @@ def _preset_cpu_demo() -> Config:
 
 def _preset_kaggle_t4() -> Config:
     # 256 crops, full-width ResNet-34, batch 32 in mixed precision, split across 2x T4 by
-    # MirroredStrategy. Memory and speed on a T4 are NOT measured yet (no GPU was available);
-    # lower data.batch_size if it runs out of memory.
+    # MirroredStrategy. Speed on a T4 is NOT measured (no GPU was available). Memory, estimated
+    # from one step on the CPU (benchmarks/step_memory.py): ~6 GB per T4 at 16 per replica,
+    # ~11 GB for 32 on one T4; float32 GPUs (P100) would need ~19.5 GB, so the notebooks give
+    # them batch 16.
     return Config(
         data=DataConfig(crop_size=256, batch_size=32),
         model=ModelConfig(trunk="resnet34", width=1.0, embedding_dim=128),

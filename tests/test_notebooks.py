@@ -298,6 +298,21 @@ def test_choose_config_keeps_a_saved_run_and_picks_a_preset_for_a_new_one(tmp_pa
     assert resumed.model == saved.model and resumed.train.epochs == 30
 
 
+def test_kaggle_t4_on_a_float32_gpu_gets_a_batch_that_fits(tmp_path, capsys):
+    from cmc_kit import notebook
+
+    p100 = notebook.choose_config(tmp_path / "p100", accelerator_names=["GPU:0 Tesla P100"],
+                                  gpu_precision="float32")
+    assert p100.data.batch_size == notebook.FLOAT32_GPU_BATCH == 16
+    assert "float32" in capsys.readouterr().out
+    t4 = notebook.choose_config(tmp_path / "t4", accelerator_names=["GPU:0 Tesla T4"],
+                                gpu_precision="mixed_float16")
+    assert t4.data.batch_size == 32
+    chosen = notebook.choose_config(tmp_path / "mine", accelerator_names=["GPU:0 Tesla P100"],
+                                    gpu_precision="float32", overrides={"data.batch_size": 24})
+    assert chosen.data.batch_size == 24
+
+
 def test_environment_report_matches_the_libraries():
     import keras
     import tensorflow as tf
