@@ -39,6 +39,7 @@ from cmc_kit.fileio import atomic_path, atomic_write_bytes
 from cmc_kit.palette import CLASS_NAMES, PALETTE, nearest_class
 
 THUMBNAIL_KINDS = ("terrain", "height", "segmentation")
+FIGURE_WIDTH = 640  # px, the notebook explorer's scatter
 DOMINANT = "dominant_class"
 # Height colour map anchors (position, RGB): water-blue lowlands to snowy peaks.
 _HEIGHT_ANCHORS = (
@@ -861,7 +862,10 @@ class Explorer:
                 self.controls[name].observe(
                     lambda c, name=name: self.set_embedding(**{name: c["new"]}), names="value")
 
-        self.plot_box = widgets.Box([])
+        # Never narrower than the figure: in a flex row the box would shrink and the sample
+        # panel would cover the plot's right side (seen in JupyterLab).
+        self.plot_box = widgets.Box([], layout=widgets.Layout(flex="0 0 auto",
+                                                              min_width=f"{FIGURE_WIDTH + 10}px"))
         self._render_figure()
         note = "" if self.interactive else (
             "<b>Static plot:</b> install <code>anywidget</code> for hover, click and lasso.")
@@ -911,7 +915,7 @@ class Explorer:
                                _marker_size(len(self.table)))
         figure_class = go.FigureWidget if self.interactive else go.Figure
         self.figure = figure_class(data=[trace])
-        self.figure.update_layout(template="plotly_white", width=640, height=560,
+        self.figure.update_layout(template="plotly_white", width=FIGURE_WIDTH, height=560,
                                   margin=dict(l=10, r=10, t=10, b=10), hovermode="closest",
                                   dragmode="lasso" if self.layout.shape[1] == 2 else "orbit",
                                   xaxis=dict(visible=False), yaxis=dict(visible=False))
