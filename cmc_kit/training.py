@@ -344,6 +344,9 @@ class Trainer:
         strategy: a tf.distribute strategy (default: `select_strategy(train.strategy)`).
         jit_compile: force XLA on (True) or off (False); None follows train.jit_compile, which
             only takes effect with a GPU/TPU attached.
+        dataset_transform: applied to every epoch's dataset (tests, experiments). Training
+            batches also hold "position": int64 [B], the samples' plan places, from which the
+            checkpoint's resume point is taken: pass it through unchanged.
     """
 
     def __init__(self, config: Config, run_dir: Path, train_catalog, eval_catalog=None, *,
@@ -768,6 +771,8 @@ class Trainer:
                   ("acc", logs["accuracy"])]
         if self.verbose >= 2:  # every pair's terms
             values += [(name, logs[name]) for name in self.term_names]
+        if step_seconds is None:  # no step ran in this session
+            return values
         return values + [("samples/s", self.global_batch / max(step_seconds, 1e-9))]
 
     # -- the loop -------------------------------------------------------------------------------
@@ -805,8 +810,9 @@ class Trainer:
                 progbar.update(done_in_epoch)
             self.skipped_samples.reset()
             sums = self.epoch_sums.numpy().copy()  # restored mid-epoch, or zeros
-            # Unreadable samples passed before a resume: plan places without a batch slot.
-            skipped_before = start_position - done_in_epoch * self.global_batch
+            # Unreadable samples passed before a resume (plan places without a batch slot), as
+            # the checkpoint counted them (also for checkpoints from before epoch_position).
+            skipped_before = int(sums[-1])
             epoch_started = time.monotonic()
             self._notify("on_epoch_begin", epoch)
             for batch in dataset:
@@ -836,7 +842,8 @@ class Trainer:
                 step = int(self.step.numpy())
                 in_epoch = int(self.batch_in_epoch.numpy())
                 # Exact, unlike the counter, which also sees samples the pipeline read ahead.
-                sums[-1] = int(self.epoch_position.numpy()) - in_epoch * self.global_batch
+                sums[-1] = skipped_before + (int(self.epoch_position.numpy()) - start_position) \
+                    - (in_epoch - done_in_epoch) * self.global_batch
                 self.epoch_sums.assign(sums)
                 self._notify("on_train_batch_end", step, logs)
                 if progbar is not None:
@@ -868,6 +875,13 @@ class Trainer:
             sums[-1] = skipped_before + self.skipped_samples.count  # incl. after the last step
             self.epoch_sums.assign(sums)
             totals = self._epoch_totals()
+            in_epoch = int(self.batch_in_epoch.numpy())
+            if progbar is not None and in_epoch < self.steps_per_epoch:
+                # Unreadable samples cost this epoch a batch: the bar never reached its target,
+                # so finish it here, with the epoch's means.
+                values = (self._progress_values(totals["means"], step_seconds)
+                          if totals["means"] else None)
+                progbar.update(in_epoch, values=values, finalize=True)
             if totals["counted"] == 0:
                 warnings.warn(f"Epoch {epoch + 1} of {self.run_dir} had no step with a finite loss "
                               "(all were non-finite or unreadable).", stacklevel=2)

@@ -332,7 +332,8 @@ def test_callbacks_see_every_step_and_epoch(train_root, tmp_path):
     assert recorder.ended == {"status": "completed", "step": result.step}
 
 
-def test_an_unreadable_training_file_shortens_one_epoch_but_never_empties_the_next(tmp_path):
+def test_an_unreadable_training_file_shortens_one_epoch_but_never_empties_the_next(tmp_path,
+                                                                                    capsys):
     """A file broken after validation drops one batch; later epochs still train in full."""
     from cmc_kit import synth, training
 
@@ -345,13 +346,20 @@ def test_an_unreadable_training_file_shortens_one_epoch_but_never_empties_the_ne
     split = json.loads((run / "split.json").read_text())
     victim = next((root / "_dataset").glob(f"{split['train'][0]}_t.png"))
     victim.write_bytes(victim.read_bytes()[:200])  # truncated after validation
-    result = training.train(root, run, config, verbose=0)
+    result = training.train(root, run, config, verbose=1)
     log = pd.read_csv(run / "log.csv")
     assert list(log["epoch"]) == [1, 2, 3]
     assert log["loss"].notna().all() and (log.loc[1:, "skipped_samples"] == 1).all()
     full = len(split["train"]) // 4
     expected = full + 2 * ((len(split["train"]) - 1) // 4)
     assert result.step == expected
+    # The shortened epochs' progress bars still finish, on the epoch's mean loss, before the
+    # epoch's summary line.
+    out = capsys.readouterr().out
+    finished = re.findall(r"loss: ([0-9.]+)[^\n\r]*\n  loss ([0-9.]+)", out)
+    assert len(finished) == 2
+    for shown, logged in finished:
+        assert float(shown) == pytest.approx(float(logged), abs=1e-3)
 
 
 def test_resume_after_an_unreadable_sample_continues_at_exactly_the_next_sample(
