@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -522,7 +523,21 @@ def embedding_over_epochs(run: str | os.PathLike, *, colour_by: str = DOMINANT,
                           "trainer writes them after each epoch when the run has a held-out "
                           "split and train.eval_subset > 0.")
     found = [found[i] for i in _spread(len(found), max(int(max_frames), 1))]
-    tables = [(epoch, embed.load_table(path)) for epoch, path in found]
+    tables, dropped = [], []
+    for epoch, path in found:
+        table = embed.load_table(path)
+        finite = np.isfinite(embed.embedding_matrix(table)).all(axis=1)
+        if not finite.any():  # e.g. an epoch whose weights overflowed: no frame for it
+            dropped.append(f"epoch {epoch}: all")
+            continue
+        if not finite.all():
+            dropped.append(f"epoch {epoch}: {int((~finite).sum())}")
+        tables.append((epoch, table[finite]))
+    if dropped:
+        warnings.warn(f"Non-finite embeddings left out of the animation of {run} "
+                      f"({'; '.join(dropped)} sample(s)).", stacklevel=2)
+    if not tables:
+        raise CmcKitError(f"Every epoch table of {run} holds only non-finite embeddings.")
     # Samples present in every table (an unreadable file can drop one from some epochs).
     common = set(tables[-1][1]["id"].astype(str))
     for _, table in tables:

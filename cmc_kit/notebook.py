@@ -287,7 +287,7 @@ def show_views(catalog: pd.DataFrame, *, crop_size: int, samples: int = 4,
 
 
 # One kaggle-t4 train step on the CPU (benchmarks/step_memory.py): about 0.31 GB per sample in
-# mixed precision and 0.57 GB in float32, plus about 1.2 GB. Batch 32 in float32 on one 16 GB
+# mixed precision and 0.57 GB in float32, plus about 1.2-1.3 GB. Batch 32 in float32 on one 16 GB
 # GPU (a P100: no tensor cores, so no mixed precision) would need about 19.5 GB.
 FLOAT32_GPU_BATCH = 16
 
@@ -302,10 +302,11 @@ def choose_config(run: str | os.PathLike, *, preset: str | None = None, epochs: 
     must then still match); a new run starts from `preset`, or from `default_preset()`.
     `overrides` and `epochs` apply on top either way.
 
-    A new kaggle-t4 run on GPUs without tensor cores (float32 training, e.g. Kaggle's P100)
-    gets `data.batch_size` 16 instead of 32, which would not fit in 16 GB (estimated, see
-    FLOAT32_GPU_BATCH), unless `overrides` sets the batch. `gpu_precision` is the policy the
-    GPUs get (default: what `train.mixed_precision=auto` picks for the attached GPUs).
+    A new kaggle-t4 run that trains in float32 on GPUs (no tensor cores, e.g. Kaggle's P100,
+    or `train.mixed_precision` "off" in `overrides`) gets `data.batch_size` 16 instead of 32,
+    which would not fit in 16 GB (estimated, see FLOAT32_GPU_BATCH), unless `overrides` sets
+    the batch. `gpu_precision` is the policy the GPUs get with "auto" (default: what
+    `train.mixed_precision=auto` picks for the attached GPUs; None without GPUs).
     """
     from cmc_kit import training
 
@@ -319,9 +320,12 @@ def choose_config(run: str | os.PathLike, *, preset: str | None = None, epochs: 
 
             if tf.config.list_physical_devices("GPU"):
                 gpu_precision = training.resolve_mixed_precision("auto")
+        setting = overrides.get("train.mixed_precision", "auto")
+        if gpu_precision is not None and setting != "auto":  # precision forced on GPUs
+            gpu_precision = training.resolve_mixed_precision(setting)
         if gpu_precision == "float32":
             overrides["data.batch_size"] = FLOAT32_GPU_BATCH
-            print(f"These GPUs train in float32 (no tensor cores): data.batch_size "
+            print(f"Training in float32 on these GPUs: data.batch_size "
                   f"{FLOAT32_GPU_BATCH} instead of the preset's 32, which needs about 19.5 GB "
                   "(estimated). Set OVERRIDES['data.batch_size'] to choose yourself.")
     return training.resolve_config(Path(run), preset_name=preset, epochs=epochs,

@@ -550,6 +550,23 @@ def test_embedding_over_epochs_spreads_frames_and_keeps_common_samples(dataset, 
     assert "0003" not in figure.frames[0].data[0].ids and len(figure.frames[0].data[0].x) == N - 1
 
 
+def test_non_finite_embeddings_are_left_out_with_a_warning(dataset, epoch_run):
+    path = epoch_run / "embeddings" / "epoch_002.parquet"
+    table = embed.load_table(path)
+    table.loc[table["id"] == "0004", "emb_0"] = np.nan
+    embed.save_table(table, path)
+    path = epoch_run / "embeddings" / "epoch_001.parquet"
+    table = embed.load_table(path)
+    table["emb_1"] = np.inf  # a whole epoch overflowed
+    embed.save_table(table, path)
+    with pytest.warns(UserWarning, match="epoch 1: all; epoch 2: 1"):
+        figure = explore.embedding_over_epochs(epoch_run, n_neighbors=5)
+    assert [frame.name for frame in figure.frames] == ["epoch 2", "epoch 3"]
+    for frame in figure.frames:
+        assert "0004" not in frame.data[0].ids and len(frame.data[0].ids) == N - 1
+        assert np.isfinite(frame.data[0].x).all()
+
+
 def test_embedding_over_epochs_without_tables_says_how_to_get_them(tmp_path):
     with pytest.raises(Exception, match="train.eval_subset"):
         explore.embedding_over_epochs(tmp_path / "empty_run")

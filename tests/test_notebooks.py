@@ -311,6 +311,10 @@ def test_kaggle_t4_on_a_float32_gpu_gets_a_batch_that_fits(tmp_path, capsys):
     chosen = notebook.choose_config(tmp_path / "mine", accelerator_names=["GPU:0 Tesla P100"],
                                     gpu_precision="float32", overrides={"data.batch_size": 24})
     assert chosen.data.batch_size == 24
+    forced = notebook.choose_config(tmp_path / "forced", accelerator_names=["GPU:0 Tesla T4"],
+                                    gpu_precision="mixed_float16",
+                                    overrides={"train.mixed_precision": "off"})
+    assert forced.data.batch_size == 16
 
 
 def test_environment_report_matches_the_libraries():
