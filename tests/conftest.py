@@ -44,3 +44,24 @@ def trained_run(small_dataset, tmp_path_factory):
     run = tmp_path_factory.mktemp("trained_run") / "run"
     training.train(small_dataset, run, config, verbose=0)
     return run
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture
+def browser():
+    """Debian's headless chromium through playwright (skips without it: `make browser`)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"needs Debian's chromium at {CHROMIUM} (`make browser` installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"])
+        try:
+            yield launched
+        finally:
+            launched.close()

@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import os
 import re
 import types
 from pathlib import Path
@@ -17,7 +16,6 @@ from cmc_kit import CLASS_NAMES, PALETTE, embed, explore
 
 SIZE = 32
 N = 12
-CHROMIUM = "/usr/bin/chromium"
 
 
 def sample_colour(index):
@@ -408,58 +406,46 @@ def test_export_html_embeds_a_run_and_caches_its_layout(dataset, tmp_path, monke
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                    reason=f"needs Debian's chromium at {CHROMIUM} (`make browser` installs it)")
-def test_page_works_in_headless_chromium(page_path, tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def test_page_works_in_headless_chromium(page_path, browser, tmp_path):
     errors = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 700})
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(Path(page_path).as_uri())
-            page.wait_for_function("document.getElementById('cmc-plot') && "
-                                   "document.getElementById('cmc-plot').calcdata")
-            # Move the mouse onto point 7, as a person would.
-            x, y = page.evaluate("""() => {
-                const gd = document.getElementById('cmc-plot'), fl = gd._fullLayout;
-                const box = gd.getBoundingClientRect(), p = gd.calcdata[0][7];
-                return [box.left + fl._size.l + fl.xaxis.d2p(p.x),
-                        box.top + fl._size.t + fl.yaxis.d2p(p.y)]; }""")
-            page.mouse.move(x, y)
-            page.wait_for_selector("#cmc-sample img")
-            sources = page.eval_on_selector_all("#cmc-sample img", "els => els.map(e => e.src)")
-            assert len(sources) == 3 and all(s.startswith("data:image/") for s in sources)
-            assert page.inner_text("#cmc-sample-id") == "0008"
-            page.screenshot(path=str(tmp_path / "hover.png"))
+    page = browser.new_page(viewport={"width": 1200, "height": 700})
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(Path(page_path).as_uri())
+    page.wait_for_function("document.getElementById('cmc-plot') && "
+                           "document.getElementById('cmc-plot').calcdata")
+    # Move the mouse onto point 7, as a person would.
+    x, y = page.evaluate("""() => {
+        const gd = document.getElementById('cmc-plot'), fl = gd._fullLayout;
+        const box = gd.getBoundingClientRect(), p = gd.calcdata[0][7];
+        return [box.left + fl._size.l + fl.xaxis.d2p(p.x),
+                box.top + fl._size.t + fl.yaxis.d2p(p.y)]; }""")
+    page.mouse.move(x, y)
+    page.wait_for_selector("#cmc-sample img")
+    sources = page.eval_on_selector_all("#cmc-sample img", "els => els.map(e => e.src)")
+    assert len(sources) == 3 and all(s.startswith("data:image/") for s in sources)
+    assert page.inner_text("#cmc-sample-id") == "0008"
+    page.screenshot(path=str(tmp_path / "hover.png"))
 
-            def point_fill():
-                return page.evaluate("document.querySelectorAll('.scatterlayer .point')[7]"
-                                     ".style.fill")
+    def point_fill():
+        return page.evaluate("document.querySelectorAll('.scatterlayer .point')[7]"
+                             ".style.fill")
 
-            before = point_fill()
-            assert before.replace(" ", "") == "rgb({},{},{})".format(*PALETTE[0])  # water
-            page.select_option("#cmc-colour-by", "height_mean")
-            page.wait_for_function("document.getElementById('cmc-plot')._fullData[0]"
-                                   ".marker.showscale === true")
-            assert point_fill() != before
-            colours = page.evaluate("Array.from(document.getElementById('cmc-plot')"
-                                    "._fullData[0].marker.color)")
-            np.testing.assert_allclose(colours, np.arange(N) * 100)
+    before = point_fill()
+    assert before.replace(" ", "") == "rgb({},{},{})".format(*PALETTE[0])  # water
+    page.select_option("#cmc-colour-by", "height_mean")
+    page.wait_for_function("document.getElementById('cmc-plot')._fullData[0]"
+                           ".marker.showscale === true")
+    assert point_fill() != before
+    colours = page.evaluate("Array.from(document.getElementById('cmc-plot')"
+                            "._fullData[0].marker.color)")
+    np.testing.assert_allclose(colours, np.arange(N) * 100)
 
-            # A lasso selection fills the grid with the selected terrains.
-            page.evaluate("""() => document.getElementById('cmc-plot').emit('plotly_selected',
-                {points: [{curveNumber: 0, pointNumber: 2}, {curveNumber: 0, pointNumber: 5}]})""")
-            assert page.eval_on_selector_all("#cmc-grid img", "els => els.map(e => e.title)") \
-                == ["0003", "0006"]
-        finally:
-            browser.close()
+    # A lasso selection fills the grid with the selected terrains.
+    page.evaluate("""() => document.getElementById('cmc-plot').emit('plotly_selected',
+        {points: [{curveNumber: 0, pointNumber: 2}, {curveNumber: 0, pointNumber: 5}]})""")
+    assert page.eval_on_selector_all("#cmc-grid img", "els => els.map(e => e.title)") \
+        == ["0003", "0006"]
     assert errors == []
 
 
@@ -573,60 +559,48 @@ def test_embedding_over_epochs_without_tables_says_how_to_get_them(tmp_path):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                    reason=f"needs Debian's chromium at {CHROMIUM} (`make browser` installs it)")
-def test_epoch_animation_page_plays_in_headless_chromium(epoch_run, tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def test_epoch_animation_page_plays_in_headless_chromium(epoch_run, browser, tmp_path):
     figure = explore.embedding_over_epochs(epoch_run, n_neighbors=5)
     page_path = explore.write_epochs_html(epoch_run, tmp_path / "over_epochs.html", n_neighbors=5)
     first = np.column_stack([figure.frames[0].data[0].x, figure.frames[0].data[0].y])
     errors = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 800, "height": 700})
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(page_path.as_uri())
-            page.wait_for_function("document.getElementById('epochs') && "
-                                   "document.getElementById('epochs').calcdata")
-            page.wait_for_timeout(500)
-            assert page.evaluate("document.getElementById('epochs')._fullLayout.title.text") \
-                == "epoch 3"  # opens on the last epoch and stays there
-            # Plotly rejects an interrupted animation's promise and nobody catches it (a slider
-            # press interrupts the frame it re-selects): those show as 'undefined' page errors.
-            page.evaluate("""() => { window.interrupted = 0; window.shownFrames = [];
-                const gd = document.getElementById('epochs');
-                gd.on('plotly_animationinterrupted', () => { window.interrupted += 1; });
-                gd.on('plotly_animatingframe', e => window.shownFrames.push(e.name)); }""")
-            # Play runs through every epoch from the first.
-            page.get_by_text("play", exact=True).click()
-            page.wait_for_function("window.shownFrames.length === 3", timeout=10_000)
-            assert page.evaluate("window.shownFrames") == ["epoch 1", "epoch 2", "epoch 3"]
-            page.wait_for_timeout(800)
-            # Drag the slider's grip onto its first tick ("1"), as a person would.
-            ticks = page.evaluate("""() => Array.from(document.querySelectorAll(
-                '.slider-tick-rect')).map(e => { const r = e.getBoundingClientRect();
-                                                 return r.x + r.width / 2; })""")
-            rail = page.locator(".slider-rail-rect").bounding_box()
-            y = rail["y"] + rail["height"] / 2
-            page.mouse.move(ticks[-1], y)  # the grip sits on the last epoch
-            page.mouse.down()
-            page.mouse.move(ticks[1], y, steps=4)
-            page.mouse.move(ticks[0], y, steps=4)
-            page.mouse.up()
-            page.wait_for_function("document.getElementById('epochs')._fullLayout.title.text "
-                                   "=== 'epoch 1'")
-            page.wait_for_timeout(800)  # the 300 ms transition
-            shown = page.evaluate("""() => document.getElementById('epochs').calcdata[0]
-                                          .map(point => [point.x, point.y])""")
-            np.testing.assert_allclose(np.array(shown), first, rtol=1e-5, atol=1e-5)
-            interrupted = page.evaluate("window.interrupted")
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 800, "height": 700})
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(page_path.as_uri())
+    page.wait_for_function("document.getElementById('epochs') && "
+                           "document.getElementById('epochs').calcdata")
+    page.wait_for_timeout(500)
+    assert page.evaluate("document.getElementById('epochs')._fullLayout.title.text") \
+        == "epoch 3"  # opens on the last epoch and stays there
+    # Plotly rejects an interrupted animation's promise and nobody catches it (a slider
+    # press interrupts the frame it re-selects): those show as 'undefined' page errors.
+    page.evaluate("""() => { window.interrupted = 0; window.shownFrames = [];
+        const gd = document.getElementById('epochs');
+        gd.on('plotly_animationinterrupted', () => { window.interrupted += 1; });
+        gd.on('plotly_animatingframe', e => window.shownFrames.push(e.name)); }""")
+    # Play runs through every epoch from the first.
+    page.get_by_text("play", exact=True).click()
+    page.wait_for_function("window.shownFrames.length === 3", timeout=10_000)
+    assert page.evaluate("window.shownFrames") == ["epoch 1", "epoch 2", "epoch 3"]
+    page.wait_for_timeout(800)
+    # Drag the slider's grip onto its first tick ("1"), as a person would.
+    ticks = page.evaluate("""() => Array.from(document.querySelectorAll(
+        '.slider-tick-rect')).map(e => { const r = e.getBoundingClientRect();
+                                         return r.x + r.width / 2; })""")
+    rail = page.locator(".slider-rail-rect").bounding_box()
+    y = rail["y"] + rail["height"] / 2
+    page.mouse.move(ticks[-1], y)  # the grip sits on the last epoch
+    page.mouse.down()
+    page.mouse.move(ticks[1], y, steps=4)
+    page.mouse.move(ticks[0], y, steps=4)
+    page.mouse.up()
+    page.wait_for_function("document.getElementById('epochs')._fullLayout.title.text "
+                           "=== 'epoch 1'")
+    page.wait_for_timeout(800)  # the 300 ms transition
+    shown = page.evaluate("""() => document.getElementById('epochs').calcdata[0]
+                                  .map(point => [point.x, point.y])""")
+    np.testing.assert_allclose(np.array(shown), first, rtol=1e-5, atol=1e-5)
+    interrupted = page.evaluate("window.interrupted")
     assert [e for e in errors if e != "undefined"] == []
     assert errors.count("undefined") <= interrupted

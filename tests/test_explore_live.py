@@ -5,7 +5,6 @@ person sees: the FigureWidget's hover / lasso events reach the kernel, and the t
 metadata and colours it sends back show up in the page.
 """
 
-import os
 import secrets
 import socket
 import subprocess
@@ -21,16 +20,10 @@ from PIL import Image
 
 from cmc_kit import CLASS_NAMES, PALETTE, embed
 
-CHROMIUM = "/usr/bin/chromium"
 N = 12
 SIZE = 32
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                       reason=f"needs Debian's chromium at {CHROMIUM} (`make browser` installs it)"),
-]
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def sample_colour(index):
@@ -128,66 +121,57 @@ CENTRE_RGB = """image => {
         .slice(0, 3); }"""
 
 
-def test_hover_lasso_and_colour_by_in_jupyterlab(lab, tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def test_hover_lasso_and_colour_by_in_jupyterlab(lab, browser, tmp_path):
     errors = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(lab)
-            page.wait_for_selector(".jp-Notebook", timeout=90_000)
-            # The kernel is up when the status bar says so; Run All before that is lost.
-            page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=90_000)
-            page.get_by_role("menuitem", name="Run").first.click()
-            page.get_by_text("Run All Cells", exact=True).click()
-            page.wait_for_function(f"{PLOT} && {PLOT}.calcdata", timeout=180_000)
-            output = page.locator(".jp-OutputArea-output", has=page.locator(".js-plotly-plot"))
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(lab)
+        page.wait_for_selector(".jp-Notebook", timeout=90_000)
+        # The kernel is up when the status bar says so; Run All before that is lost.
+        page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=90_000)
+        page.get_by_role("menuitem", name="Run").first.click()
+        page.get_by_text("Run All Cells", exact=True).click()
+        page.wait_for_function(f"{PLOT} && {PLOT}.calcdata", timeout=180_000)
+        output = page.locator(".jp-OutputArea-output", has=page.locator(".js-plotly-plot"))
 
-            # Hover: the kernel's thumbnails and metadata of that sample appear.
-            page.mouse.move(*page.evaluate(POINT_XY, 7))
-            output.get_by_text("0008", exact=True).first.wait_for(timeout=30_000)
-            images = output.locator("img")
-            page.wait_for_function(
-                "n => document.querySelectorAll('.jp-OutputArea-output img').length >= n", arg=3)
-            terrain, segmentation = images.nth(0), images.nth(2)
-            page.wait_for_function("image => image.complete && image.naturalWidth > 0",
-                                   arg=terrain.element_handle())
-            np.testing.assert_allclose(terrain.evaluate(CENTRE_RGB), sample_colour(7), atol=12)
-            assert segmentation.evaluate(CENTRE_RGB) == list(PALETTE[7 % 7])
-            assert "water" in output.inner_text() and "700" in output.inner_text()
+        # Hover: the kernel's thumbnails and metadata of that sample appear.
+        page.mouse.move(*page.evaluate(POINT_XY, 7))
+        output.get_by_text("0008", exact=True).first.wait_for(timeout=30_000)
+        images = output.locator("img")
+        page.wait_for_function(
+            "n => document.querySelectorAll('.jp-OutputArea-output img').length >= n", arg=3)
+        terrain, segmentation = images.nth(0), images.nth(2)
+        page.wait_for_function("image => image.complete && image.naturalWidth > 0",
+                               arg=terrain.element_handle())
+        np.testing.assert_allclose(terrain.evaluate(CENTRE_RGB), sample_colour(7), atol=12)
+        assert segmentation.evaluate(CENTRE_RGB) == list(PALETTE[7 % 7])
+        assert "water" in output.inner_text() and "700" in output.inner_text()
 
-            # Lasso around point 5 only: its terrain thumbnail fills the grid.
-            x, y = page.evaluate(POINT_XY, 5)
-            page.mouse.move(x - 20, y - 20)
-            page.mouse.down()
-            for dx, dy in ((20, -20), (20, 20), (-20, 20), (-20, -20)):
-                page.mouse.move(x + dx, y + dy, steps=5)
-            page.mouse.up()
-            output.get_by_text("1 selected").wait_for(timeout=30_000)
-            page.wait_for_function(
-                "n => document.querySelectorAll('.jp-OutputArea-output img').length === n", arg=4)
-            grid_image = images.nth(3)
-            page.wait_for_function("image => image.complete && image.naturalWidth > 0",
-                                   arg=grid_image.element_handle())
-            np.testing.assert_allclose(grid_image.evaluate(CENTRE_RGB), sample_colour(5),
-                                       atol=12)
+        # Lasso around point 5 only: its terrain thumbnail fills the grid.
+        x, y = page.evaluate(POINT_XY, 5)
+        page.mouse.move(x - 20, y - 20)
+        page.mouse.down()
+        for dx, dy in ((20, -20), (20, 20), (-20, 20), (-20, -20)):
+            page.mouse.move(x + dx, y + dy, steps=5)
+        page.mouse.up()
+        output.get_by_text("1 selected").wait_for(timeout=30_000)
+        page.wait_for_function(
+            "n => document.querySelectorAll('.jp-OutputArea-output img').length === n", arg=4)
+        grid_image = images.nth(3)
+        page.wait_for_function("image => image.complete && image.naturalWidth > 0",
+                               arg=grid_image.element_handle())
+        np.testing.assert_allclose(grid_image.evaluate(CENTRE_RGB), sample_colour(5),
+                                   atol=12)
 
-            # Colour by another column: the kernel recolours the plot in the page.
-            output.locator("select").first.select_option("height_mean")
-            page.wait_for_function(f"{PLOT}._fullData[0].marker.showscale === true",
-                                   timeout=30_000)
-            colours = page.evaluate(f"Array.from({PLOT}._fullData[0].marker.color)")
-            np.testing.assert_allclose(colours, np.arange(N) * 100.0)
-            page.screenshot(path=str(tmp_path / "jupyterlab.png"))  # kept in pytest's tmp folder
-        except Exception:
-            page.screenshot(path=str(tmp_path / "failed.png"))
-            raise
-        finally:
-            browser.close()
+        # Colour by another column: the kernel recolours the plot in the page.
+        output.locator("select").first.select_option("height_mean")
+        page.wait_for_function(f"{PLOT}._fullData[0].marker.showscale === true",
+                               timeout=30_000)
+        colours = page.evaluate(f"Array.from({PLOT}._fullData[0].marker.color)")
+        np.testing.assert_allclose(colours, np.arange(N) * 100.0)
+        page.screenshot(path=str(tmp_path / "jupyterlab.png"))  # kept in pytest's tmp folder
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failed.png"))
+        raise
     assert errors == []
