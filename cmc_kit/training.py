@@ -693,7 +693,8 @@ class Trainer:
         latest = self.manager.latest_checkpoint
         if latest:
             self._check_geometry(latest)
-            checkpoint = self._checkpoint_for(latest)
+            saved = self._saved_names(latest)
+            checkpoint = self._checkpoint_for(saved)
             status = checkpoint.restore(latest)
             try:
                 status.assert_existing_objects_matched()
@@ -703,7 +704,7 @@ class Trainer:
                     f"{self.run_dir / CONFIG_FILE}: {str(err)[:300]}. Start over with --fresh.") from err
             if checkpoint is not self.checkpoint:  # the manager numbers saves by this counter
                 self.checkpoint.save_counter.assign(checkpoint.save_counter)
-            if not self._saved_names(latest) >= {"epoch_position"}:
+            if "epoch_position" not in saved:
                 # Written before epoch_position existed: batches x B, exact unless a sample
                 # before the resume point was unreadable.
                 self.epoch_position.assign(int(self.batch_in_epoch.numpy()) * self.global_batch)
@@ -719,11 +720,11 @@ class Trainer:
         return {name.split("/")[0] for name in
                 tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()}
 
-    def _checkpoint_for(self, checkpoint_path: str):
-        """The checkpoint object, less the variables an older checkpoint does not have yet."""
+    def _checkpoint_for(self, saved: set[str]):
+        """The checkpoint object, less the variables an older checkpoint (holding `saved`) does
+        not have yet."""
         import tensorflow as tf
 
-        saved = self._saved_names(checkpoint_path)
         optional = {"epoch_position"}
         if optional <= saved:
             return self.checkpoint
