@@ -37,7 +37,7 @@ from cmc_kit import data, synth, training  # noqa: E402
 from cmc_kit.config import preset  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import forward_flops  # noqa: E402
+from train_step import forward_flops, matmul_flops_per_second  # noqa: E402
 
 # Dense tensor-core peak FLOP/s (no sparsity) from the vendors' datasheets, by the name
 # TensorFlow reports, for the compute dtype of each mixed-precision policy.
@@ -53,19 +53,6 @@ DATASHEET_PEAK = {
 
 def compute_dtype(precision: str) -> str:
     return {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(precision, "float32")
-
-
-def matmul_flops_per_second(n: int, dtype: str, repeats: int = 10) -> float:
-    a = tf.cast(tf.random.normal([n, n]), dtype)
-    b = tf.cast(tf.random.normal([n, n]), dtype)
-    matmul = tf.function(lambda: tf.matmul(a, b))
-    float(tf.reduce_sum(tf.cast(matmul()[:1, :1], tf.float32)))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        float(tf.reduce_sum(tf.cast(matmul()[:1, :1], tf.float32)))
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / min(times)
 
 
 def gpu_description() -> tuple[str, str]:
@@ -143,7 +130,7 @@ def main() -> None:
         step_flops = 4 * forward_flops(lambda b: trainer.online(b, training=False), specs)
 
     dtype = compute_dtype(trainer.precision)
-    matmul = matmul_flops_per_second(matmul_n, dtype)
+    matmul = matmul_flops_per_second(matmul_n, dtype=dtype)
     achieved = step_flops / seconds
     peak = DATASHEET_PEAK.get(name, {}).get(dtype)
     rows = [

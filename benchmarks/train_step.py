@@ -213,9 +213,11 @@ def mean_seconds(step, batch, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
 
 
-def matmul_flops_per_second(n: int = 2048, repeats: int = 10) -> float:
-    a, b = tf.random.normal([n, n]), tf.random.normal([n, n])
-    matmul = tf.function(lambda: tf.matmul(a, b))
+def matmul_flops_per_second(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """FLOP/s of an n^3 matmul in `dtype` (best of `repeats`; only one element is fetched)."""
+    a = tf.cast(tf.random.normal([n, n]), dtype)
+    b = tf.cast(tf.random.normal([n, n]), dtype)
+    matmul = tf.function(lambda: tf.matmul(a, b)[:1, :1])
     matmul().numpy()
     times = []
     for _ in range(repeats):
