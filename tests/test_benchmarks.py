@@ -1,0 +1,34 @@
+"""The prepared GPU script must run when a GPU session finally gets one: smoke it on the CPU."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_report_smoke_runs_and_prints_every_figure():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for label in ("samples/s", "GFLOP per step", "achieved TFLOP/s", "achieved / matmul",
+                  "achieved / datasheet peak", "peak GPU memory, GB",
+                  "time per FLOP, grouped RegNetX / dense ResNet-34"):
+        assert label in out, out
+    figures = {line[:34].strip(): line[34:].strip() for line in out.splitlines()
+               if line[:34].strip() in ("samples/s", "GFLOP per step")}
+    assert float(figures["samples/s"]) > 0 and float(figures["GFLOP per step"]) > 0
+
+
+def test_gpu_report_without_a_gpu_measures_nothing():
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is attached")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py")],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0 and "No GPU: nothing to measure" in result.stdout
