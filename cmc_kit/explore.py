@@ -598,11 +598,11 @@ def embedding_over_epochs(run: str | os.PathLike, *, colour_by: str = DOMINANT,
     return figure
 
 
-def write_epochs_html(run: str | os.PathLike, out: str | os.PathLike | None = None,
-                      **options) -> Path:
+def write_epochs_html(run: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                      figure=None, **options) -> Path:
     """`embedding_over_epochs(run, **options)` as one self-contained page (default
-    RUN/embedding_over_epochs.html), written atomically."""
-    figure = embedding_over_epochs(run, **options)
+    RUN/embedding_over_epochs.html), written atomically. Pass `figure` when it is already made."""
+    figure = embedding_over_epochs(run, **options) if figure is None else figure
     out = Path(run) / "embedding_over_epochs.html" if out is None else Path(out)
     # Opens on the last epoch, still (auto_play would start the animation on load).
     page = figure.to_html(include_plotlyjs=True, full_html=True, div_id="epochs",

@@ -105,9 +105,8 @@ explorer.static_figure()
 
 # %%
 if explore.epoch_tables(RUN):
-    epochs_page = explore.write_epochs_html(RUN)
-    print(f"wrote {epochs_page}")
     over_epochs = explore.embedding_over_epochs(RUN)
+    print(f"wrote {explore.write_epochs_html(RUN, figure=over_epochs)}")
 else:
     over_epochs = None
     print("This run has no per-epoch embeddings (no held-out split, or train.eval_subset=0).")
