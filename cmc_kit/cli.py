@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--run", type=Path, required=True)
     _add_config_args(p)
-    p.add_argument("--fresh", action="store_true", help="discard RUN's checkpoints and start over")
+    p.add_argument("--fresh", action="store_true", help="discard RUN's checkpoints and start over (ignores an attached Kaggle output)")
     p.add_argument("--time-limit", type=str, default=None,
                    help="checkpoint and stop cleanly before this much wall time, e.g. 11.5h, 90m")
     p.add_argument("--resume-from", type=Path, default=None,

@@ -1124,18 +1124,21 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
         data: dataset root (PNG triplets, any depth) or a catalog DataFrame.
         run: run directory; created if needed.
         config: settings for a new run (default: saved config.json, else the cpu-demo preset).
-        fresh: delete the run's checkpoints, logs and split and start over.
+        fresh: delete the run's checkpoints, logs and split and start over (a previous output
+            attached on Kaggle is then ignored).
         time_limit: seconds (or "11.5h") after which to checkpoint and return cleanly.
-        resume_from: a previous run directory to copy in and continue (Kaggle inputs).
+        resume_from: a previous run directory to copy in and continue (Kaggle inputs); None:
+            on Kaggle, one named like `run` under /kaggle/input, if any.
         callbacks: keras.callbacks.Callback-like objects (e.g. a live loss plot).
     """
     run_dir = Path(run)
+    _refuse_fresh_with_resume_from(fresh, resume_from)
     if fresh and run_dir.exists():
         for name in (CHECKPOINT_DIR, "tensorboard", "embeddings"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in (STATE_FILE, "log.csv", "log_steps.csv", SPLIT_FILE, CONFIG_FILE):
             (run_dir / name).unlink(missing_ok=True)
-    if resume_from is None:
+    if resume_from is None and not fresh:
         resume_from = find_previous_output(run_dir)  # on Kaggle: a previous version's output
     if resume_from is not None:
         import_previous_run(Path(resume_from), run_dir)
@@ -1163,7 +1166,8 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
 
 def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, fresh=False,
                    time_limit=None, resume_from=None) -> TrainResult:
-    if resume_from is None:
+    _refuse_fresh_with_resume_from(fresh, resume_from)
+    if resume_from is None and not fresh:
         resume_from = find_previous_output(Path(run))
     if resume_from is not None:
         import_previous_run(Path(resume_from), Path(run))
@@ -1172,6 +1176,18 @@ def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, 
     result = train(data, run, config, fresh=fresh, time_limit=time_limit)
     print(f"{result.status}: epoch {result.epoch}, step {result.step}; run directory {result.run}")
     return result
+
+
+def _refuse_fresh_with_resume_from(fresh: bool, resume_from) -> None:
+    """`fresh` starts over, `resume_from` continues another run: asking for both is a mistake.
+
+    (`fresh` alone also ignores a previous output attached on Kaggle: starting over must not
+    quietly continue the attached run.)
+    """
+    if fresh and resume_from is not None:
+        raise CheckpointError(f"fresh=True (--fresh) starts the run over, but resume_from "
+                              f"(--resume-from) {resume_from} asks to continue that run. "
+                              "Drop one of the two.")
 
 
 def find_previous_output(run, input_root: Path | None = None) -> Path | None:

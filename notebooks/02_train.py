@@ -83,6 +83,11 @@ DATA = notebook.find_data(DATA_DIR)
 RUN = notebook.run_dir(RUN_DIR)
 CACHE = notebook.cache_setting(notebook.cache_dir_for(DATA))
 print(f"data {DATA}\nrun  {RUN}\ncache {CACHE or '(none: reading the PNGs)'}")
+# Kaggle: a previous version's output attached as input is copied in first, so that its saved
+# settings (not this session's GPU) decide the batch size. FRESH ignores it.
+copied_from = None if FRESH else notebook.bring_in_previous_run(RUN)
+if copied_from:
+    print(f"continuing {copied_from} (set FRESH = True to start over)")
 
 # %% [markdown]
 # ## Hyperparameters

@@ -133,6 +133,45 @@ def test_resume_with_a_different_model_names_the_fields(train_root, tmp_path):
     assert result.step == 12 and result.epoch == 2
 
 
+def test_an_attached_previous_output_is_continued_unless_fresh(train_root, tmp_path, monkeypatch):
+    import keras
+
+    from cmc_kit import training
+
+    class StepCounter(keras.callbacks.Callback):
+        steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            StepCounter.steps += 1
+
+    inputs = tmp_path / "input"
+    previous = inputs / "cmc-train-v1" / "runs" / "terrain-cmc"
+    training.train(train_root, previous, tiny_config(**{"train.epochs": 1}), verbose=0)  # 6 steps
+    monkeypatch.setattr(training, "on_kaggle", lambda: True)
+    monkeypatch.setattr(training, "default_paths", lambda: {"input": inputs})
+
+    # Without fresh, the attached run is copied in and continued from its step 6.
+    continued = training.train(train_root, tmp_path / "a" / "terrain-cmc",
+                               tiny_config(**{"train.epochs": 2}), verbose=0,
+                               callbacks=[StepCounter()])
+    assert (continued.step, StepCounter.steps) == (12, 6)
+
+    # fresh=True starts over: all of epoch 1 is trained again, nothing is copied in.
+    StepCounter.steps = 0
+    started_over = training.train(train_root, tmp_path / "b" / "terrain-cmc",
+                                  tiny_config(**{"train.epochs": 1}), fresh=True, verbose=0,
+                                  callbacks=[StepCounter()])
+    assert (started_over.step, StepCounter.steps) == (6, 6)
+    assert training.run_info(previous)["step"] == 6  # the input was only read
+
+    with pytest.raises(CheckpointError, match=r"fresh=True.*resume_from.*Drop one"):
+        training.train(train_root, tmp_path / "c", tiny_config(), fresh=True,
+                       resume_from=previous, verbose=0)
+    with pytest.raises(CheckpointError, match=r"--fresh.*--resume-from"):
+        training.train_from_cli(data=train_root, run=tmp_path / "c", fresh=True,
+                                resume_from=previous)
+
+
 def test_non_finite_losses_skip_updates_then_stop_with_the_checkpoint_intact(train_root, tmp_path):
     import tensorflow as tf
 
