@@ -184,8 +184,11 @@ class Config:
     def with_overrides(self, overrides: dict[str, Any] | list[str] | None) -> "Config":
         """Returns a copy with `section.key` settings replaced.
 
-        `overrides` is a dict of dotted names to values, or a list of "key=value" strings
-        (values parsed as JSON when possible, e.g. `model.width=0.25`, `data.augment=true`).
+        `overrides` is a dict of dotted names to values, or a list of "key=value" strings.
+        A string value is read as the setting's type: a number (`model.width=0.25`), a boolean
+        (`data.augment=true`; also yes/no, on/off, 1/0), a string (`train.pairs=full`, JSON quotes
+        optional) or a list of names, either as a JSON list (`model.views=["terrain","height"]`,
+        quotes optional) or comma-separated (`model.views=terrain,height`). Names: `valid_keys()`.
         """
         if not overrides:
             return self
@@ -242,29 +245,53 @@ def _field_type(section: str, key: str):
     return hints[key]
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+              "false": False, "no": False, "off": False, "0": False}
+
+
 def _coerce(dotted: str, value: Any, kind) -> Any:
     if not isinstance(value, str):
         return list(value) if isinstance(value, tuple) else value
-    text = value
+    text = value.strip()
+    expected = {bool: "true or false (also yes/no, on/off, 1/0)", int: "an integer",
+                float: "a number", str: "a string"}.get(
+        kind, 'a list of names, as a JSON list (["terrain","height"]) or comma-separated '
+              "(terrain,height)")
     try:
         if kind is bool:
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            return BOOL_WORDS[text.lower()]
         if kind is int:
             return int(text)
         if kind is float:
             return float(text)
         if kind is str:
+            return _unquote(text)
+        # tuple[str, ...]: '["terrain","height"]' (JSON), "[terrain,height]" or "terrain,height"
+        if text.startswith("["):
+            try:
+                names = json.loads(text)
+            except ValueError:
+                if not text.endswith("]"):
+                    raise
+                names = [part.strip().strip("'\"") for part in text[1:-1].split(",")]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError
+            return [n.strip() for n in names if n.strip()]
+        return [_unquote(part.strip()) for part in text.split(",") if part.strip()]
+    except (KeyError, ValueError):  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"Setting '{dotted}' expects {expected}. Received: {text!r}") from None
+
+
+def _unquote(text: str) -> str:
+    """'"full"' -> 'full' (a JSON string); anything else unchanged."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            loaded = json.loads(text)
+        except ValueError:
             return text
-        # tuple[str, ...]: "terrain,height"
-        return [part.strip() for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"Setting '{dotted}' expects {getattr(kind, '__name__', kind)}. "
-                          f"Received: {text!r}") from None
+        if isinstance(loaded, str):
+            return loaded
+    return text
 
 
 def _check_type(name: str, value: Any, kind) -> Any:
@@ -386,12 +413,13 @@ def default_paths() -> dict[str, Path]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Writes through a temporary file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Writes through a temporary file and rename, so a crash never leaves half a file.
+
+    On any error (e.g. `path` is an existing folder) the temporary file is removed and the
+    target is left as it was (see `cmc_kit.fileio.atomic_path`).
+    """
+    from cmc_kit.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as handle:
+            handle.write(text)

@@ -20,6 +20,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,43 @@ _PACKED_PALETTE = [(int(r) << 16) | (int(g) << 8) | int(b) for r, g, b in PALETT
 PROBLEM_KINDS = ("missing", "unreadable", "wrong_size", "wrong_mode", "height_8bit", "off_palette")
 _HINT_NO_DATA = ("Create a synthetic dataset with `cmc-kit synth DIR` or get the real one with "
                  "`cmc-kit download`, then point to that folder.")
+
+
+class ProgressLine:
+    """`label: done/total samples` on stderr, for loops over samples (no TensorFlow needed).
+
+    On a terminal one line is rewritten in place (at most ~10 times a second); otherwise (a log
+    file, a notebook's captured output) a line is printed at each 10% and at the end, so a long
+    run adds at most 11 lines to a log. Call it with the number of samples done so far.
+    """
+
+    def __init__(self, label: str, total: int, *, stream=None, interactive: bool | None = None,
+                 min_interval_s: float = 0.1):
+        self.label, self.total = label, int(total)
+        self.stream = stream if stream is not None else sys.stderr
+        if interactive is None:
+            isatty = getattr(self.stream, "isatty", None)
+            interactive = bool(isatty and isatty())
+        self.interactive = interactive
+        self.min_interval_s = min_interval_s
+        self._last_time = 0.0
+        self._last_decile = 0
+
+    def __call__(self, done: int) -> None:
+        final = done >= self.total
+        if self.interactive:
+            now = time.monotonic()
+            if not final and now - self._last_time < self.min_interval_s:
+                return
+            self._last_time = now
+            print(f"\r{self.label}: {done}/{self.total} samples", end="\n" if final else "",
+                  file=self.stream, flush=True)
+            return
+        decile = 10 * done // max(self.total, 1)
+        if final or decile > self._last_decile:
+            self._last_decile = decile
+            print(f"{self.label}: {done}/{self.total} samples ({100 * done // max(self.total, 1)}%)",
+                  file=self.stream, flush=True)
 
 
 # -- discovery ---------------------------------------------------------------------------------
@@ -245,14 +283,14 @@ def validate(
     workers = workers or min(16, 2 * (os.cpu_count() or 1))  # decoding releases the GIL
     problems_per_sample: list[list[Problem]] = []
     sample_sizes: list[tuple[int, int] | None] = []
+    report_progress = ProgressLine("validate", len(records)) if progress and records else None
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for done, (found, size) in enumerate(
                 pool.map(lambda r: _check_sample(r, check_pixels), records), 1):
             problems_per_sample.append(found)
             sample_sizes.append(size)
-            if progress and (done % 50 == 0 or done == len(records)):
-                print(f"\rvalidate: {done}/{len(records)} samples", end="" if done < len(records) else "\n",
-                      file=sys.stderr, flush=True)
+            if report_progress is not None:
+                report_progress(done)
     _check_dataset_size(records, problems_per_sample, sample_sizes)
     incomplete = [any(p.kind == "missing" for p in found) for found in problems_per_sample]
     bad = [bool(found) for found in problems_per_sample]
@@ -313,7 +351,8 @@ def _check_sample(record: dict[str, Any], check_pixels: bool
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
             problem = Problem(sample_id, path, "unreadable",
                               f"cannot decode the PNG ({err}). Replace the file, e.g. re-download "
-                              "the dataset with `cmc-kit download` (add force=True in Python).")
+                              "the dataset with `cmc-kit download --force` (in Python: "
+                              "`cmc_kit.data.download(force=True)`).")
         if problem is not None:
             problems.append(problem)
     if len(sizes) == len(VIEW_SUFFIXES):

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from cmc_kit.config import ALL_VIEWS
-from cmc_kit.errors import CmcKitError, DataError
+from cmc_kit.errors import CheckpointError, CmcKitError, DataError
 from cmc_kit.fileio import atomic_path
 from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS, HEIGHT_SCALE
 
@@ -140,6 +140,7 @@ def embed_run(run: str | os.PathLike, data: str | os.PathLike, *, split: str = "
         raise CmcKitError(f"--network must be one of {NETWORKS}. Received: {network!r}")
     if split not in ("validation", "train", "all"):
         raise CmcKitError(f"--split must be 'validation', 'train' or 'all'. Received: {split!r}")
+    checkpoint = resolve_checkpoint(run, checkpoint)
     handle = load_run(run, checkpoint=checkpoint)
     model_views = tuple(handle.config.model.views)
     if view not in model_views:
@@ -162,6 +163,50 @@ def embed_run(run: str | os.PathLike, data: str | os.PathLike, *, split: str = "
                         "checkpoint": str(checkpoint) if checkpoint else "latest",
                         "epoch": handle.epoch, "step": handle.step})
     return table
+
+
+def resolve_checkpoint(run: str | os.PathLike, checkpoint: str | os.PathLike | None) -> str | None:
+    """Checks that `checkpoint` names a saved checkpoint of `run` (None: the latest, unchecked).
+
+    Accepts a checkpoint prefix (`RUN/checkpoints/ckpt-3`, whose `.index` file exists) or a
+    bare name looked up in `RUN/checkpoints` (`ckpt-3`). Raises CheckpointError naming the path
+    and the checkpoints that do exist, instead of TensorFlow's NotFoundError when restoring.
+    """
+    if checkpoint is None or str(checkpoint) == "":
+        return None
+    if not (Path(run) / "config.json").is_file():
+        return str(checkpoint)  # not a run: load_run says so, with the fix
+    given = Path(checkpoint)
+    folder = Path(run) / "checkpoints"  # training.CHECKPOINT_DIR (not imported: TensorFlow)
+    candidates = [given]
+    if len(given.parts) == 1:
+        candidates.append(folder / given.name)
+    for candidate in candidates:
+        if Path(f"{candidate}.index").is_file():
+            return str(candidate)
+    existing = available_checkpoints(folder)
+    if existing:
+        listing = (f"Checkpoints in {folder}: {', '.join(existing)} (the last is the latest). "
+                   f"Pass one of those (e.g. --checkpoint {folder / existing[-1]}), or leave "
+                   "--checkpoint out for the latest.")
+    else:
+        listing = f"{folder} holds no checkpoints: train the run first."
+    raise CheckpointError(f"Checkpoint {checkpoint} does not exist (no {checkpoint}.index). "
+                          f"{listing}")
+
+
+def available_checkpoints(folder: str | os.PathLike) -> list[str]:
+    """Names of the checkpoints in a folder (from their `.index` files), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = [p.name[:-len(".index")] for p in folder.glob("*.index")]
+
+    def order(name: str):
+        number = name.rsplit("-", 1)[-1]
+        return (0, int(number), name) if number.isdigit() else (1, 0, name)
+
+    return sorted(names, key=order)
 
 
 def _head_embedding(encoder, x, view: str):

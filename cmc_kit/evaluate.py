@@ -25,6 +25,27 @@ from cmc_kit.errors import CmcKitError, DataError
 from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS
 
 RAW_PIXEL_SIDE = 8
+DEFAULT_FILENAME = "evaluation.csv"
+
+
+def resolve_output(out: str | os.PathLike | None) -> Path | None:
+    """Where `evaluate_run(out=...)` writes: an existing folder gets `evaluation.csv` inside it.
+
+    Checked before any work, so a bad path fails in a second, not after minutes of probes.
+    Raises CmcKitError when the path (or a folder above it) is an existing file that is in the way.
+    """
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_dir():
+        return path / DEFAULT_FILENAME
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CmcKitError(f"Cannot write the evaluation table to {path}: {parent} is a "
+                                  "file, not a folder. Choose another --out.")
+            break
+    return path
 
 
 def raw_pixel_features(catalog: pd.DataFrame, crop_size: int, batch_size: int = 64,
@@ -94,6 +115,8 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, *, out: str | 
     """Probes the run's features and the baselines on its held-out split.
 
     Args:
+        out: CSV file for the wide table; an existing folder gets `evaluation.csv` inside it.
+            Checked before any work (see `resolve_output`).
         checkpoints: "latest", or "all" to add a column per kept checkpoint (learning over epochs).
     Returns:
         long table: task, probe, metric, source, value. Written wide to `out` (CSV) if given.
@@ -102,6 +125,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, *, out: str | 
     from cmc_kit import embed, models
     from cmc_kit.training import load_run
 
+    out = resolve_output(out)
     handle = load_run(run)
     config = handle.config
     catalog = data_module.discover(data)
@@ -151,7 +175,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, *, out: str | 
     table.attrs.update({"run": str(run), "epoch": handle.epoch, "step": handle.step,
                         "train_samples": len(train_catalog), "test_samples": len(test_catalog)})
     if out is not None:
-        atomic_write_text(Path(out), wide(table).to_csv(index=False, lineterminator="\n"))
+        atomic_write_text(out, wide(table).to_csv(index=False, lineterminator="\n"))
     return table
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import pandas as pd
 from PIL import Image
 
 from cmc_kit.config import atomic_write_text
+from cmc_kit.data import ProgressLine
 from cmc_kit.embed import METADATA_FILENAME, read_metadata
 from cmc_kit.errors import DataError
 from cmc_kit.palette import FRACTION_COLUMNS, NUM_CLASSES, class_to_rgb
@@ -88,8 +88,7 @@ def generate_sample(
         terrain uint8 [S, S, 3], height uint16 [S, S] (see HEIGHT_* constants),
         segmentation class ids uint8 [S, S] (palette order), params dict (PARAMETERS keys).
     """
-    if int(size) != size or size < 16:
-        raise ValueError(f"size must be an integer >= 16. Received: size={size!r}")
+    _check_size(size)
     size = int(size)
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
     params = _draw_parameters(rng)
@@ -144,6 +143,7 @@ def generate(
     """
     if int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer. Received: n={n!r}")
+    _check_size(size)  # before anything is created
     out = Path(out)
     folder = out / "_dataset"
     width = max(4, len(str(n)))
@@ -164,17 +164,26 @@ def generate(
 
     workers = workers or min(8, os.cpu_count() or 1)  # more threads than cores is slower
     rows = []
+    # One line rewritten on a terminal; at most 11 lines in a log (each 10%).
+    report_progress = ProgressLine("synth", n) if progress else None
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for done, row in enumerate(pool.map(make, range(n)), start=1):
             rows.append(row)
-            if progress:
-                print(f"\rsynth: {done}/{n} samples", end="" if done < n else "\n",
-                      file=sys.stderr, flush=True)
+            if report_progress is not None:
+                report_progress(done)
     table = pd.DataFrame(rows)
     # "\n": text mode already writes the platform's line ending.
     atomic_write_text(out / METADATA_FILENAME,
                       table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
     return out
+
+
+MIN_SIZE = 16
+
+
+def _check_size(size) -> None:
+    if int(size) != size or size < MIN_SIZE:
+        raise ValueError(f"size must be an integer >= {MIN_SIZE}. Received: size={size!r}")
 
 
 def load_metadata(root: str | os.PathLike) -> pd.DataFrame:
