@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -305,7 +306,9 @@ def choose_config(run: str | os.PathLike, *, preset: str | None = None, epochs: 
     A new kaggle-t4 run that trains in float32 on GPUs (no tensor cores, e.g. Kaggle's P100,
     or `train.mixed_precision` "off" in `overrides`) gets `data.batch_size` 16 instead of 32,
     which would not fit in 16 GB (estimated, see FLOAT32_GPU_BATCH), unless `overrides` sets
-    the batch. `gpu_precision` is the policy the GPUs get with "auto" (default: what
+    the batch. A saved run whose batch per GPU is larger than that, resumed in float32 on GPUs
+    (a T4 x2 run continued on a P100), gets a warning with the fix: the batch of a run cannot
+    change. `gpu_precision` is the policy the GPUs get with "auto" (default: what
     `train.mixed_precision=auto` picks for the attached GPUs; None without GPUs).
     """
     from cmc_kit import training
@@ -314,22 +317,36 @@ def choose_config(run: str | os.PathLike, *, preset: str | None = None, epochs: 
     exists = (Path(run) / training.CONFIG_FILE).is_file() and not fresh
     if preset is None and not exists:
         preset = default_preset(accelerator_names)
-    if preset == "kaggle-t4" and not exists and "data.batch_size" not in overrides:
-        if gpu_precision is None:
-            import tensorflow as tf
+    gpus = None
+    if gpu_precision is None:
+        import tensorflow as tf
 
-            if tf.config.list_physical_devices("GPU"):
-                gpu_precision = training.resolve_mixed_precision("auto")
-        setting = overrides.get("train.mixed_precision", "auto")
-        if gpu_precision is not None and setting != "auto":  # precision forced on GPUs
-            gpu_precision = training.resolve_mixed_precision(setting)
-        if gpu_precision == "float32":
-            overrides["data.batch_size"] = FLOAT32_GPU_BATCH
-            print(f"Training in float32 on these GPUs: data.batch_size "
-                  f"{FLOAT32_GPU_BATCH} instead of the preset's 32, which needs about 19.5 GB "
-                  "(estimated). Set OVERRIDES['data.batch_size'] to choose yourself.")
-    return training.resolve_config(Path(run), preset_name=preset, epochs=epochs,
-                                   overrides=overrides, fresh=fresh)
+        gpus = len(tf.config.list_physical_devices("GPU"))
+        if gpus:
+            gpu_precision = training.resolve_mixed_precision("auto")
+    if gpus is None:
+        gpus = sum(name.startswith("GPU") for name in accelerator_names or []) or 1
+    setting = overrides.get("train.mixed_precision", "auto")
+    if gpu_precision is not None and setting != "auto":  # precision forced on GPUs
+        gpu_precision = training.resolve_mixed_precision(setting)
+    if (preset == "kaggle-t4" and not exists and "data.batch_size" not in overrides
+            and gpu_precision == "float32"):
+        overrides["data.batch_size"] = FLOAT32_GPU_BATCH
+        print(f"Training in float32 on these GPUs: data.batch_size "
+              f"{FLOAT32_GPU_BATCH} instead of the preset's 32, which needs about 19.5 GB "
+              "(estimated). Set OVERRIDES['data.batch_size'] to choose yourself.")
+    config = training.resolve_config(Path(run), preset_name=preset, epochs=epochs,
+                                     overrides=overrides, fresh=fresh)
+    per_gpu = config.data.batch_size // max(1, gpus)
+    if exists and gpu_precision == "float32" and per_gpu > FLOAT32_GPU_BATCH:
+        warnings.warn(
+            f"{run} trains with batch {config.data.batch_size} ({per_gpu} per GPU), chosen for "
+            f"mixed precision; these GPUs train in float32, where more than {FLOAT32_GPU_BATCH} "
+            "per GPU may not fit in 16 GB (about 19.5 GB for 32, estimated). The batch of a run "
+            "cannot change: continue on GPU T4 x2, or set OVERRIDES['train.mixed_precision'] = "
+            "'mixed_float16' (a P100 computes in float16 without tensor cores; memory about "
+            "halves).", stacklevel=2)
+    return config
 
 
 def config_table(config: Config) -> pd.DataFrame:

@@ -37,6 +37,7 @@ from cmc_kit.errors import CheckpointError, DataError, TrainingError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
+LOSS_SCALE = "loss_scale"  # checkpoint key of mixed_float16's dynamic loss scale
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"
 
@@ -372,6 +373,8 @@ class Trainer:
         # on_epoch_begin, on_train_batch_end(step, logs), on_epoch_end(epoch, row), on_train_end.
         self.callbacks = list(callbacks or [])
         tc, dc, mc = config.train, config.data, config.model
+        from cmc_kit import views
+        views.check_crop_size(self.train_catalog, dc.crop_size)  # before building anything
 
         if tc.deterministic:
             tf.config.experimental.enable_op_determinism()
@@ -436,11 +439,18 @@ class Trainer:
             # What the data order and queue depend on: checked before any restore.
             self.geometry = tf.Variable(self._geometry(), dtype=tf.int64, trainable=False,
                                         name="geometry", aggregation=agg)
+        # The optimizer is saved without its loss-scale wrapper, and the loss scale (float16
+        # only) on its own: the layout then does not depend on the precision, so a run resumes
+        # on other hardware (2x T4 mixed_float16 -> P100 float32 -> TPU mixed_bfloat16).
         self.checkpointed = dict(
-            online=self.online, momentum=self.momentum, optimizer=self.optimizer,
+            online=self.online, momentum=self.momentum, optimizer=self._inner_optimizer,
             queues=self.queues, step=self.step, epoch=self.epoch, skipped=self.skipped_total,
             batch_in_epoch=self.batch_in_epoch, epoch_position=self.epoch_position,
             epoch_sums=self.epoch_sums, geometry=self.geometry)
+        if self._inner_optimizer is not self.optimizer:
+            self.checkpointed[LOSS_SCALE] = tf.train.Checkpoint(
+                step_counter=self.optimizer.step_counter,
+                dynamic_scale=self.optimizer.dynamic_scale)
         self.checkpoint = tf.train.Checkpoint(**self.checkpointed)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(self.run_dir / CHECKPOINT_DIR), max_to_keep=tc.keep_checkpoints,
@@ -688,13 +698,19 @@ class Trainer:
         }
         atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
+    @property
+    def _inner_optimizer(self):
+        """Adam, also under mixed_float16's LossScaleOptimizer."""
+        return getattr(self.optimizer, "inner_optimizer", self.optimizer)
+
     def restore_or_initialize(self) -> bool:
         """Restores the latest checkpoint (True) or fills the queues for a fresh run (False)."""
         latest = self.manager.latest_checkpoint
         if latest:
             self._check_geometry(latest)
-            saved = self._saved_names(latest)
-            checkpoint = self._checkpoint_for(saved)
+            saved_keys = self._saved_keys(latest)
+            saved = {key.split("/")[0] for key in saved_keys}
+            checkpoint = self._checkpoint_for(saved, saved_keys)
             status = checkpoint.restore(latest)
             try:
                 status.assert_existing_objects_matched()
@@ -702,6 +718,9 @@ class Trainer:
                 raise CheckpointError(
                     f"Checkpoint {latest} does not match the model built from "
                     f"{self.run_dir / CONFIG_FILE}: {str(err)[:300]}. Start over with --fresh.") from err
+            # What is saved but not restored on purpose: the loss scale, resuming without
+            # float16 (and the old wrapper's own unused counters). Silences TF's warnings.
+            status.expect_partial()
             if checkpoint is not self.checkpoint:  # the manager numbers saves by this counter
                 self.checkpoint.save_counter.assign(checkpoint.save_counter)
             if "epoch_position" not in saved:
@@ -714,22 +733,30 @@ class Trainer:
         return False
 
     @staticmethod
-    def _saved_names(checkpoint_path: str) -> set[str]:
+    def _saved_keys(checkpoint_path: str) -> set[str]:
         import tensorflow as tf
 
-        return {name.split("/")[0] for name in
-                tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()}
+        return set(tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map())
 
-    def _checkpoint_for(self, saved: set[str]):
-        """The checkpoint object, less the variables an older checkpoint (holding `saved`) does
-        not have yet."""
+    def _checkpoint_for(self, saved: set[str], saved_keys: set[str] = frozenset()):
+        """The checkpoint object to restore a checkpoint holding `saved` (top-level names) and
+        `saved_keys` (variable keys) from: less what an older checkpoint does not have yet, and
+        with an older mixed_float16 checkpoint's optimizer layout (Adam inside its loss-scale
+        wrapper), which the current precision may not have."""
         import tensorflow as tf
 
-        optional = {"epoch_position"}
-        if optional <= saved:
+        optional = {"epoch_position", LOSS_SCALE}
+        wrapped_layout = any(key.startswith("optimizer/inner_optimizer/") for key in saved_keys)
+        if optional <= saved and not wrapped_layout:
             return self.checkpoint
-        return tf.train.Checkpoint(**{name: value for name, value in self.checkpointed.items()
-                                      if name in saved or name not in optional})
+        objects = {name: value for name, value in self.checkpointed.items()
+                   if name in saved or name not in optional}
+        if wrapped_layout:
+            objects.pop(LOSS_SCALE, None)
+            # The loss scale came along inside the wrapper; without float16 now, only Adam.
+            objects["optimizer"] = (self.optimizer if self.optimizer is not self._inner_optimizer
+                                    else tf.train.Checkpoint(inner_optimizer=self.optimizer))
+        return tf.train.Checkpoint(**objects)
 
     def _check_geometry(self, checkpoint_path: str):
         import tensorflow as tf
@@ -935,8 +962,7 @@ class Trainer:
         return time.monotonic() - started + margin >= limit
 
     def _current_lr(self) -> float:
-        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        lr = optimizer.learning_rate
+        lr = self._inner_optimizer.learning_rate
         return float(np.asarray(lr.numpy() if hasattr(lr, "numpy") else lr))
 
     def _epoch_evaluation(self, epoch: int) -> dict:
@@ -1007,16 +1033,21 @@ def _catalog_for(data, *, check_pixels: bool) -> Any:
     return report.usable
 
 
-def prepare_run_split(run_dir: Path, catalog, config: Config) -> dict:
-    """Creates RUN/split.json once (train / validation ids); later calls read it back."""
+def new_run_split(catalog, config: Config) -> dict:
+    """{'train': ids, 'validation': ids} for a new run (what RUN/split.json keeps)."""
     from cmc_kit import data as data_module
 
+    train_df, val_df = data_module.split_catalog(
+        catalog, validation_fraction=config.data.validation_fraction, seed=config.data.split_seed)
+    return {"train": list(train_df["id"]), "validation": list(val_df["id"])}
+
+
+def prepare_run_split(run_dir: Path, catalog, config: Config) -> dict:
+    """Creates RUN/split.json once (train / validation ids); later calls read it back."""
     path = Path(run_dir) / SPLIT_FILE
     if path.exists():
         return read_json(path)
-    train_df, val_df = data_module.split_catalog(
-        catalog, validation_fraction=config.data.validation_fraction, seed=config.data.split_seed)
-    split = {"train": list(train_df["id"]), "validation": list(val_df["id"])}
+    split = new_run_split(catalog, config)
     atomic_write_text(path, json.dumps(split) + "\n")
     return split
 
@@ -1133,44 +1164,141 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
     """
     run_dir = Path(run)
     _refuse_fresh_with_resume_from(fresh, resume_from)
-    if fresh and run_dir.exists():
-        for name in (CHECKPOINT_DIR, "tensorboard", "embeddings"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in (STATE_FILE, "log.csv", "log_steps.csv", SPLIT_FILE, CONFIG_FILE):
-            (run_dir / name).unlink(missing_ok=True)
+    # fresh: the old run is moved aside, not deleted, until every setting and the data have
+    # been checked; a typo in --data or --set then leaves it as it was.
+    set_aside = _SetAside(run_dir, RUN_OUTPUTS) if fresh else None
+    try:
+        _bring_in_previous(run_dir, resume_from, fresh)
+        if config is None:
+            config = resolve_config(run_dir, preset_name=None, epochs=None, overrides=None,
+                                    fresh=fresh)
+        saved_path = run_dir / CONFIG_FILE
+        if saved_path.exists() and has_checkpoint(run_dir):
+            diffs = config.model_differences(Config.load(saved_path))
+            if diffs:
+                raise CheckpointError(f"{run_dir} was trained with different settings "
+                                      f"({'; '.join(diffs)}). Use another run directory or "
+                                      "fresh=True.")
+        split_path = run_dir / SPLIT_FILE
+        resuming = split_path.exists()
+        catalog = _catalog_for(data, check_pixels=not resuming)
+        if resuming:
+            split_ids = read_json(split_path)
+            catalog = _keep_lost_training_samples(catalog, split_ids, data, run_dir)
+        else:
+            split_ids = new_run_split(catalog, config)
+        split = apply_split(catalog, split_ids)
+        metadata_csv = None
+        if not hasattr(data, "columns"):
+            from cmc_kit.embed import find_metadata_csv
+            metadata_csv = find_metadata_csv(data)
+        # Checks every setting (strategy, pairs, crop size...) before anything is written.
+        trainer = Trainer(config, run_dir, split["train"], split["validation"], verbose=verbose,
+                          dataset_transform=dataset_transform, callbacks=callbacks,
+                          metadata_csv=metadata_csv)
+    except BaseException:
+        if set_aside is not None:
+            set_aside.put_back()
+        raise
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        atomic_write_text(split_path, json.dumps(split_ids) + "\n")
+    config.save(saved_path)
+    if set_aside is not None:
+        set_aside.discard()
+    return trainer.fit(time_limit=parse_duration(time_limit, "time_limit"))
+
+
+# What a run directory holds that `fresh` replaces (folders and files).
+RUN_OUTPUTS = (CHECKPOINT_DIR, "tensorboard", "embeddings", STATE_FILE, "log.csv",
+               "log_steps.csv", SPLIT_FILE, CONFIG_FILE)
+
+
+class _SetAside:
+    """Moves a run's outputs into RUN/.before-fresh (a rename: nothing is copied) and either
+    puts them back (the new run failed its checks) or deletes them (it passed)."""
+
+    def __init__(self, run_dir: Path, names):
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / ".before-fresh"
+        shutil.rmtree(self.folder, ignore_errors=True)  # left by a process killed in between
+        self.moved = [name for name in names if (self.run_dir / name).exists()]
+        if self.moved:
+            self.folder.mkdir(parents=True)
+            for name in self.moved:
+                os.replace(self.run_dir / name, self.folder / name)
+
+    def put_back(self) -> None:
+        for name in self.moved:
+            target = self.run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(self.folder / name, target)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _bring_in_previous(run_dir: Path, resume_from, fresh: bool) -> None:
+    """Copies `resume_from` (None: on Kaggle, an attached previous output; nothing with
+    `fresh`) into an empty run directory; a run directory with a checkpoint continues itself."""
     if resume_from is None and not fresh:
         resume_from = find_previous_output(run_dir)  # on Kaggle: a previous version's output
+    elif resume_from is not None and has_checkpoint(run_dir):
+        warnings.warn(f"{run_dir} already holds a checkpoint (step {_saved_step(run_dir)}), so "
+                      f"{resume_from} is not copied in: {run_dir} continues. To continue "
+                      f"{resume_from} instead, give another run directory.", stacklevel=3)
+        return
     if resume_from is not None:
         import_previous_run(Path(resume_from), run_dir)
-    if config is None:
-        config = resolve_config(run_dir, preset_name=None, epochs=None, overrides=None, fresh=fresh)
-    saved_path = run_dir / CONFIG_FILE
-    if saved_path.exists() and has_checkpoint(run_dir):
-        diffs = config.model_differences(Config.load(saved_path))
-        if diffs:
-            raise CheckpointError(f"{run_dir} was trained with different settings "
-                                  f"({'; '.join(diffs)}). Use another run directory or fresh=True.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    catalog = _catalog_for(data, check_pixels=not (run_dir / SPLIT_FILE).exists())
-    split = apply_split(catalog, prepare_run_split(run_dir, catalog, config))
-    config.save(saved_path)
-    metadata_csv = None
-    if not hasattr(data, "columns"):
-        from cmc_kit.embed import find_metadata_csv
-        metadata_csv = find_metadata_csv(data)
-    trainer = Trainer(config, run_dir, split["train"], split["validation"], verbose=verbose,
-                      dataset_transform=dataset_transform, callbacks=callbacks,
-                      metadata_csv=metadata_csv)
-    return trainer.fit(time_limit=parse_duration(time_limit, "time_limit"))
+
+
+def _saved_step(run_dir: Path) -> str:
+    try:
+        return str(read_json(Path(run_dir) / STATE_FILE)["step"])
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def _keep_lost_training_samples(catalog, split: dict, data, run_dir: Path):
+    """On resume, training samples whose files went missing or broke since the run began stay
+    in the catalog (with their old or expected paths): the epoch plan, which the exact resume
+    depends on, keeps its length, and the pipeline skips and counts them like any unreadable
+    file."""
+    import pandas as pd
+
+    from cmc_kit import data as data_module
+
+    if hasattr(data, "columns"):
+        return catalog
+    lost = sorted(set(split["train"]) - set(catalog["id"]))
+    if not lost:
+        return catalog
+    found = data_module.discover(data, include_incomplete=True).set_index("id")
+    folder = Path(data)
+    if len(catalog):
+        folder = Path(str(catalog["terrain"].iloc[0])).parent
+    rows = []
+    for sample_id in lost:
+        row = {"id": sample_id}
+        for view, suffix in data_module.VIEW_SUFFIXES.items():
+            path = found.at[sample_id, view] if sample_id in found.index else None
+            row[view] = path if isinstance(path, str) else str(folder / f"{sample_id}_{suffix}.png")
+        rows.append(row)
+    warnings.warn(f"{len(lost)} training sample(s) of {run_dir} can no longer be read "
+                  f"({', '.join(map(str, lost[:5]))}{', ...' if len(lost) > 5 else ''}): every "
+                  "epoch skips them and log.csv counts them (skipped_samples); the resume is "
+                  f"exact otherwise. Run `cmc-kit validate {data}` for the files.", stacklevel=3)
+    return pd.concat([catalog, pd.DataFrame(rows, columns=catalog.columns)], ignore_index=True)
 
 
 def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, fresh=False,
                    time_limit=None, resume_from=None) -> TrainResult:
     _refuse_fresh_with_resume_from(fresh, resume_from)
-    if resume_from is None and not fresh:
-        resume_from = find_previous_output(Path(run))
-    if resume_from is not None:
-        import_previous_run(Path(resume_from), Path(run))
+    _bring_in_previous(Path(run), resume_from, fresh)  # first: its config.json is the saved one
     config = resolve_config(Path(run), preset_name=preset_name, epochs=epochs,
                             overrides=overrides, fresh=fresh)
     result = train(data, run, config, fresh=fresh, time_limit=time_limit)

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from cmc_kit.config import ConfigError
 from cmc_kit.errors import DataError
 from cmc_kit.palette import HEIGHT_SCALE, NUM_CLASSES, PALETTE, TERRAIN_SCALE
 
@@ -350,6 +351,7 @@ def make_dataset(
         out.update(id=element["id"], position=element["position"])
         return out
 
+    epoch_table = table
     table = {key: value[first:] for key, value in table.items()}
     options = tf.data.Options()
     options.deterministic = True  # parallel decode, but batches in plan order
@@ -357,7 +359,8 @@ def make_dataset(
                .map(sample_views, num_parallel_calls=num_parallel_calls, deterministic=True)
                .ignore_errors(log_warning=True))
     dataset = _count_skipped(dataset, epoch_ids=epoch_ids, views=views, crop_size=crop_size,
-                             counter=skipped_counter, first=first)
+                             counter=skipped_counter, first=first,
+                             epoch_files=None if cache is not None else epoch_table[sources[0]])
     keep = set(views) | {name for name, wanted in (("id", with_ids), ("position", with_positions))
                          if wanted}
     dataset = dataset.map(lambda element: {k: v for k, v in element.items() if k in keep})
@@ -380,11 +383,12 @@ def epoch_plan(n: int, *, seed: int, epoch: int, training: bool) -> tuple[np.nda
     return order, seeds
 
 
-def _count_skipped(dataset, *, epoch_ids, views, crop_size, counter, first=0):
+def _count_skipped(dataset, *, epoch_ids, views, crop_size, counter, first=0, epoch_files=None):
     """Notices gaps in the positions that survive `ignore_errors`, warns and counts them.
 
     A sentinel element at position n closes the epoch so trailing failures count too; the
     gap bookkeeping is a `scan` state, so it restarts with every pass over the dataset.
+    `epoch_files` (one PNG per plan position) lets the warning name a file and its folder.
     """
     n = len(epoch_ids)
     counter = counter if counter is not None else SkippedCounter()
@@ -394,17 +398,25 @@ def _count_skipped(dataset, *, epoch_ids, views, crop_size, counter, first=0):
 
     def record(first: np.int64, stop: np.int64) -> np.int64:
         skipped = epoch_ids[int(first):int(stop)]
-        logger.warning("Skipped %d unreadable sample(s), id(s) %s: their files are missing, "
-                       "corrupt or of different sizes. Run `cmc-kit validate DATA` for details "
-                       "and fix or remove them.",
-                       len(skipped), ", ".join(map(str, skipped)))
+        if epoch_files is not None:
+            folder = Path(str(epoch_files[int(first)])).parent
+            where = (f" in {folder}", f"`cmc-kit validate {folder}`")
+        else:
+            where = (" (marked unreadable in the cache)",
+                     "`cmc-kit validate` on the dataset folder, then `cmc-kit prepare` again,")
+        logger.warning("Skipped %d unreadable sample(s), id(s) %s%s: their files are missing, "
+                       "corrupt or of different sizes. Run %s for details and fix or remove them.",
+                       len(skipped), ", ".join(map(str, skipped)), *where)
         counter.record(skipped)
         return np.int64(len(skipped))
 
     def step(expected, element):
         position = element["position"]
         gap = tf.cond(position > expected,
-                      lambda: tf.numpy_function(record, [expected, position], tf.int64),
+                      # stateful=False: under op determinism a stateful function would
+                      # make tf.data run every map of the pipeline serially.
+                      lambda: tf.numpy_function(record, [expected, position], tf.int64,
+                                                stateful=False),
                       lambda: tf.constant(0, tf.int64))
         with tf.control_dependencies([gap]):
             return position + 1, dict(element)
@@ -640,11 +652,20 @@ def _first_png_size(paths: pd.Series) -> tuple[int, int] | None:
     return None
 
 
+def check_crop_size(catalog: pd.DataFrame, crop_size: int) -> None:
+    """Raises ConfigError when `crop_size` exceeds the catalog's images (read from the first
+    readable terrain PNG's header; nothing to check when none is readable)."""
+    if "terrain" in catalog.columns:
+        image_size = _first_png_size(catalog["terrain"])
+        if image_size is not None:
+            _check_crop_fits(crop_size, image_size, f"the images of {catalog['terrain'].iloc[0]}")
+
+
 def _check_crop_fits(crop_size: int, image_size, where: str) -> None:
     height, width = image_size
     if crop_size > min(height, width):
-        raise ValueError(f"crop_size={crop_size} is larger than {where} ({width}x{height}). "
-                         f"Set data.crop_size to at most {min(height, width)}.")
+        raise ConfigError(f"Setting 'data.crop_size' ({crop_size}) is larger than {where} "
+                          f"({width}x{height}). Set data.crop_size to at most {min(height, width)}.")
 
 
 def _positive_int(name: str, value, setting: str) -> int:

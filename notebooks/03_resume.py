@@ -78,6 +78,7 @@ DATA_DIR = None       # None: the dataset 01_data_prep chose
 RUN_DIR = None        # None: runs/terrain-cmc
 RESUME_FROM = None    # a previous run directory; None: look under /kaggle/input on Kaggle
 EPOCHS = None         # total epochs to reach; None: the run's own setting
+OVERRIDES = {}        # e.g. {"train.mixed_precision": "mixed_float16"}; model settings stay fixed
 TIME_LIMIT = "11.5h"  # stop cleanly before Kaggle's 12 h session limit
 SMOKE = in_ci()       # CI: one more epoch of the tiny smoke run
 
@@ -102,11 +103,13 @@ notebook.info_table(before, labels=["before"])
 #
 # The saved `config.json` is used as it is; only the number of epochs and the cache location
 # (a new Kaggle session may not have the cache of the old one; the PNGs give the same batches)
-# are set here.
+# are set here, plus `OVERRIDES` if any. The hardware may differ from the last session's (T4 x2,
+# P100, TPU): the precision follows it and the checkpoint restores under each; only the batch
+# stays the run's, and a warning below says when it may not fit.
 
 # %%
 CACHE = notebook.cache_setting(notebook.cache_dir_for(DATA))
-config = notebook.choose_config(RUN, epochs=EPOCHS, overrides={"data.cache": CACHE})
+config = notebook.choose_config(RUN, epochs=EPOCHS, overrides={**OVERRIDES, "data.cache": CACHE})
 print(f"epoch {before['epoch']} of {config.train.epochs}; "
       + ("nothing left to train: raise EPOCHS to train longer."
          if before["epoch"] >= config.train.epochs else "continuing."))

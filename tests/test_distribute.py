@@ -235,9 +235,9 @@ def test_mirrored_float16_with_loss_scaling_trains(distributed_runs):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) for r in rows)
     reader = tf.train.load_checkpoint(str(root / "mirrored_float16" / "checkpoints" / "ckpt-6"))
-    scale = float(reader.get_tensor("optimizer/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE"))
+    scale = float(reader.get_tensor("loss_scale/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE"))
     applied = int(reader.get_tensor(
-        "optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+        "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
     assert scale < 2.0 ** 15  # lowered from Keras's initial scale after overflowing steps
     assert 1 <= applied < 6  # the overflowing steps were skipped by the optimizer, the rest applied
     # Overflow steps are reported as skipped updates (no EMA or queue change), exactly those.

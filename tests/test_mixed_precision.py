@@ -116,7 +116,7 @@ def test_mixed_precision_trains_finite_and_checkpoints_load_back(policy, trunk, 
         # Loss-scale warm-up: overflowing steps skip the update (and the EMA and queue) and are
         # reported; the optimizer applied exactly the others.
         applied = int(reader.get_tensor(
-            "optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+            "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
         assert applied == result.step - skipped
     else:
         assert skipped == 0
@@ -152,8 +152,7 @@ def test_mixed_precision_trains_finite_and_checkpoints_load_back(policy, trunk, 
     resumed = training.train(data_root, run, config.with_overrides({"train.epochs": 2}), verbose=0)
     assert resumed.step == 6 and np.isfinite(pd.read_csv(run / "log.csv")["loss"]).all()
     reader = tf.train.load_checkpoint(resumed.checkpoint)
-    prefix = "optimizer/inner_optimizer" if policy == "mixed_float16" else "optimizer"
-    applied = int(reader.get_tensor(f"{prefix}/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+    applied = int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
     assert applied == 6 if policy == "mixed_bfloat16" else 1 <= applied < 6
     trained = training.load_run(run).encoder("online").get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(trained, full.get_weights()))
@@ -176,3 +175,84 @@ def test_losses_compute_in_float32_from_low_precision_embeddings():
         np.testing.assert_allclose(float(inter), float(inter_batch_loss(*upcast, 0.07)), rtol=1e-6)
         np.testing.assert_allclose(float(intra), float(intra_batch_loss(*upcast[:2], 0.07)),
                                    rtol=1e-6)
+
+
+# -- resuming on hardware with another precision ------------------------------------------------
+
+def _adam_steps_and_loss_scale(checkpoint: str) -> tuple[int, float | None]:
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(checkpoint)
+    keys = reader.get_variable_to_shape_map()
+    scale_key = "loss_scale/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE"
+    return (int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")),
+            float(reader.get_tensor(scale_key)) if scale_key in keys else None)
+
+
+def _applied_steps(run) -> int:
+    log = pd.read_csv(run / "log.csv")
+    return int((log["step"].diff().fillna(log["step"]) - log["skipped_steps"]).sum())
+
+
+@pytest.mark.slow
+def test_a_run_resumes_when_the_precision_changes(data_root, tmp_path):
+    """Kaggle sessions change hardware: TPU (bfloat16) -> 2x T4 (float16 with a loss scale) ->
+    P100 (float32). Adam's state and the loss scale carry over each time."""
+    from cmc_kit import training
+
+    supported, reason = _cpu_kernels_exist("mixed_float16", grouped=False)
+    if not supported:
+        pytest.skip(f"no CPU kernel for float16 conv gradients: {reason}")
+    run = tmp_path / "run"
+    scales = []
+    for epochs, policy in enumerate(["mixed_bfloat16", "mixed_float16", "mixed_float16", "off"], 1):
+        config = tiny_config(**{"train.mixed_precision": policy, "train.epochs": epochs})
+        result = training.train(data_root, run, config, verbose=0)
+        assert result.epoch == epochs
+        adam_steps, scale = _adam_steps_and_loss_scale(result.checkpoint)
+        # Adam counted every applied update since the start: nothing was re-initialised.
+        assert adam_steps == _applied_steps(run)
+        assert (scale is not None) == (policy == "mixed_float16")
+        scales.append(scale)
+    # The second float16 session continued from the first one's loss scale (2^15 halved once
+    # per overflowing step, no growth within a few steps), not from 2^15 again.
+    skipped = pd.read_csv(run / "log.csv")["skipped_steps"].tolist()
+    assert skipped[0] == 0 and skipped[3] == 0  # only float16 overflows
+    assert scales[1] == 2.0 ** 15 / 2 ** skipped[1]
+    assert scales[2] == 2.0 ** 15 / 2 ** (skipped[1] + skipped[2])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_the_older_float16_layout_resumes_in_float32(data_root, tmp_path,
+                                                                       monkeypatch):
+    """Checkpoints written before the layout change kept Adam inside the loss-scale wrapper."""
+    import tensorflow as tf
+
+    from cmc_kit import training
+
+    supported, reason = _cpu_kernels_exist("mixed_float16", grouped=False)
+    if not supported:
+        pytest.skip(f"no CPU kernel for float16 conv gradients: {reason}")
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:  # the old layout: the wrapper itself was checkpointed
+        patch.setattr(training.Trainer, "_inner_optimizer", property(lambda self: self.optimizer))
+        first = training.train(data_root, run, tiny_config(**{
+            "train.mixed_precision": "mixed_float16", "train.epochs": 2}), verbose=0)
+    old_keys = tf.train.load_checkpoint(first.checkpoint).get_variable_to_shape_map()
+    assert any(key.startswith("optimizer/inner_optimizer/_iterations") for key in old_keys)
+    applied_before = _applied_steps(run)
+    assert applied_before > 0
+
+    float16_copy = training.import_previous_run(run, tmp_path / "copy")
+    resumed = training.train(data_root, run, tiny_config(**{"train.epochs": 3}), verbose=0)
+    assert _adam_steps_and_loss_scale(resumed.checkpoint) == (applied_before + 3, None)
+
+    # Under float16 again, the old layout restores the loss scale too.
+    old_scale = float(tf.train.load_checkpoint(first.checkpoint).get_tensor(
+        "optimizer/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE"))
+    again = training.train(data_root, float16_copy, tiny_config(**{
+        "train.mixed_precision": "mixed_float16", "train.epochs": 3}), verbose=0)
+    skipped = int(pd.read_csv(float16_copy / "log.csv")["skipped_steps"].iloc[-1])
+    adam_steps, scale = _adam_steps_and_loss_scale(again.checkpoint)
+    assert adam_steps == applied_before + 3 - skipped
+    assert scale == old_scale / 2 ** skipped

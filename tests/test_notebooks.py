@@ -317,6 +317,30 @@ def test_kaggle_t4_on_a_float32_gpu_gets_a_batch_that_fits(tmp_path, capsys):
     assert forced.data.batch_size == 16
 
 
+def test_resuming_a_mixed_precision_batch_on_a_float32_gpu_warns_with_the_fix(tmp_path):
+    import warnings
+
+    from cmc_kit import notebook
+
+    t4_run = tmp_path / "terrain-cmc"
+    notebook.choose_config(t4_run, accelerator_names=["GPU:0 T4", "GPU:1 T4"],
+                           gpu_precision="mixed_float16").save(t4_run / "config.json")
+    with pytest.warns(UserWarning, match=r"(?s)batch 32 \(32 per GPU\).*mixed_float16"):
+        resumed = notebook.choose_config(t4_run, accelerator_names=["GPU:0 Tesla P100"],
+                                         gpu_precision="float32")
+    assert resumed.data.batch_size == 32  # a run's batch never changes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # Back on T4 x2 (16 per GPU), or float16 forced on the P100: nothing to warn about.
+        notebook.choose_config(t4_run, accelerator_names=["GPU:0 T4", "GPU:1 T4"],
+                               gpu_precision="float32")
+        notebook.choose_config(t4_run, accelerator_names=["GPU:0 Tesla P100"],
+                               gpu_precision="float32",
+                               overrides={"train.mixed_precision": "mixed_float16"})
+        notebook.choose_config(t4_run, accelerator_names=["GPU:0 Tesla T4"],
+                               gpu_precision="mixed_float16")
+
+
 def test_environment_report_matches_the_libraries():
     import keras
     import tensorflow as tf

@@ -514,16 +514,19 @@ def test_stopping_on_the_last_step_of_an_epoch_resumes_without_empty_or_duplicat
 
 
 def test_resume_after_the_training_set_changed_size_names_the_cause(tmp_path):
-    from cmc_kit import synth, training
+    """A catalog passed as a table is taken as it is (files lost from a dataset *folder* are
+    kept and skipped instead, see above): one sample fewer cannot resume exactly."""
+    from cmc_kit import data, synth, training
 
     root = synth.generate(tmp_path / "data", n=30, size=64, seed=5, progress=False)
     run = tmp_path / "run"
-    training.train(root, run, tiny_config(**{"train.epochs": 1, "train.eval_subset": 0}), verbose=0)
+    catalog = data.discover(root)
+    training.train(catalog, run, tiny_config(**{"train.epochs": 1, "train.eval_subset": 0}),
+                   verbose=0)
     split = json.loads((run / "split.json").read_text())
-    for path in (root / "_dataset").glob(f"{split['train'][0]}_*.png"):
-        path.unlink()  # a training sample disappeared from the dataset
-    with pytest.raises(CheckpointError, match="training samples"):
-        training.train(root, run, tiny_config(**{"train.epochs": 2, "train.eval_subset": 0}),
+    smaller = catalog[catalog["id"] != split["train"][0]]
+    with pytest.raises(CheckpointError, match="training samples: saved 24, now 23"):
+        training.train(smaller, run, tiny_config(**{"train.epochs": 2, "train.eval_subset": 0}),
                        verbose=0)
 
 
@@ -538,3 +541,85 @@ def test_progress_bar_shows_the_loss_terms(train_root, tmp_path, capsys):
     shown = float(re.findall(r"loss: ([0-9.]+)", out)[-1])
     logged = pd.read_csv(tmp_path / "run" / "log.csv")["loss"].iloc[-1]
     assert shown == pytest.approx(logged, abs=1e-3)
+
+
+# -- mistakes that must not cost the run ---------------------------------------------------------
+
+def _run_files(run: Path) -> dict:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_fresh_with_a_mistake_keeps_the_old_run(train_root, tmp_path):
+    from cmc_kit import training
+    from cmc_kit.errors import CmcKitError
+
+    run = tmp_path / "run"
+    training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
+    before = _run_files(run)
+    assert "checkpoints/checkpoint" in before
+    mistakes = [
+        (tmp_path / "no-such-data", tiny_config(), "does not exist"),
+        (train_root, tiny_config(**{"data.crop_size": 128}), r"data.crop_size.*at most 64"),
+        (train_root, tiny_config(**{"train.strategy": "tpu"}), "TPU"),
+    ]
+    for data, config, message in mistakes:
+        with pytest.raises(CmcKitError, match=message):
+            training.train(data, run, config, fresh=True, verbose=0)
+        assert _run_files(run) == before, message  # nothing deleted, nothing added
+    # A fresh start that passes its checks does replace the run.
+    training.train(train_root, run, tiny_config(**{"train.epochs": 1, "model.embedding_dim": 8}),
+                   fresh=True, verbose=0)
+    assert not (run / ".before-fresh").exists()
+    assert json.loads((run / "config.json").read_text())["model"]["embedding_dim"] == 8
+
+
+def test_a_setting_that_fails_leaves_no_settings_behind(train_root, tmp_path):
+    from cmc_kit import training
+    from cmc_kit.errors import CmcKitError
+
+    run = tmp_path / "run"
+    with pytest.raises(CmcKitError, match="data.crop_size"):
+        training.train(train_root, run, tiny_config(**{"data.crop_size": 128}), verbose=0)
+    # No config.json or split.json to trip the next attempt, which then simply works.
+    assert not (run / "config.json").exists() and not (run / "split.json").exists()
+    result = training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
+    assert result.step == 6
+
+    # A finished run given an impossible crop size: refused, its saved settings unchanged.
+    saved = (run / "config.json").read_text()
+    with pytest.raises(CmcKitError, match="data.crop_size"):
+        training.train(train_root, run, tiny_config(**{"train.epochs": 1, "data.crop_size": 128}),
+                       verbose=0)
+    assert (run / "config.json").read_text() == saved
+
+
+def test_resume_after_training_files_went_missing_skips_them_and_continues(tmp_path):
+    from cmc_kit import synth, training
+
+    root = synth.generate(tmp_path / "data", n=30, size=64, seed=3, progress=False)
+    run = tmp_path / "run"
+    training.train(root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
+    train_ids = json.loads((run / "split.json").read_text())["train"]
+    deleted, garbled = train_ids[0], train_ids[1]
+    next(Path(root).rglob(f"{deleted}_h.png")).unlink()
+    next(Path(root).rglob(f"{garbled}_t.png")).write_bytes(b"not a png")
+
+    with pytest.warns(UserWarning, match=rf"2 training sample\(s\) of .* ({deleted}|{garbled})"):
+        result = training.train(root, run, tiny_config(**{"train.epochs": 2}), verbose=0)
+    assert result.epoch == 2
+    log = pd.read_csv(run / "log.csv")
+    assert log["skipped_samples"].tolist() == [0, 2]
+    # 24 training samples, batch 4: the two skipped leave 22, i.e. 5 full batches.
+    assert result.step == 6 + 5
+
+
+def test_resume_from_is_not_copied_over_a_run_that_has_a_checkpoint(train_root, tmp_path):
+    from cmc_kit import training
+
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    training.train(train_root, mine, tiny_config(**{"train.epochs": 1}), verbose=0)
+    training.train(train_root, other, tiny_config(**{"train.epochs": 2}), verbose=0)
+    with pytest.warns(UserWarning, match=r"already holds a checkpoint \(step 6\).*not copied in"):
+        result = training.train(train_root, mine, tiny_config(**{"train.epochs": 1}),
+                                resume_from=other, verbose=0)
+    assert result.step == 6

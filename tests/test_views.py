@@ -7,6 +7,7 @@ view tells which image pixels it came from and the tests can check alignment exa
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -397,21 +398,30 @@ def test_unreadable_file_is_skipped_and_counted(catalog_copy, damage, victim):
     assert counter.count == 1 and counter.ids == [catalog_copy["id"].iloc[victim]]
 
 
-def test_unreadable_file_in_training_epoch(catalog_copy):
-    with open(catalog_copy["segmentation"].iloc[3], "wb") as handle:
+def test_unreadable_file_in_training_epoch(catalog_copy, caplog):
+    broken = Path(catalog_copy["segmentation"].iloc[3])
+    with open(broken, "wb") as handle:
         handle.write(b"\x89PNG\r\n\x1a\nbroken")
     counter = views.SkippedCounter()
     ds = make_training(catalog_copy, batch_size=3, skipped_counter=counter)
-    ids = [i.decode() for b in batches(ds) for i in b["id"]]
+    with caplog.at_level("WARNING", logger="cmc_kit.views"):
+        ids = [i.decode() for b in batches(ds) for i in b["id"]]
     assert len(ids) == 6 and catalog_copy["id"].iloc[3] not in ids
     assert counter.count == 1
+    # The warning names the sample and the command to run on its folder.
+    message = " ".join(r.getMessage() for r in caplog.records if r.name == "cmc_kit.views")
+    assert catalog_copy["id"].iloc[3] in message
+    assert f"cmc-kit validate {broken.parent}`" in message
 
 
 def test_bad_arguments_name_the_setting(coordinate_catalog):
     with pytest.raises(ValueError, match="views"):
         views.make_dataset(coordinate_catalog, views=("terrain", "colour"), crop_size=16,
                            batch_size=2, training=True, seed=0)
-    with pytest.raises(ValueError, match="data.crop_size"):
+    from cmc_kit.errors import CmcKitError
+
+    # A setting the user chose: a CmcKitError, which the CLI prints as one line.
+    with pytest.raises(CmcKitError, match=rf"'data.crop_size' \({SIZE + 1}\).*at most {SIZE}"):
         views.make_dataset(coordinate_catalog, views=("terrain",), crop_size=SIZE + 1,
                            batch_size=2, training=True, seed=0)
     with pytest.raises(DataError, match="batch_size"):
