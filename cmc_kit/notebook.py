@@ -326,11 +326,15 @@ def choose_config(run: str | os.PathLike, *, preset: str | None = None, epochs: 
             gpu_precision = training.resolve_mixed_precision("auto")
     if gpus is None:
         gpus = sum(name.startswith("GPU") for name in accelerator_names or []) or 1
-    setting = overrides.get("train.mixed_precision", "auto")
-    if gpu_precision is not None and setting != "auto":  # precision forced on GPUs
-        gpu_precision = training.resolve_mixed_precision(setting)
+
+    def on_these_gpus(setting: str) -> str | None:
+        """The policy a `train.mixed_precision` setting gives on these GPUs (None: no GPU)."""
+        if gpu_precision is None or setting == "auto":
+            return gpu_precision
+        return training.resolve_mixed_precision(setting)
+
     if (preset == "kaggle-t4" and not exists and "data.batch_size" not in overrides
-            and gpu_precision == "float32"):
+            and on_these_gpus(overrides.get("train.mixed_precision", "auto")) == "float32"):
         overrides["data.batch_size"] = FLOAT32_GPU_BATCH
         print(f"Training in float32 on these GPUs: data.batch_size "
               f"{FLOAT32_GPU_BATCH} instead of the preset's 32, which needs about 19.5 GB "
@@ -338,7 +342,8 @@ def choose_config(run: str | os.PathLike, *, preset: str | None = None, epochs: 
     config = training.resolve_config(Path(run), preset_name=preset, epochs=epochs,
                                      overrides=overrides, fresh=fresh)
     per_gpu = config.data.batch_size // max(1, gpus)
-    if exists and gpu_precision == "float32" and per_gpu > FLOAT32_GPU_BATCH:
+    if (exists and on_these_gpus(config.train.mixed_precision) == "float32"
+            and per_gpu > FLOAT32_GPU_BATCH):
         warnings.warn(
             f"{run} trains with batch {config.data.batch_size} ({per_gpu} per GPU), chosen for "
             f"mixed precision; these GPUs train in float32, where more than {FLOAT32_GPU_BATCH} "

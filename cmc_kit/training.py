@@ -745,7 +745,7 @@ class Trainer:
         wrapper), which the current precision may not have."""
         import tensorflow as tf
 
-        optional = {"epoch_position", LOSS_SCALE}
+        optional = {"epoch_position", LOSS_SCALE} & set(self.checkpointed)
         wrapped_layout = any(key.startswith("optimizer/inner_optimizer/") for key in saved_keys)
         if optional <= saved and not wrapped_layout:
             return self.checkpoint
@@ -1164,6 +1164,7 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
     """
     run_dir = Path(run)
     _refuse_fresh_with_resume_from(fresh, resume_from)
+    _recover_set_aside(run_dir)
     # fresh: the old run is moved aside, not deleted, until every setting and the data have
     # been checked; a typo in --data or --set then leaves it as it was.
     set_aside = _SetAside(run_dir, RUN_OUTPUTS) if fresh else None
@@ -1184,7 +1185,8 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
         catalog = _catalog_for(data, check_pixels=not resuming)
         if resuming:
             split_ids = read_json(split_path)
-            catalog = _keep_lost_training_samples(catalog, split_ids, data, run_dir)
+            catalog = _keep_lost_training_samples(catalog, split_ids, data, run_dir,
+                                                  cache=config.data.cache)
         else:
             split_ids = new_run_split(catalog, config)
         split = apply_split(catalog, split_ids)
@@ -1196,6 +1198,7 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
         trainer = Trainer(config, run_dir, split["train"], split["validation"], verbose=verbose,
                           dataset_transform=dataset_transform, callbacks=callbacks,
                           metadata_csv=metadata_csv)
+        trainer.dataset(0)  # the pipeline's own checks (the cache, its image size); reads nothing
     except BaseException:
         if set_aside is not None:
             set_aside.put_back()
@@ -1214,14 +1217,33 @@ RUN_OUTPUTS = (CHECKPOINT_DIR, "tensorboard", "embeddings", STATE_FILE, "log.csv
                "log_steps.csv", SPLIT_FILE, CONFIG_FILE)
 
 
+SET_ASIDE_DIR = ".before-fresh"
+
+
+def _recover_set_aside(run_dir: Path) -> None:
+    """Puts back a run that a `fresh` start had moved aside when its process was killed before
+    the new run's first checkpoint (the new run's files, if any, give way)."""
+    folder = Path(run_dir) / SET_ASIDE_DIR
+    if not folder.is_dir() or has_checkpoint(run_dir):
+        return
+    names = [child.name for child in folder.iterdir()]
+    if names:
+        warnings.warn(f"Restoring {run_dir} from {folder}: a fresh start was interrupted before "
+                      "its first checkpoint.", stacklevel=3)
+    aside = _SetAside.__new__(_SetAside)
+    aside.run_dir, aside.folder, aside.moved = Path(run_dir), folder, names
+    aside.put_back()
+
+
 class _SetAside:
     """Moves a run's outputs into RUN/.before-fresh (a rename: nothing is copied) and either
     puts them back (the new run failed its checks) or deletes them (it passed)."""
 
     def __init__(self, run_dir: Path, names):
         self.run_dir = Path(run_dir)
-        self.folder = self.run_dir / ".before-fresh"
-        shutil.rmtree(self.folder, ignore_errors=True)  # left by a process killed in between
+        self.folder = self.run_dir / SET_ASIDE_DIR
+        # Still here only next to a newer run's checkpoint (else recovered): superseded.
+        shutil.rmtree(self.folder, ignore_errors=True)
         self.moved = [name for name in names if (self.run_dir / name).exists()]
         if self.moved:
             self.folder.mkdir(parents=True)
@@ -1263,36 +1285,45 @@ def _saved_step(run_dir: Path) -> str:
         return "unknown"
 
 
-def _keep_lost_training_samples(catalog, split: dict, data, run_dir: Path):
+def _keep_lost_training_samples(catalog, split: dict, data, run_dir: Path, *, cache=None):
     """On resume, training samples whose files went missing or broke since the run began stay
-    in the catalog (with their old or expected paths): the epoch plan, which the exact resume
-    depends on, keeps its length, and the pipeline skips and counts them like any unreadable
-    file."""
+    in the catalog (with their old or expected paths), in the catalog's id order: the epoch
+    plan, which the exact resume depends on, keeps its length and its rows, and the pipeline
+    skips and counts them like any unreadable file (with a cache, it still reads them there)."""
     import pandas as pd
 
     from cmc_kit import data as data_module
 
     if hasattr(data, "columns"):
         return catalog
-    lost = sorted(set(split["train"]) - set(catalog["id"]))
+    lost = sorted(set(split["train"]) - set(catalog["id"]), key=data_module._id_sort_key)
+    lost_validation = set(split["validation"]) - set(catalog["id"])
+    if lost_validation:
+        warnings.warn(f"{len(lost_validation)} held-out sample(s) of {run_dir} can no longer be "
+                      "read; the evaluations leave them out.", stacklevel=3)
     if not lost:
         return catalog
     found = data_module.discover(data, include_incomplete=True).set_index("id")
-    folder = Path(data)
-    if len(catalog):
-        folder = Path(str(catalog["terrain"].iloc[0])).parent
     rows = []
     for sample_id in lost:
         row = {"id": sample_id}
         for view, suffix in data_module.VIEW_SUFFIXES.items():
             path = found.at[sample_id, view] if sample_id in found.index else None
-            row[view] = path if isinstance(path, str) else str(folder / f"{sample_id}_{suffix}.png")
+            # A sample deleted outright: its expected name at the dataset root.
+            row[view] = path if isinstance(path, str) else str(Path(data) / f"{sample_id}_{suffix}.png")
         rows.append(row)
-    warnings.warn(f"{len(lost)} training sample(s) of {run_dir} can no longer be read "
-                  f"({', '.join(map(str, lost[:5]))}{', ...' if len(lost) > 5 else ''}): every "
-                  "epoch skips them and log.csv counts them (skipped_samples); the resume is "
-                  f"exact otherwise. Run `cmc-kit validate {data}` for the files.", stacklevel=3)
-    return pd.concat([catalog, pd.DataFrame(rows, columns=catalog.columns)], ignore_index=True)
+    shown = f"{', '.join(map(str, lost[:5]))}{', ...' if len(lost) > 5 else ''}"
+    if cache:
+        what = f"training reads them from the cache {cache}"
+    else:
+        what = ("every epoch skips them and log.csv counts them (skipped_samples); the resume is "
+                "exact otherwise")
+    warnings.warn(f"{len(lost)} training sample(s) of {run_dir} can no longer be read from "
+                  f"{data} ({shown}): {what}. Run `cmc-kit validate {data}` for the files.",
+                  stacklevel=3)
+    kept = pd.concat([catalog, pd.DataFrame(rows, columns=catalog.columns)], ignore_index=True)
+    order = sorted(range(len(kept)), key=lambda i: data_module._id_sort_key(str(kept.at[i, "id"])))
+    return kept.iloc[order].reset_index(drop=True)
 
 
 def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, fresh=False,

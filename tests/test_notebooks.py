@@ -340,6 +340,19 @@ def test_resuming_a_mixed_precision_batch_on_a_float32_gpu_warns_with_the_fix(tm
         notebook.choose_config(t4_run, accelerator_names=["GPU:0 Tesla T4"],
                                gpu_precision="mixed_float16")
 
+    # The run's own saved precision counts too: float16 saved -> nothing to warn about on a P100;
+    # float32 saved ("off") -> a warning even on a T4.
+    for setting, gpu, warned in (("mixed_float16", "float32", False),
+                                 ("off", "mixed_float16", True)):
+        run = tmp_path / setting
+        notebook.choose_config(run, preset="kaggle-t4", gpu_precision="mixed_float16",
+                               overrides={"train.mixed_precision": setting,
+                                          "data.batch_size": 32}).save(run / "config.json")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            notebook.choose_config(run, accelerator_names=["GPU:0"], gpu_precision=gpu)
+        assert any("float32" in str(w.message) for w in caught) == warned, setting
+
 
 def test_environment_report_matches_the_libraries():
     import keras

@@ -561,6 +561,8 @@ def test_fresh_with_a_mistake_keeps_the_old_run(train_root, tmp_path):
         (tmp_path / "no-such-data", tiny_config(), "does not exist"),
         (train_root, tiny_config(**{"data.crop_size": 128}), r"data.crop_size.*at most 64"),
         (train_root, tiny_config(**{"train.strategy": "tpu"}), "TPU"),
+        # Checked by the input pipeline, not by the Trainer itself.
+        (train_root, tiny_config(**{"data.cache": str(tmp_path / "no-cache")}), "cache manifest"),
     ]
     for data, config, message in mistakes:
         with pytest.raises(CmcKitError, match=message):
@@ -571,6 +573,27 @@ def test_fresh_with_a_mistake_keeps_the_old_run(train_root, tmp_path):
                    fresh=True, verbose=0)
     assert not (run / ".before-fresh").exists()
     assert json.loads((run / "config.json").read_text())["model"]["embedding_dim"] == 8
+
+
+def test_a_run_set_aside_by_a_killed_fresh_start_comes_back(train_root, tmp_path):
+    from cmc_kit import training
+    from cmc_kit.errors import CmcKitError
+
+    run = tmp_path / "run"
+    training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
+    before = _run_files(run)
+    training._SetAside(run, training.RUN_OUTPUTS)  # the process dies here: no put_back, no discard
+    assert not training.has_checkpoint(run)
+    # Even the next fresh start, failing its checks, gives the old run back...
+    with pytest.raises(CmcKitError, match="data.crop_size"):
+        training.train(train_root, run, tiny_config(**{"data.crop_size": 128}), fresh=True,
+                       verbose=0)
+    assert _run_files(run) == before
+    # ... and a plain resume continues it.
+    training._SetAside(run, training.RUN_OUTPUTS)
+    with pytest.warns(UserWarning, match="fresh start was interrupted"):
+        result = training.train(train_root, run, tiny_config(**{"train.epochs": 2}), verbose=0)
+    assert result.step == 12
 
 
 def test_a_setting_that_fails_leaves_no_settings_behind(train_root, tmp_path):
@@ -599,10 +622,18 @@ def test_resume_after_training_files_went_missing_skips_them_and_continues(tmp_p
     root = synth.generate(tmp_path / "data", n=30, size=64, seed=3, progress=False)
     run = tmp_path / "run"
     training.train(root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
-    train_ids = json.loads((run / "split.json").read_text())["train"]
-    deleted, garbled = train_ids[0], train_ids[1]
+    split = json.loads((run / "split.json").read_text())
+    intact = training.apply_split(training._catalog_for(root, check_pixels=False), split)["train"]
+    deleted, garbled = split["train"][5], split["train"][11]
     next(Path(root).rglob(f"{deleted}_h.png")).unlink()
     next(Path(root).rglob(f"{garbled}_t.png")).write_bytes(b"not a png")
+
+    # The training table keeps every row in place: the epoch plan (a permutation of rows) and
+    # each row's crop seed are the uninterrupted run's.
+    with pytest.warns(UserWarning, match="can no longer be read"):
+        kept = training._keep_lost_training_samples(
+            training._catalog_for(root, check_pixels=False), split, root, run)
+    assert training.apply_split(kept, split)["train"]["id"].tolist() == intact["id"].tolist()
 
     with pytest.warns(UserWarning, match=rf"2 training sample\(s\) of .* ({deleted}|{garbled})"):
         result = training.train(root, run, tiny_config(**{"train.epochs": 2}), verbose=0)
