@@ -470,8 +470,10 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------
     def dataset(self, epoch: int, seed: int | None = None, start_batch: int = 0,
-                start_position: int | None = None, with_positions: bool = False):
-        """The epoch's batches ({view: [B, S, S, C]}, plus "position": [B] if asked)."""
+                start_position: int | None = None, with_positions: bool = False,
+                transform: bool = True):
+        """The epoch's batches ({view: [B, S, S, C]}, plus "position": [B] if asked), through
+        `dataset_transform` unless `transform` is False."""
         from cmc_kit import views
 
         dc = self.config.data
@@ -482,7 +484,7 @@ class Trainer:
             augment=dc.augment, cache=dc.cache or None, skipped_counter=self.skipped_samples,
             start_batch=start_batch, start_position=start_position,
             with_positions=with_positions)
-        if self.dataset_transform is not None:
+        if transform and self.dataset_transform is not None:
             ds = self.dataset_transform(ds)
         return ds
 
@@ -1198,7 +1200,8 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
         trainer = Trainer(config, run_dir, split["train"], split["validation"], verbose=verbose,
                           dataset_transform=dataset_transform, callbacks=callbacks,
                           metadata_csv=metadata_csv)
-        trainer.dataset(0)  # the pipeline's own checks (the cache, its image size); reads nothing
+        # The input pipeline's own checks (the cache, its image size); reads no batch.
+        trainer.dataset(0, transform=False)
     except BaseException:
         if set_aside is not None:
             set_aside.put_back()
