@@ -8,10 +8,12 @@ Each subcommand is a thin shim over a library function; heavy modules are import
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from cmc_kit.config import default_paths, parse_duration
@@ -147,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        with warnings.catch_warnings():
+            # Warnings read like the errors: `cmc-kit train: warning: ...`, not a source line.
+            warnings.showwarning = functools.partial(_show_warning, args.command)
+            return _dispatch(args)
     except KeyboardInterrupt:
         print(_interrupted_message(args), file=sys.stderr)
         return 130
@@ -159,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cmc-kit {args.command}: error: {message}", file=sys.stderr)
             return 2
         raise
+
+
+def _show_warning(command: str, message, category, filename, lineno, file=None, line=None):
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    print(f"cmc-kit {command}: warning: {kind}{message}", file=file or sys.stderr)
 
 
 def _interrupted_message(args: argparse.Namespace) -> str:

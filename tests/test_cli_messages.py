@@ -1,6 +1,7 @@
 """What a user sees from `cmc-kit`: one-line errors before any work, quiet start-up, short
 progress in logs, helpful messages and help texts. No training: tiny synthetic sets and fake runs."""
 
+import functools
 import json
 import os
 import subprocess
@@ -348,3 +349,26 @@ def test_train_help_lists_every_setting_name(capsys):
         section, _, name = key.partition(".")
         assert f"{name}," in epilog or f"{name}\n" in epilog, key
         assert f"  {section}: " in epilog
+
+
+def test_warnings_read_like_the_errors_without_a_source_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from cmc_kit import training
+
+    def warn_then_fail(**kwargs):
+        warnings.warn("the queue was capped", UserWarning)
+        warnings.warn("old option", DeprecationWarning)
+        raise CmcKitError("stopped")
+
+    monkeypatch.setattr(training, "train_from_cli", warn_then_fail)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code = cli.main(["train", "--data", str(tmp_path), "--run", str(tmp_path / "run")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "cmc-kit train: warning: the queue was capped",
+        "cmc-kit train: warning: DeprecationWarning: old option",
+        "cmc-kit train: error: stopped",
+    ]
+    assert not isinstance(warnings.showwarning, functools.partial)  # put back afterwards
