@@ -18,6 +18,13 @@ def ensure_synthetic(data: Path, n: int, size: int = DEMO_IMAGE_SIZE, seed: int 
     if (data / "metadata.csv").exists() and any(data.rglob("*_t.png")):
         print(f"Using the synthetic dataset in {data}")
         return data
+    if data.is_dir() and next(data.rglob("*_t.png"), None) is not None:
+        from cmc_kit.errors import DataError
+
+        raise DataError(f"{data} already holds a dataset that is not a cmc_kit synthetic set (no "
+                        "metadata.csv); synthetic samples would mix with its files. Generate the "
+                        "synthetic set in another folder (e.g. data/synthetic), or use this one "
+                        "as it is.")
     print(f"Generating {n} synthetic samples of {size}x{size} in {data} ...")
     return synth.generate(data, n=n, size=size, seed=seed, progress=True)
 

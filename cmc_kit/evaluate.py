@@ -125,6 +125,9 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, *, out: str | 
     from cmc_kit import embed, models
     from cmc_kit.training import load_run
 
+    if checkpoints not in ("latest", "all"):
+        raise CmcKitError(f"checkpoints (CHECKPOINTS in 05_evaluate) must be 'latest' or 'all'. "
+                          f"Received: {checkpoints!r}")
     out = resolve_output(out)
     handle = load_run(run)
     config = handle.config

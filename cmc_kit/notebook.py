@@ -80,6 +80,8 @@ def environment_report(*, show: bool = True) -> dict[str, Any]:
         "data_root": str(paths["data"]),
         "runs_root": str(paths["runs"]),
     }
+    if in_kernel():
+        keep_figures_in_saved_notebooks()
     if show:
         found = ", ".join(report["accelerators"]) or "none (CPU only: use the cpu-demo preset)"
         print(f"Python {report['python']}, TensorFlow {report['tensorflow']}, "
@@ -89,6 +91,22 @@ def environment_report(*, show: bool = True) -> dict[str, Any]:
               f"{'on' if report['smoke'] else 'off'}")
         print(f"Data under {report['data_root']}, runs under {report['runs_root']}")
     return report
+
+
+def keep_figures_in_saved_notebooks() -> str:
+    """Adds Plotly's `notebook_connected` renderer (HTML loading plotly.js from its CDN) to the
+    default one, so figures shown as a cell's value also appear in viewers of a saved notebook
+    without the Plotly extension (Kaggle's version viewer, nbconvert's HTML); JupyterLab keeps
+    drawing them from the Plotly JSON. Kaggle's and Colab's own renderers already do. Returns
+    the renderer now in use."""
+    import plotly.io as pio
+
+    current = pio.renderers.default or "plotly_mimetype"
+    parts = current.split("+")
+    if not any(p in ("notebook", "notebook_connected", "kaggle", "colab", "iframe",
+                     "iframe_connected") for p in parts):
+        pio.renderers.default = current + "+notebook_connected"
+    return pio.renderers.default
 
 
 def default_preset(accelerator_names: Sequence[str] | None = None) -> str:
@@ -152,9 +170,11 @@ def get_data(data_dir: str | os.PathLike | None = None, *, force_synthetic: bool
             where = "attached Kaggle input" if on_kaggle() else "Kaggle API download"
             choice = DataChoice(path, "kaggle", f"Kaggle Terrain Map dataset ({where}): {path}")
         except CmcKitError as err:
+            missing = (f"DATA_DIR {given} did not exist (a typo? it is where a download would "
+                       "go).\n" if given is not None and not given.exists() else "")
             path = ensure_synthetic(synthetic_home, synthetic_samples, synthetic_size, seed)
             choice = DataChoice(Path(path), "synthetic",
-                                f"The Kaggle dataset is not available here:\n{err}\n"
+                                f"{missing}The Kaggle dataset is not available here:\n{err}\n"
                                 f"Using the synthetic dataset in {path} instead.")
     if data_dir is None:
         remember_data(choice, pointer)
@@ -312,7 +332,11 @@ def choose_config(run: str | os.PathLike, *, preset: str | None = None, epochs: 
     `train.mixed_precision=auto` picks for the attached GPUs; None without GPUs).
     """
     from cmc_kit import training
+    from cmc_kit.config import ConfigError
 
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(f"OVERRIDES must be a dict of setting names to values, e.g. "
+                          f"{{'model.width': 0.25, 'train.epochs': 30}}. Received: {overrides!r}")
     overrides = dict(overrides or {})
     exists = (Path(run) / training.CONFIG_FILE).is_file() and not fresh
     if preset is None and not exists:
@@ -543,6 +567,11 @@ def bring_in_previous_run(run: str | os.PathLike, resume_from: str | os.PathLike
     from cmc_kit import training
 
     run = Path(run)
+    if resume_from is not None and training.has_checkpoint(run):
+        warnings.warn(f"{run} already holds a checkpoint, so RESUME_FROM {resume_from} is not "
+                      f"copied in: {run} continues. To continue {resume_from}, set RUN_DIR to "
+                      "another folder.", stacklevel=2)
+        return None
     source = Path(resume_from) if resume_from is not None else previous_output(run, input_root)
     if source is None or training.has_checkpoint(run):
         return None
@@ -597,7 +626,7 @@ def info_table(*infos: Mapping[str, Any], labels: Sequence[str] | None = None) -
 __all__ = [
     "DEFAULT_RUN_NAME", "choose_config", "probe_figure", "DataChoice", "LiveLossPlot", "accelerators",
     "bring_in_previous_run", "cache_dir_for", "cache_setting", "config_table", "default_preset",
-    "environment_report", "figure_bundle", "find_data", "get_data", "in_kernel", "info_table", "loss_figure",
+    "environment_report", "figure_bundle", "keep_figures_in_saved_notebooks", "find_data", "get_data", "in_kernel", "info_table", "loss_figure",
     "plot_log", "previous_output", "read_log", "remember_data", "require_run", "run_dir", "show",
     "show_views", "views_grid",
 ]

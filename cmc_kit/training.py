@@ -1209,7 +1209,16 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
         atomic_write_text(split_path, json.dumps(split_ids) + "\n")
-    config.save(saved_path)
+    config_to_save = config
+    reached = _saved_epoch(run_dir)
+    if saved_path.exists() and reached is not None and config.train.epochs < reached:
+        # Asking for fewer epochs than done trains nothing; it must not shrink the run's goal.
+        kept = Config.load(saved_path).train.epochs
+        warnings.warn(f"train.epochs {config.train.epochs} is below the {reached} epoch(s) "
+                      f"{run_dir} has trained: nothing to train. Its config.json keeps "
+                      f"train.epochs {kept}.", stacklevel=2)
+        config_to_save = config.with_overrides({"train.epochs": kept})
+    config_to_save.save(saved_path)
     if set_aside is not None:
         set_aside.discard()
     return trainer.fit(time_limit=parse_duration(time_limit, "time_limit"))
@@ -1217,7 +1226,10 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
 
 # What a run directory holds that `fresh` replaces (folders and files).
 RUN_OUTPUTS = (CHECKPOINT_DIR, "tensorboard", "embeddings", STATE_FILE, "log.csv",
-               "log_steps.csv", SPLIT_FILE, CONFIG_FILE)
+               "log_steps.csv", SPLIT_FILE, CONFIG_FILE,
+               # made from the run by the demo and notebooks 04/05: stale after a fresh start
+               "umap_cache", "evaluation.csv", "explorer.html", "mosaic.png",
+               "embedding_over_epochs.html")
 
 
 SET_ASIDE_DIR = ".before-fresh"
@@ -1279,6 +1291,16 @@ def _bring_in_previous(run_dir: Path, resume_from, fresh: bool) -> None:
         return
     if resume_from is not None:
         import_previous_run(Path(resume_from), run_dir)
+
+
+def _saved_epoch(run_dir: Path) -> int | None:
+    """Epochs a run has completed, from RUN/state.json (None for a new run)."""
+    if not has_checkpoint(run_dir):
+        return None
+    try:
+        return int(read_json(Path(run_dir) / STATE_FILE)["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _saved_step(run_dir: Path) -> str:

@@ -143,7 +143,8 @@ print(f"{result.status}: epoch {result.epoch}, step {result.step}, checkpoint {r
 # `config.json` and `split.json` (which samples are held out: never trained on, used by the
 # evaluations), `checkpoints/` (weights of both networks, the queues and their write pointer, the
 # optimizer, step and epoch: everything a resume needs), `state.json`, `log.csv` (one row per
-# epoch) and `tensorboard/`.
+# epoch), `embeddings/` (the held-out subset's embedding after each epoch, which `04_explore`
+# animates) and `tensorboard/`.
 
 # %%
 info = training.run_info(RUN)

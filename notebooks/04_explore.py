@@ -87,8 +87,9 @@ explorer = explore.Explorer.from_run(RUN, DATA, split=SPLIT, colour_by=COLOUR_BY
 explorer
 
 # %% [markdown]
-# The same layout as a plain figure: widgets are not stored in a saved notebook (Kaggle's
-# version viewer, GitHub), this is.
+# The same layout as a plain figure: widgets are not stored in a saved notebook, this is (with
+# an HTML copy for Kaggle's version viewer; GitHub shows no Plotly output at all, which is what
+# the standalone `explorer.html` page is for).
 
 # %%
 explorer.static_figure()

@@ -91,3 +91,11 @@ def test_probe_features_separable_vs_shuffled():
                                    source="noise")
     scores = {(r["task"], r["probe"]): r["value"] for r in rows}
     assert scores[("dominant_class", "knn")] < 0.35
+
+
+def test_an_unknown_checkpoints_choice_is_refused_before_any_work(tmp_path):
+    from cmc_kit import evaluate
+    from cmc_kit.errors import CmcKitError
+
+    with pytest.raises(CmcKitError, match=r"CHECKPOINTS.*'latest' or 'all'.*'last'"):
+        evaluate.evaluate_run(tmp_path / "no-run", tmp_path / "no-data", checkpoints="last")

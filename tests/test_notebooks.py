@@ -208,6 +208,62 @@ def test_force_synthetic_never_asks_kaggle(tmp_path):
     assert choice.source == "synthetic" and (tmp_path / "s" / "metadata.csv").is_file()
 
 
+def test_force_synthetic_never_writes_into_another_dataset(tmp_path):
+    from cmc_kit import notebook
+
+    folder = _fake_dataset(tmp_path / "mine")
+    (folder / "metadata.csv").unlink()  # the user's own triplets, not a synthetic set
+    before = sorted(p.name for p in folder.rglob("*"))
+    with pytest.raises(DataError, match=r"(?s)already holds a dataset.*another folder"):
+        notebook.get_data(folder, force_synthetic=True, synthetic_samples=2, synthetic_size=32)
+    assert sorted(p.name for p in folder.rglob("*")) == before
+
+
+def test_a_data_dir_that_does_not_exist_is_said_when_falling_back(tmp_path):
+    from cmc_kit import notebook
+
+    def no_credentials(dest):
+        raise CredentialsError("No Kaggle credentials found")
+
+    typo = tmp_path / "my_terain"
+    choice = notebook.get_data(typo, downloader=no_credentials, synthetic_samples=2,
+                               synthetic_size=32)
+    assert choice.source == "synthetic" and f"DATA_DIR {typo} did not exist" in choice.note
+    # An existing (empty) download folder is not a typo: no such line.
+    (tmp_path / "empty").mkdir()
+    choice = notebook.get_data(tmp_path / "empty", downloader=no_credentials,
+                               synthetic_samples=2, synthetic_size=32)
+    assert "did not exist" not in choice.note
+
+
+def test_overrides_must_be_a_dict(tmp_path):
+    from cmc_kit import notebook
+    from cmc_kit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"OVERRIDES must be a dict.*model.width"):
+        notebook.choose_config(tmp_path / "run", overrides=["model.width=0.25"],
+                               accelerator_names=[])
+
+
+def test_saved_notebooks_keep_an_html_copy_of_plotly_figures():
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from cmc_kit import notebook
+
+    before = pio.renderers.default
+    try:
+        pio.renderers.default = "plotly_mimetype"
+        assert notebook.keep_figures_in_saved_notebooks() == "plotly_mimetype+notebook_connected"
+        bundle = pio.renderers._build_mime_bundle(go.Figure().to_dict())  # what a cell shows
+        assert {"application/vnd.plotly.v1+json", "text/html"} <= set(bundle)
+        assert notebook.keep_figures_in_saved_notebooks() == "plotly_mimetype+notebook_connected"
+        pio.renderers.default = "kaggle"  # Kaggle's renderer already writes HTML: left alone
+        assert notebook.keep_figures_in_saved_notebooks() == "kaggle"
+    finally:
+        pio.renderers.default = before
+
+
 def test_find_data_reads_the_choice_01_recorded(tmp_path):
     from cmc_kit import notebook
 
@@ -522,6 +578,14 @@ def test_bring_in_previous_run_copies_once_and_keeps_a_local_checkpoint(tmp_path
     assert "ckpt-12" in (run / "checkpoints" / "checkpoint").read_text()
     # The run now holds a checkpoint: a second call (the next cell rerun) copies nothing.
     assert notebook.bring_in_previous_run(run, input_root=tmp_path / "input") is None
+
+
+def test_bring_in_previous_run_says_when_resume_from_is_not_used(tmp_path):
+    from cmc_kit import notebook
+
+    run = _fake_run(tmp_path / "work" / "terrain-cmc", 3)
+    with pytest.warns(UserWarning, match=r"already holds a checkpoint.*RESUME_FROM"):
+        assert notebook.bring_in_previous_run(run, tmp_path / "nope") is None
 
 
 def test_require_run_says_which_notebook_to_run_first(tmp_path):

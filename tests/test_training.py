@@ -555,6 +555,7 @@ def test_fresh_with_a_mistake_keeps_the_old_run(train_root, tmp_path):
 
     run = tmp_path / "run"
     training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
+    (run / "explorer.html").write_text("<html>made from the old run</html>")
     before = _run_files(run)
     assert "checkpoints/checkpoint" in before
     mistakes = [
@@ -573,6 +574,19 @@ def test_fresh_with_a_mistake_keeps_the_old_run(train_root, tmp_path):
                    fresh=True, verbose=0)
     assert not (run / ".before-fresh").exists()
     assert json.loads((run / "config.json").read_text())["model"]["embedding_dim"] == 8
+    assert not (run / "explorer.html").exists()  # made from the old run: gone with it
+
+
+def test_fewer_epochs_than_trained_train_nothing_and_keep_the_runs_goal(train_root, tmp_path):
+    from cmc_kit import training
+
+    run = tmp_path / "run"
+    training.train(train_root, run, tiny_config(**{"train.epochs": 2}), verbose=0)
+    with pytest.warns(UserWarning, match=r"train.epochs 1 is below the 2 epoch\(s\).*keeps "
+                                         r"train.epochs 2"):
+        result = training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
+    assert (result.epoch, result.step) == (2, 12)
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
 
 
 def test_a_run_set_aside_by_a_killed_fresh_start_comes_back(train_root, tmp_path):
