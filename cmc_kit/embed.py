@@ -139,7 +139,8 @@ def embed_run(run: str | os.PathLike, data: str | os.PathLike, *, split: str = "
     if network not in NETWORKS:
         raise CmcKitError(f"--network must be one of {NETWORKS}. Received: {network!r}")
     if split not in ("validation", "train", "all"):
-        raise CmcKitError(f"--split must be 'validation', 'train' or 'all'. Received: {split!r}")
+        raise CmcKitError(f"split (--split, SPLIT in 04_explore) must be 'validation', 'train' "
+                          f"or 'all'. Received: {split!r}")
     checkpoint = resolve_checkpoint(run, checkpoint)
     handle = load_run(run, checkpoint=checkpoint)
     model_views = tuple(handle.config.model.views)

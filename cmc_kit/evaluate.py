@@ -134,6 +134,13 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, *, out: str | 
     catalog = data_module.discover(data)
     split = handle.split(catalog)
     train_catalog, test_catalog = split["train"], split["validation"]
+    saved_ids = handle.split_ids()
+    wanted = len(saved_ids["train"]) + len(saved_ids["validation"])
+    found = len(train_catalog) + len(test_catalog)
+    if found < wanted / 2:  # most of the run's samples are not in `data`
+        raise DataError(f"{data} holds only {found} of the {wanted} samples {run} was trained "
+                        f"and held out on: is it the run's dataset? Point --data (DATA_DIR) at "
+                        "the folder the run was trained on.")
     if len(test_catalog) < 2:
         raise DataError(f"Run {run} holds out only {len(test_catalog)} sample(s) of {data}; "
                         "probes need a larger validation split (data.validation_fraction).")

@@ -944,8 +944,9 @@ class Trainer:
                 break
         self._notify("on_train_end", {"status": status, "step": int(self.step.numpy())})
         if status == "time_limit" and self.verbose:
-            print(f"Stopped before the time limit at step {int(self.step.numpy())}; "
-                  f"run the same command again to continue.")
+            # A new line first: Keras's progress bar leaves the cursor at the end of its line.
+            print(f"\nStopped before the time limit at step {int(self.step.numpy())}; run the "
+                  "same command (or notebook 03_resume) again to continue.")
         return TrainResult(status=status, epoch=int(self.epoch.numpy()), step=int(self.step.numpy()),
                            run=self.run_dir, checkpoint=last_path, history=history)
 
@@ -1088,8 +1089,8 @@ def resolve_config(run_dir: Path, *, preset_name: str | None, epochs: int | None
         if diffs:
             raise CheckpointError(
                 f"{run_dir} was trained with different settings ({'; '.join(diffs)}). Resume with "
-                f"the saved settings (drop --preset/--set for these), use another --run, or "
-                f"start over with --fresh.")
+                f"the saved settings (drop these from --preset/--set or OVERRIDES), use another "
+                f"run directory (--run / RUN_DIR), or start over (--fresh / FRESH = True).")
     return config
 
 
@@ -1118,7 +1119,8 @@ def import_previous_run(source: Path, run_dir: Path) -> Path:
     previous = find_previous_run(source)
     if previous is None:
         raise CheckpointError(f"No run directory (config.json + checkpoints/) found under {source}. "
-                              "Attach the previous notebook version's output, or omit --resume-from.")
+                              "Attach the previous notebook version's output, or leave out --resume-from "
+                              "(RESUME_FROM = None in 03_resume).")
     run_dir = Path(run_dir)
     if has_checkpoint(run_dir):
         return run_dir
@@ -1428,7 +1430,8 @@ def run_info(run) -> dict:
     run_dir = Path(run)
     if not (run_dir / CONFIG_FILE).exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG_FILE}). Train one with "
-                              f"`cmc-kit train --data DATA --run {run_dir}`.")
+                              f"`cmc-kit train --data DATA --run {run_dir}` or notebook 02_train "
+                              "with this RUN_DIR.")
     config = Config.load(run_dir / CONFIG_FILE)
     state = read_json(run_dir / STATE_FILE) if (run_dir / STATE_FILE).exists() else {}
     checkpoints = list_checkpoints(run_dir)
@@ -1479,12 +1482,16 @@ class RunHandle:
             self._encoders = {"online": online, "momentum": momentum}
         return self._encoders[network]
 
-    def split(self, catalog) -> dict:
+    def split_ids(self) -> dict:
+        """{'train': ids, 'validation': ids} of RUN/split.json."""
         split_path = self.run_dir / SPLIT_FILE
         if not split_path.exists():
             raise CheckpointError(f"{split_path} is missing, so the held-out samples are unknown. "
                                   "Restore it from the run's output.")
-        return apply_split(catalog, read_json(split_path))
+        return read_json(split_path)
+
+    def split(self, catalog) -> dict:
+        return apply_split(catalog, self.split_ids())
 
 
 def load_run(run, checkpoint: str | None = None) -> RunHandle:

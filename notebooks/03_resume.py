@@ -89,6 +89,7 @@ if SMOKE:
 DATA = notebook.find_data(DATA_DIR)
 RUN = notebook.run_dir(RUN_DIR)
 copied_from = notebook.bring_in_previous_run(RUN, RESUME_FROM)
+notebook.require_run(RUN)  # a clear error when there is nothing to continue
 print(f"continuing from {copied_from}" if copied_from else f"continuing the run in {RUN}")
 
 # %% [markdown]

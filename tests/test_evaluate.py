@@ -99,3 +99,14 @@ def test_an_unknown_checkpoints_choice_is_refused_before_any_work(tmp_path):
 
     with pytest.raises(CmcKitError, match=r"CHECKPOINTS.*'latest' or 'all'.*'last'"):
         evaluate.evaluate_run(tmp_path / "no-run", tmp_path / "no-data", checkpoints="last")
+
+
+def test_evaluating_on_another_dataset_says_so(trained_run, tmp_path):
+    from cmc_kit import synth
+    from cmc_kit.errors import DataError
+
+    other = synth.generate(tmp_path / "other", n=6, size=32, seed=9, progress=False)
+    for path in other.rglob("*.png"):  # ids the run never saw
+        path.rename(path.with_name("x" + path.name))
+    with pytest.raises(DataError, match=r"holds only 0 of the \d+ samples .* the run's dataset"):
+        evaluate.evaluate_run(trained_run, other)
