@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from cmc_kit.config import default_paths, parse_duration
+from cmc_kit.fileio import check_folder_path, output_file_path
 
 # Commands that import TensorFlow (through views, models or training).
 _TENSORFLOW_COMMANDS = {"prepare", "train", "embed", "explore", "evaluate", "demo"}
@@ -196,40 +197,6 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
 # -- argument checks (before any work) ----------------------------------------------------------
 
-def _check_folder(path: Path | None, what: str, error_cls=None) -> None:
-    """`path` must be a folder or creatable as one: not a file, nor below a file."""
-    if path is None:
-        return
-    from cmc_kit.errors import CmcKitError
-
-    error_cls = error_cls or CmcKitError
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise error_cls(f"{what} {path} is a file, not a folder. Give a folder path (it is "
-                        "created if missing) or move the file away.")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise error_cls(f"{what} {path} cannot be created: {parent} is a file, not a "
-                                "folder. Choose another path.")
-            break
-
-
-def _output_file(path: Path, flag: str, default_name: str,
-                 suffixes: tuple[str, ...] | None = None) -> Path:
-    """An output file path: an existing folder gets `default_name` inside; checked before work."""
-    from cmc_kit.errors import CmcKitError
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / default_name
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise CmcKitError(f"{flag} {path} must end in {' or '.join(suffixes)} (or be a folder, "
-                          f"which gets {default_name}).")
-    _check_folder(path.parent, f"The folder of {flag}")
-    return path
-
-
 def _check_synth_args(args: argparse.Namespace) -> None:
     from cmc_kit.config import ConfigError
     from cmc_kit.synth import MIN_SIZE
@@ -317,17 +284,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     # Checks that need no data: a wrong path fails at once, before TensorFlow loads.
     if args.command == "synth":
         _check_synth_args(args)
-        _check_folder(args.out, "The output folder", DataError)
+        check_folder_path(args.out, "The output folder", DataError)
     elif args.command == "prepare":
-        _check_folder(args.cache, "The cache folder", DataError)
+        check_folder_path(args.cache, "The cache folder", DataError)
     elif args.command == "train":
-        _check_folder(args.run, "--run", CheckpointError)
+        check_folder_path(args.run, "--run", CheckpointError)
         if args.resume_from is not None and args.resume_from.exists() and not args.resume_from.is_dir():
             raise CheckpointError(f"--resume-from {args.resume_from} is a file; give the previous "
                                   "run's folder.")
     elif args.command == "demo":
-        _check_folder(args.out, "--out (the demo's run directory)", CheckpointError)
-        _check_folder(args.data, "--data", DataError)
+        check_folder_path(args.out, "--out (the demo's run directory)", CheckpointError)
+        check_folder_path(args.data, "--data", DataError)
 
     if args.command in _TENSORFLOW_COMMANDS or (
             args.command == "info" and (Path(args.run) / "config.json").is_file()):
@@ -378,7 +345,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "embed":
         from cmc_kit import embed
-        out = (_output_file(args.out, "--out", "embeddings.parquet", (".parquet", ".csv"))
+        out = (output_file_path(args.out, "--out", "embeddings.parquet", (".parquet", ".csv"))
                if args.out is not None else Path(args.run) / "embeddings" / "embeddings.parquet")
         table = embed.embed_run(args.run, args.data, split=args.split, source=args.source,
                                 view=args.view, network=args.network, checkpoint=args.checkpoint)
@@ -388,9 +355,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "explore":
         from cmc_kit import explore
-        out = _output_file(args.out, "--out", "explorer.html")
+        out = output_file_path(args.out, "--out", "explorer.html")
         epochs_out = (None if args.over_epochs is None else
-                      _output_file(args.over_epochs, "--over-epochs", "embedding_over_epochs.html"))
+                      output_file_path(args.over_epochs, "--over-epochs", "embedding_over_epochs.html"))
         out = explore.export_html(args.run, args.data, out, split=args.split)
         print(f"Wrote {out}")
         if epochs_out is not None:

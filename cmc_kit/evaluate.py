@@ -22,6 +22,7 @@ import pandas as pd
 
 from cmc_kit.config import atomic_write_text
 from cmc_kit.errors import CmcKitError, DataError
+from cmc_kit.fileio import output_file_path
 from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS
 
 RAW_PIXEL_SIDE = 8
@@ -34,18 +35,7 @@ def resolve_output(out: str | os.PathLike | None) -> Path | None:
     Checked before any work, so a bad path fails in a second, not after minutes of probes.
     Raises CmcKitError when the path (or a folder above it) is an existing file that is in the way.
     """
-    if out is None:
-        return None
-    path = Path(out)
-    if path.is_dir():
-        return path / DEFAULT_FILENAME
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CmcKitError(f"Cannot write the evaluation table to {path}: {parent} is a "
-                                  "file, not a folder. Choose another --out.")
-            break
-    return path
+    return None if out is None else output_file_path(out, "--out", DEFAULT_FILENAME)
 
 
 def raw_pixel_features(catalog: pd.DataFrame, crop_size: int, batch_size: int = 64,

@@ -45,3 +45,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return path
+
+
+def check_folder_path(path: str | os.PathLike | None, what: str, error_cls=None) -> None:
+    """`path` must be a folder or creatable as one: not a file, nor below a file.
+
+    Raises `error_cls` (default CmcKitError) naming `what`, before any work is done.
+    """
+    if path is None:
+        return
+    from cmc_kit.errors import CmcKitError
+
+    error_cls = error_cls or CmcKitError
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error_cls(f"{what} {path} is a file, not a folder. Give a folder path (it is "
+                        "created if missing) or move the file away.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise error_cls(f"{what} {path} cannot be created: {parent} is a file, not a "
+                                "folder. Choose another path.")
+            break
+
+
+def output_file_path(path: str | os.PathLike, what: str, default_name: str,
+                     suffixes: tuple[str, ...] | None = None) -> Path:
+    """Where to write an output file: an existing folder gets `default_name` inside it.
+
+    Checked before any work: the suffix (if `suffixes`) and a folder that can hold the file.
+    """
+    from cmc_kit.errors import CmcKitError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / default_name
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise CmcKitError(f"{what} {path} must end in {' or '.join(suffixes)} (or be a folder, "
+                          f"which gets {default_name}).")
+    check_folder_path(path.parent, f"The folder of {what}")
+    return path
