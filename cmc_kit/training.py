@@ -1243,12 +1243,10 @@ def _recover_set_aside(run_dir: Path) -> None:
     folder = Path(run_dir) / SET_ASIDE_DIR
     if not folder.is_dir() or has_checkpoint(run_dir):
         return
-    names = [child.name for child in folder.iterdir()]
-    if names:
+    aside = _SetAside.left_behind(run_dir)
+    if aside.moved:
         warnings.warn(f"Restoring {run_dir} from {folder}: a fresh start was interrupted before "
                       "its first checkpoint.", stacklevel=3)
-    aside = _SetAside.__new__(_SetAside)
-    aside.run_dir, aside.folder, aside.moved = Path(run_dir), folder, names
     aside.put_back()
 
 
@@ -1266,6 +1264,14 @@ class _SetAside:
             self.folder.mkdir(parents=True)
             for name in self.moved:
                 os.replace(self.run_dir / name, self.folder / name)
+
+    @classmethod
+    def left_behind(cls, run_dir: Path) -> "_SetAside":
+        """The outputs an interrupted process had set aside, to put back."""
+        aside = cls.__new__(cls)
+        aside.run_dir, aside.folder = Path(run_dir), Path(run_dir) / SET_ASIDE_DIR
+        aside.moved = [child.name for child in aside.folder.iterdir()]
+        return aside
 
     def put_back(self) -> None:
         for name in self.moved:
