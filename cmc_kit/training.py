@@ -1045,16 +1045,6 @@ def new_run_split(catalog, config: Config) -> dict:
     return {"train": list(train_df["id"]), "validation": list(val_df["id"])}
 
 
-def prepare_run_split(run_dir: Path, catalog, config: Config) -> dict:
-    """Creates RUN/split.json once (train / validation ids); later calls read it back."""
-    path = Path(run_dir) / SPLIT_FILE
-    if path.exists():
-        return read_json(path)
-    split = new_run_split(catalog, config)
-    atomic_write_text(path, json.dumps(split) + "\n")
-    return split
-
-
 def apply_split(catalog, split: dict) -> dict:
     """{'train': df, 'validation': df} from a catalog and a stored split (ids absent are dropped)."""
     out = {}
@@ -1212,7 +1202,7 @@ def train(data, run, config: Config | None = None, *, fresh: bool = False,
     if not resuming:
         atomic_write_text(split_path, json.dumps(split_ids) + "\n")
     config_to_save = config
-    reached = _saved_epoch(run_dir)
+    reached = _saved_state(run_dir).get("epoch")
     if saved_path.exists() and reached is not None and config.train.epochs < reached:
         # Asking for fewer epochs than done trains nothing; it must not shrink the run's goal.
         kept = Config.load(saved_path).train.epochs
@@ -1293,7 +1283,7 @@ def _bring_in_previous(run_dir: Path, resume_from, fresh: bool) -> None:
     if resume_from is None and not fresh:
         resume_from = find_previous_output(run_dir)  # on Kaggle: a previous version's output
     elif resume_from is not None and has_checkpoint(run_dir):
-        warnings.warn(f"{run_dir} already holds a checkpoint (step {_saved_step(run_dir)}), so "
+        warnings.warn(f"{run_dir} already holds a checkpoint (step {_saved_state(run_dir).get('step', 'unknown')}), so "
                       f"{resume_from} is not copied in: {run_dir} continues. To continue "
                       f"{resume_from} instead, give another run directory.", stacklevel=3)
         return
@@ -1301,21 +1291,14 @@ def _bring_in_previous(run_dir: Path, resume_from, fresh: bool) -> None:
         import_previous_run(Path(resume_from), run_dir)
 
 
-def _saved_epoch(run_dir: Path) -> int | None:
-    """Epochs a run has completed, from RUN/state.json (None for a new run)."""
+def _saved_state(run_dir: Path) -> dict:
+    """RUN/state.json of a run that holds a checkpoint (epoch, step, ...); {} otherwise."""
     if not has_checkpoint(run_dir):
-        return None
+        return {}
     try:
-        return int(read_json(Path(run_dir) / STATE_FILE)["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _saved_step(run_dir: Path) -> str:
-    try:
-        return str(read_json(Path(run_dir) / STATE_FILE)["step"])
-    except (OSError, ValueError, KeyError):
-        return "unknown"
+        return read_json(Path(run_dir) / STATE_FILE)
+    except (OSError, ValueError):
+        return {}
 
 
 def _keep_lost_training_samples(catalog, split: dict, data, run_dir: Path, *, cache=None):
