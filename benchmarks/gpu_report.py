@@ -9,7 +9,7 @@ Usage, on a machine with a GPU (about 5 minutes, most of it XLA compilation):
 kaggle-t4 trains a global batch of 32 on 2x T4 with MirroredStrategy, so one T4 runs 16: the
 default here is one GPU at batch 16, mixed_float16 (what a T4 gets; a Hopper GPU would pick
 mixed_bfloat16 by itself), XLA on (the trainer's default with a GPU). Measured:
-  samples/s        of `Trainer._train_step` (online forward/backward and momentum forward of
+  samples/s        of `Trainer.train_step` (online forward/backward and momentum forward of
                    the 4 views, 8 pairs of losses, Adam, EMA, queue), after the compile steps;
   FLOP/s           FLOPs per step from TensorFlow's profiler (4 x the online forward: forward,
                    backward ~2x, momentum forward), against (a) a large matmul in the policy's
@@ -114,14 +114,14 @@ def main() -> None:
 
         started = time.monotonic()
         for _ in range(3):  # compile and warm up
-            float(trainer._train_step(batch)["loss"])
+            float(trainer.train_step(batch)["loss"])
         print(f"first 3 steps (compile) {time.monotonic() - started:.0f} s")
         on_gpu = name != "no GPU"
         if on_gpu:
             tf.config.experimental.reset_memory_stats("GPU:0")
         start = time.perf_counter()
         for _ in range(args.steps):
-            logs = trainer._train_step(batch)
+            logs = trainer.train_step(batch)
         loss = float(logs["loss"])
         seconds = (time.perf_counter() - start) / args.steps
         peak_memory = tf.config.experimental.get_memory_info("GPU:0")["peak"] if on_gpu else None

@@ -48,7 +48,7 @@ def measure(preset_name: str, batch: int, precision: str) -> dict:
         batch_views = next(iter(trainer.dataset(epoch=0)))
         before = peak_rss_gb()
         started = time.monotonic()
-        logs = trainer._train_step(batch_views)
+        logs = trainer.train_step(batch_views)
         float(logs["loss"])
         seconds = time.monotonic() - started
     return {"batch": batch, "precision": trainer.precision, "before_gb": before,

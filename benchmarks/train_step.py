@@ -6,7 +6,7 @@ Usage: python benchmarks/train_step.py [--preset cpu-demo] [--set model.width=0.
 Measured in one run, the variants alternating in every round so they share the machine load
 (the best round's mean step time: on a shared machine, load only ever adds time; the
 process CPU time per step is printed too, as it is less sensitive to other processes):
-  cmc step        `Trainer._train_step`: online forward/backward and momentum forward of all
+  cmc step        `Trainer.train_step`: online forward/backward and momentum forward of all
                   views, every pair's inter- and intra-batch loss, Adam, EMA, queue enqueue.
   encoders only   the same online/momentum passes and Adam update, a trivial loss, no queue,
                   no EMA: (cmc - this) / cmc is the share spent in losses, queues and EMA.
@@ -281,7 +281,7 @@ def main() -> None:
               f"{len(trainer.pairs)} pairs")
 
         variants = {
-            "cmc step": trainer._train_step,
+            "cmc step": trainer.train_step,
             "encoders only": encoders_only_step(trainer),
             "bare Keras (Conv2D)": bare_step(mc, tc, keras_conv, batch, trainer.queue_size),
             "bare + NormalizedConv2D": bare_step(mc, tc, normalized_conv, batch,
@@ -296,7 +296,7 @@ def main() -> None:
             xla_trainer = training.Trainer(config, Path(tmp) / "run_xla", catalog, verbose=0,
                                            jit_compile=True)
             xla_trainer.fill_queues()
-            variants["cmc step, XLA (forced)"] = xla_trainer._train_step
+            variants["cmc step, XLA (forced)"] = xla_trainer.train_step
         for step in variants.values():  # trace and warm up
             mean_seconds(step, batch, 2)
         times = {name: [] for name in variants}

@@ -16,7 +16,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from cmc_kit.config import default_paths, parse_duration
+from cmc_kit import runs
+from cmc_kit.config import (default_paths, parse_duration, quiet_tensorflow_by_default,
+                            tensorflow_log_level)
 from cmc_kit.fileio import check_folder_path, output_file_path
 
 # Commands that import TensorFlow (through views, models or training).
@@ -54,13 +56,11 @@ def _settings_epilog() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmc-kit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run_help = "run directory (config, checkpoints, logs), as written by `cmc-kit train`"
-    data_help = "dataset folder holding <id>_t.png, <id>_h.png, <id>_i2.png (any depth)"
+RUN_HELP = "run directory (config, checkpoints, logs), as written by `cmc-kit train`"
+DATA_HELP = "dataset folder holding <id>_t.png, <id>_h.png, <id>_i2.png (any depth)"
 
-    p = sub.add_parser("synth", help="write a synthetic terrain dataset in the Kaggle layout")
+
+def _synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="folder to write (OUT/_dataset/*.png, OUT/metadata.csv)")
     p.add_argument("--n", type=int, default=128, help="number of samples, >= 1 (default 128)")
     p.add_argument("--size", type=int, default=512,
@@ -68,40 +68,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="random seed; sample i depends only on (seed, i) (default 0)")
 
-    p = sub.add_parser("validate", help="report usable / incomplete / unreadable samples")
-    p.add_argument("data", type=Path, help=data_help)
+
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help=DATA_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    p = sub.add_parser("download", help="get the Kaggle Terrain Map dataset (or find it on Kaggle)")
+
+def _download_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dest", type=Path, default=None, help="folder to download into "
                    "(default: data/ beside the runs, /kaggle/working/data on Kaggle)")
     p.add_argument("--force", action="store_true", help="download again even if already complete")
 
-    p = sub.add_parser("prepare", help="build the fast training cache from the PNGs")
-    p.add_argument("data", type=Path, help=data_help)
+
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help=DATA_HELP)
     p.add_argument("cache", type=Path, help="cache folder to write; train with "
                    "--set data.cache=CACHE")
 
-    p = sub.add_parser("train", help="train (resumes automatically when RUN holds a checkpoint)",
-                       epilog=_settings_epilog(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help=data_help)
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help=DATA_HELP)
     p.add_argument("--run", type=Path, required=True,
                    help="run directory: created if new, resumed if it holds a checkpoint")
     _add_config_args(p)
-    p.add_argument("--fresh", action="store_true", help="discard RUN's checkpoints and start over (ignores an attached Kaggle output)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard RUN's checkpoints and start over (ignores an attached Kaggle "
+                        "output)")
     p.add_argument("--time-limit", type=str, default=None,
                    help="checkpoint and stop cleanly before this much wall time, e.g. 11.5h, 90m")
     p.add_argument("--resume-from", type=Path, default=None,
-                   help="a previous run directory (e.g. an attached Kaggle notebook output) to continue")
+                   help="a previous run directory (e.g. an attached Kaggle notebook output) to "
+                        "continue")
 
-    p = sub.add_parser("info", help="epoch, step, queue fill, config and latest checkpoint of a run")
-    p.add_argument("--run", type=Path, required=True, help=run_help)
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help=RUN_HELP)
     p.add_argument("--json", action="store_true", help="print everything, config included, as JSON")
 
-    p = sub.add_parser("embed", help="embeddings table of a run's held-out split")
-    p.add_argument("--run", type=Path, required=True, help=run_help)
-    p.add_argument("--data", type=Path, required=True, help=data_help + "; the run's split is used")
+
+def _embed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help=RUN_HELP)
+    p.add_argument("--data", type=Path, required=True, help=DATA_HELP + "; the run's split is used")
     p.add_argument("--out", type=Path, default=None,
                    help=".parquet or .csv file to write; an existing folder gets "
                         "embeddings.parquet inside (default: RUN/embeddings/embeddings.parquet)")
@@ -117,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint, e.g. RUN/checkpoints/ckpt-3 or ckpt-3 (default: latest)")
 
-    p = sub.add_parser("explore", help="UMAP + standalone interactive explorer page")
-    p.add_argument("--run", type=Path, required=True, help=run_help)
-    p.add_argument("--data", type=Path, required=True, help=data_help)
+
+def _explore_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help=RUN_HELP)
+    p.add_argument("--data", type=Path, required=True, help=DATA_HELP)
     p.add_argument("--out", type=Path, required=True,
                    help="HTML page to write; an existing folder gets explorer.html inside")
     p.add_argument("--split", default="all", choices=["validation", "train", "all"],
@@ -128,26 +136,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write an animated page of the held-out subset's UMAP after each "
                         "epoch (from RUN/embeddings/epoch_NNN.parquet)")
 
-    p = sub.add_parser("evaluate", help="kNN / linear-probe table vs baselines")
-    p.add_argument("--run", type=Path, required=True, help=run_help)
-    p.add_argument("--data", type=Path, required=True, help=data_help)
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help=RUN_HELP)
+    p.add_argument("--data", type=Path, required=True, help=DATA_HELP)
     p.add_argument("--out", type=Path, default=None,
                    help="CSV file for the table; an existing folder gets evaluation.csv inside "
                         "(checked before the probes run; default: print only)")
 
-    p = sub.add_parser("demo", help="synth -> train -> evaluate -> explore on the synthetic set")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
-                   help="run directory (default: runs/demo in the repository, or /kaggle/working/runs/demo)")
+                   help="run directory (default: runs/demo in the repository, or "
+                        "/kaggle/working/runs/demo)")
     p.add_argument("--data", type=Path, default=None,
                    help="dataset (default: data/synthetic beside the runs; generated if absent)")
     p.add_argument("--epochs", type=int, default=None, help="total epochs to reach")
     p.add_argument("--n", type=int, default=400, help="synthetic samples to generate if absent")
+
+
+# command -> (help, arguments); in the order `cmc-kit --help` lists them.
+_PARSERS = {
+    "synth": ("write a synthetic terrain dataset in the Kaggle layout", _synth_arguments),
+    "validate": ("report usable / incomplete / unreadable samples", _validate_arguments),
+    "download": ("get the Kaggle Terrain Map dataset (or find it on Kaggle)", _download_arguments),
+    "prepare": ("build the fast training cache from the PNGs", _prepare_arguments),
+    "train": ("train (resumes automatically when RUN holds a checkpoint)", _train_arguments),
+    "info": ("epoch, step, queue fill, config and latest checkpoint of a run", _info_arguments),
+    "embed": ("embeddings table of a run's held-out split", _embed_arguments),
+    "explore": ("UMAP + standalone interactive explorer page", _explore_arguments),
+    "evaluate": ("kNN / linear-probe table vs baselines", _evaluate_arguments),
+    "demo": ("synth -> train -> evaluate -> explore on the synthetic set", _demo_arguments),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmc-kit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, add_arguments) in _PARSERS.items():
+        extra = (dict(epilog=_settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                 if name == "train" else {})
+        add_arguments(sub.add_parser(name, help=text, **extra))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before TensorFlow is imported; a value the user set wins (0 shows everything).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_by_default()  # before TensorFlow is imported
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
@@ -159,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # one clear line for the errors we raise on purpose
         from cmc_kit.errors import CmcKitError
-        from cmc_kit.config import ConfigError
-        if isinstance(err, (CmcKitError, ConfigError)):
+        if isinstance(err, CmcKitError):
             message = " ".join(str(err).split("\n"))
             print(f"cmc-kit {args.command}: error: {message}", file=sys.stderr)
             return 2
@@ -178,7 +211,7 @@ def _interrupted_message(args: argparse.Namespace) -> str:
         return "Interrupted."
     run = Path(args.run)
     try:
-        state = json.loads((run / "state.json").read_text())
+        state = json.loads((run / runs.STATE_FILE).read_text())
         step, epoch, checkpoint = int(state["step"]), state.get("epoch"), state["latest_checkpoint"]
         if not checkpoint:
             raise ValueError("no checkpoint yet")
@@ -198,7 +231,7 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 # -- argument checks (before any work) ----------------------------------------------------------
 
 def _check_synth_args(args: argparse.Namespace) -> None:
-    from cmc_kit.config import ConfigError
+    from cmc_kit.errors import ConfigError
     from cmc_kit.synth import MIN_SIZE
 
     if args.n < 1:
@@ -243,10 +276,7 @@ def _import_tensorflow_quietly() -> None:
     """
     if "tensorflow" in sys.modules:
         return
-    try:
-        min_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
-    except ValueError:
-        min_level = 0
+    min_level = tensorflow_log_level()
     if min_level <= 0:
         import tensorflow  # noqa: F401
         return
@@ -279,107 +309,159 @@ def _import_tensorflow_quietly() -> None:
 # -- commands -----------------------------------------------------------------------------------
 
 def _dispatch(args: argparse.Namespace) -> int:
+    check = _ARGUMENT_CHECKS.get(args.command)
+    if check is not None:  # checks that need no data: a wrong path fails before TensorFlow loads
+        check(args)
+    if args.command in _TENSORFLOW_COMMANDS or (
+            args.command == "info" and (Path(args.run) / runs.CONFIG_FILE).is_file()):
+        _import_tensorflow_quietly()
+    return _COMMANDS[args.command](args)
+
+
+def _check_synth(args: argparse.Namespace) -> None:
+    from cmc_kit.errors import DataError
+
+    _check_synth_args(args)
+    check_folder_path(args.out, "The output folder", DataError)
+
+
+def _check_prepare(args: argparse.Namespace) -> None:
+    from cmc_kit.errors import DataError
+
+    check_folder_path(args.cache, "The cache folder", DataError)
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    from cmc_kit.errors import CheckpointError
+
+    check_folder_path(args.run, "--run", CheckpointError)
+    if args.resume_from is not None and args.resume_from.exists() and not args.resume_from.is_dir():
+        raise CheckpointError(f"--resume-from {args.resume_from} is a file; give the previous "
+                              "run's folder.")
+
+
+def _check_demo(args: argparse.Namespace) -> None:
     from cmc_kit.errors import CheckpointError, DataError
 
-    # Checks that need no data: a wrong path fails at once, before TensorFlow loads.
-    if args.command == "synth":
-        _check_synth_args(args)
-        check_folder_path(args.out, "The output folder", DataError)
-    elif args.command == "prepare":
-        check_folder_path(args.cache, "The cache folder", DataError)
-    elif args.command == "train":
-        check_folder_path(args.run, "--run", CheckpointError)
-        if args.resume_from is not None and args.resume_from.exists() and not args.resume_from.is_dir():
-            raise CheckpointError(f"--resume-from {args.resume_from} is a file; give the previous "
-                                  "run's folder.")
-    elif args.command == "demo":
-        check_folder_path(args.out, "--out (the demo's run directory)", CheckpointError)
-        check_folder_path(args.data, "--data", DataError)
+    check_folder_path(args.out, "--out (the demo's run directory)", CheckpointError)
+    check_folder_path(args.data, "--data", DataError)
 
-    if args.command in _TENSORFLOW_COMMANDS or (
-            args.command == "info" and (Path(args.run) / "config.json").is_file()):
-        _import_tensorflow_quietly()
 
-    if args.command == "synth":
-        from cmc_kit import synth
-        root = synth.generate(args.out, n=args.n, size=args.size, seed=args.seed)
-        print(f"Wrote {args.n} synthetic samples to {root}")
-        return 0
+def _synth(args: argparse.Namespace) -> int:
+    from cmc_kit import synth
 
-    if args.command == "validate":
-        from cmc_kit import data
-        report = data.validate(args.data, progress=not args.json)
-        print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
-        return 0 if report.num_usable > 0 else 1
+    root = synth.generate(args.out, n=args.n, size=args.size, seed=args.seed)
+    print(f"Wrote {args.n} synthetic samples to {root}")
+    return 0
 
-    if args.command == "download":
-        from cmc_kit import data
-        root = data.download(dest=args.dest, force=args.force)
-        print(root)
-        return 0
 
-    if args.command == "prepare":
-        from cmc_kit import views
-        root = views.prepare_cache(args.data, args.cache)
-        print(_cache_summary(Path(root)))
-        return 0
+def _validate(args: argparse.Namespace) -> int:
+    from cmc_kit import data
 
-    if args.command == "train":
-        from cmc_kit import training
-        training.train_from_cli(
-            data=args.data, run=args.run, preset_name=args.preset, epochs=args.epochs,
-            overrides=args.overrides, fresh=args.fresh,
-            time_limit=parse_duration(args.time_limit), resume_from=args.resume_from)
-        return 0
+    report = data.validate(args.data, progress=not args.json)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.num_usable > 0 else 1
 
-    if args.command == "info":
-        from cmc_kit import training
-        info = training.run_info(args.run)
-        if args.json:
-            print(json.dumps(info, indent=2, default=str))
-        else:
-            for key, value in info.items():
-                if key != "config":
-                    print(f"{key:>18}: {value}")
-        return 0
 
-    if args.command == "embed":
-        from cmc_kit import embed
-        out = (output_file_path(args.out, "--out", "embeddings.parquet", (".parquet", ".csv"))
-               if args.out is not None else Path(args.run) / "embeddings" / "embeddings.parquet")
-        table = embed.embed_run(args.run, args.data, split=args.split, source=args.source,
-                                view=args.view, network=args.network, checkpoint=args.checkpoint)
-        embed.save_table(table, out)
-        print(f"Wrote {len(table)} embeddings to {out}")
-        return 0
+def _download(args: argparse.Namespace) -> int:
+    from cmc_kit import data
 
-    if args.command == "explore":
-        from cmc_kit import explore
-        out = output_file_path(args.out, "--out", "explorer.html")
-        epochs_out = (None if args.over_epochs is None else
-                      output_file_path(args.over_epochs, "--over-epochs", "embedding_over_epochs.html"))
-        out = explore.export_html(args.run, args.data, out, split=args.split)
+    print(data.download(dest=args.dest, force=args.force))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from cmc_kit import views
+
+    root = views.prepare_cache(args.data, args.cache)
+    print(_cache_summary(Path(root)))
+    return 0
+
+
+def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, fresh=False,
+                   time_limit=None, resume_from=None):
+    """`cmc-kit train`: settings from the saved run, --preset and --set, then `training.train`
+    with the per-epoch held-out embeddings; prints where the run stands."""
+    from cmc_kit import embed, training
+
+    runs.refuse_fresh_with_resume_from(fresh, resume_from)
+    # First: a previous run's config.json is the saved one.
+    runs.bring_in_previous_run(run, resume_from, fresh=fresh)
+    config = runs.resolve_config(run, preset_name=preset_name, epochs=epochs,
+                                 overrides=overrides, fresh=fresh)
+    result = training.train(data, run, config, fresh=fresh, time_limit=time_limit,
+                            callbacks=[embed.EpochEmbeddings()])
+    print(f"{result.status}: epoch {result.epoch}, step {result.step}; run directory {result.run}")
+    return result
+
+
+def _train(args: argparse.Namespace) -> int:
+    train_from_cli(data=args.data, run=args.run, preset_name=args.preset, epochs=args.epochs,
+                   overrides=args.overrides, fresh=args.fresh,
+                   time_limit=parse_duration(args.time_limit), resume_from=args.resume_from)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    info = runs.run_info(args.run)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        for key, value in info.items():
+            if key != "config":
+                print(f"{key:>18}: {value}")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from cmc_kit import embed
+
+    out = (output_file_path(args.out, "--out", runs.EMBEDDINGS_TABLE, (".parquet", ".csv"))
+           if args.out is not None
+           else Path(args.run) / runs.EMBEDDINGS_DIR / runs.EMBEDDINGS_TABLE)
+    table = embed.embed_run(args.run, args.data, split=args.split, source=args.source,
+                            view=args.view, network=args.network, checkpoint=args.checkpoint)
+    embed.save_table(table, out)
+    print(f"Wrote {len(table)} embeddings to {out}")
+    return 0
+
+
+def _explore(args: argparse.Namespace) -> int:
+    from cmc_kit import explore
+
+    out = output_file_path(args.out, "--out", runs.EXPLORER_FILE)
+    epochs_out = (None if args.over_epochs is None else
+                  output_file_path(args.over_epochs, "--over-epochs", runs.EPOCHS_PAGE_FILE))
+    print(f"Wrote {explore.export_html(args.run, args.data, out, split=args.split)}")
+    if epochs_out is not None:
+        print(f"Wrote {explore.write_epochs_html(args.run, epochs_out)}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from cmc_kit import evaluate
+
+    out = evaluate.resolve_output(args.out)  # before the probes: minutes of work
+    table = evaluate.evaluate_run(args.run, args.data, out=out)
+    print(evaluate.format_table(table))
+    if out is not None:
         print(f"Wrote {out}")
-        if epochs_out is not None:
-            print(f"Wrote {explore.write_epochs_html(args.run, epochs_out)}")
-        return 0
+    return 0
 
-    if args.command == "evaluate":
-        from cmc_kit import evaluate
-        out = evaluate.resolve_output(args.out)  # before the probes: minutes of work
-        table = evaluate.evaluate_run(args.run, args.data, out=out)
-        print(evaluate.format_table(table))
-        if out is not None:
-            print(f"Wrote {out}")
-        return 0
 
-    if args.command == "demo":
-        from cmc_kit import demo
-        demo.run_demo(out=args.out or default_paths()["runs"] / "demo", data=args.data,
-                      epochs=args.epochs, n=args.n)
-        return 0
+def _demo(args: argparse.Namespace) -> int:
+    from cmc_kit import demo
 
-    raise AssertionError(args.command)
+    demo.run_demo(out=args.out or default_paths()["runs"] / "demo", data=args.data,
+                  epochs=args.epochs, n=args.n)
+    return 0
+
+
+_ARGUMENT_CHECKS = {"synth": _check_synth, "prepare": _check_prepare, "train": _check_train,
+                    "demo": _check_demo}
+_COMMANDS = {"synth": _synth, "validate": _validate, "download": _download, "prepare": _prepare,
+             "train": _train, "info": _info, "embed": _embed, "explore": _explore,
+             "evaluate": _evaluate, "demo": _demo}
 
 
 def _cache_summary(root: Path) -> str:

@@ -1,6 +1,7 @@
 """Run configuration: frozen dataclasses, named presets, JSON round trip, dotted overrides.
 
-Only this module (and `data.py` for Kaggle mounts) looks at the environment.
+Only this module and `kaggle.py` look at the environment; everything else takes its settings as
+arguments.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmc_kit.errors import ConfigError
+from cmc_kit.fileio import atomic_write_text
+
 ALL_VIEWS = ("terrain", "segmentation", "height", "overview")
 TRUNK_NAMES = (
     "resnet34",
@@ -23,13 +27,6 @@ TRUNK_NAMES = (
     "regnetx-1.6gf",
     "regnetx-3.2gf",
 )
-
-
-from cmc_kit.errors import CmcKitError
-
-
-class ConfigError(CmcKitError, ValueError):
-    """A setting is unknown, has the wrong type, or does not match a saved run."""
 
 
 @dataclass(frozen=True)
@@ -412,14 +409,22 @@ def default_paths() -> dict[str, Path]:
     return {"data": root / "data", "runs": root / "runs", "input": root / "data"}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes through a temporary file and rename, so a crash never leaves half a file.
+def tpu_environment() -> dict[str, str]:
+    """The TPU variables that are set: TPU_NAME (a TPU to use) and TPU_ACCELERATOR_TYPE (set on
+    TPU VMs, e.g. Kaggle's and Colab's)."""
+    return {name: os.environ[name] for name in ("TPU_NAME", "TPU_ACCELERATOR_TYPE")
+            if os.environ.get(name)}
 
-    On any error (e.g. `path` is an existing folder) the temporary file is removed and the
-    target is left as it was (see `cmc_kit.fileio.atomic_path`).
-    """
-    from cmc_kit.fileio import atomic_path
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as handle:
-            handle.write(text)
+def quiet_tensorflow_by_default() -> None:
+    """TF_CPP_MIN_LOG_LEVEL=2 (warnings and errors only) unless the user set it (0 shows all).
+    Takes effect for a TensorFlow imported afterwards."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def tensorflow_log_level() -> int:
+    """TF_CPP_MIN_LOG_LEVEL as a number (0 when unset or not a number)."""
+    try:
+        return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        return 0

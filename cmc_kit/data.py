@@ -132,7 +132,7 @@ def discover(root: str | os.PathLike, *, include_incomplete: bool = False) -> pd
                         f"<id>_i2.png triplets at any depth. {_HINT_NO_DATA}")
     # object dtype keeps None for missing partners (pandas' str dtype would turn it into NaN).
     catalog = pd.DataFrame(rows, columns=list(CATALOG_COLUMNS), dtype=object)
-    order = sorted(range(len(catalog)), key=lambda i: _id_sort_key(catalog.at[i, "id"]))
+    order = sorted(range(len(catalog)), key=lambda i: id_sort_key(catalog.at[i, "id"]))
     return catalog.iloc[order].reset_index(drop=True)
 
 
@@ -151,8 +151,9 @@ def _walk_pngs(root: Path):
                 yield Path(folder) / name
 
 
-def _id_sort_key(sample_id: str) -> tuple:
-    # Numeric order for digit ids of any width ("10" after "9"), text order for the rest.
+def id_sort_key(sample_id: str) -> tuple:
+    """Sort key of a sample id: numeric order for digit ids of any width ("10" after "9"), text
+    order for the rest."""
     return (0, int(sample_id), sample_id) if sample_id.isdigit() else (1, 0, sample_id)
 
 
@@ -188,7 +189,7 @@ def split_catalog(
     for mask, name in ((~is_validation, "train"), (is_validation, "validation")):
         part = catalog[mask].copy()
         part["split"] = name
-        order = sorted(range(len(part)), key=lambda i: _id_sort_key(str(part["id"].iat[i])))
+        order = sorted(range(len(part)), key=lambda i: id_sort_key(str(part["id"].iat[i])))
         frames.append(part.iloc[order].reset_index(drop=True))
     return frames[0], frames[1]
 
@@ -197,6 +198,58 @@ def _hash_unit(seed: int, sample_id: str) -> float:
     """Deterministic uniform number in [0, 1) from (seed, id); stable across Python runs."""
     digest = hashlib.sha1(f"{seed}:{sample_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+# -- metadata and the dataset as a whole -------------------------------------------------------
+
+METADATA_FILENAME = "metadata.csv"
+
+
+def find_metadata_csv(root: str | os.PathLike) -> Path | None:
+    """`metadata.csv` at the data root (or beside a `_dataset` folder given as the root)."""
+    root = Path(root)
+    if (root / METADATA_FILENAME).is_file():
+        return root / METADATA_FILENAME
+    if root.name == "_dataset" and (root.parent / METADATA_FILENAME).is_file():
+        return root.parent / METADATA_FILENAME
+    return None
+
+
+def read_metadata(path: str | os.PathLike) -> pd.DataFrame:
+    """A metadata.csv with its `id` column as strings."""
+    path = Path(path)
+    try:
+        metadata = pd.read_csv(path, dtype={"id": str})
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"Cannot read metadata file {path}: {err}. Fix or delete it.") from err
+    if "id" not in metadata.columns:
+        raise DataError(f"Metadata file {path} has no 'id' column (columns: "
+                        f"{', '.join(metadata.columns)}). Add one or delete the file.")
+    return metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A dataset folder, found once: its catalog (`discover`) and its metadata.csv (or None).
+
+    Commands that embed, evaluate and explore the same data find it once and hand this on.
+    """
+
+    root: Path
+    catalog: pd.DataFrame
+    metadata_csv: Path | None
+
+    @classmethod
+    def find(cls, root: str | os.PathLike) -> "Dataset":
+        return cls(Path(root), discover(root), find_metadata_csv(root))
+
+
+def as_dataset(data: str | os.PathLike | None, dataset: Dataset | None) -> Dataset:
+    """The `Dataset` of a call that takes `data` (a folder) or `dataset` (found), by name."""
+    if (data is None) == (dataset is None):
+        raise TypeError("Pass data= (a dataset folder) or dataset= (a cmc_kit.data.Dataset), "
+                        "exactly one of them.")
+    return dataset if dataset is not None else Dataset.find(data)
 
 
 # -- validation --------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmc_kit.config import default_paths, preset
+from cmc_kit.config import default_paths
 from cmc_kit.errors import CmcKitError
 
 # 256 px synthetic images: a 64 px crop then covers 1/16 of a sample (the Kaggle set is 512 px
@@ -31,24 +31,24 @@ def ensure_synthetic(data: Path, n: int, size: int = DEMO_IMAGE_SIZE, seed: int 
 
 def run_demo(out: Path | str = "runs/demo", data: Path | str | None = None,
              epochs: int | None = None, n: int = 400) -> dict:
-    from cmc_kit import training
+    from cmc_kit import data as data_module
+    from cmc_kit import embed, evaluate, runs, training
 
     out = Path(out)
     data = Path(data) if data is not None else default_paths()["data"] / "synthetic"
     ensure_synthetic(data, n)
 
-    config = training.resolve_config(out, preset_name=None if (out / "config.json").exists()
-                                     else "cpu-demo", epochs=epochs, overrides=None, fresh=False)
-    result = training.train(data, out, config)
-    outputs = {"run": out, "log": out / "log.csv", "checkpoint": result.checkpoint}
+    config = runs.resolve_config(out, preset_name=None if (out / runs.CONFIG_FILE).exists()
+                                 else "cpu-demo", epochs=epochs)
+    result = training.train(data, out, config, callbacks=[embed.EpochEmbeddings()])
+    outputs = {"run": out, "log": out / runs.LOG_FILE, "checkpoint": result.checkpoint}
 
-    from cmc_kit import evaluate
-
-    table = evaluate.evaluate_run(out, data, out=out / "evaluation.csv")
+    dataset = data_module.Dataset.find(data)  # once, for the evaluation and the explorer
+    table = evaluate.evaluate_run(out, dataset=dataset, out=out / runs.EVALUATION_FILE)
     print(evaluate.format_table(table))
-    outputs["evaluation"] = out / "evaluation.csv"
+    outputs["evaluation"] = out / runs.EVALUATION_FILE
 
-    outputs.update(write_explorer_outputs(out, data))
+    outputs.update(write_explorer_outputs(out, dataset))
 
     print("\nWhere everything is:")
     for name, path in outputs.items():
@@ -56,20 +56,19 @@ def run_demo(out: Path | str = "runs/demo", data: Path | str | None = None,
     return outputs
 
 
-def write_explorer_outputs(run: Path, data: Path) -> dict:
-    """One embedding pass over every sample -> table, UMAP, standalone page and mosaic; the
-    animated page of the per-epoch embeddings when the trainer wrote them."""
-    from cmc_kit import data as data_module
-    from cmc_kit import embed, explore
+def write_explorer_outputs(run: Path, dataset) -> dict:
+    """One embedding pass over every sample of a `data.Dataset` -> table, UMAP, standalone page
+    and mosaic; the animated page of the per-epoch embeddings when the trainer wrote them."""
+    from cmc_kit import embed, explore, runs
 
-    table = embed.embed_run(run, data, split="all", progress=False)
-    table_path = embed.save_table(table, run / "embeddings" / "embeddings.parquet")
-    layout = embed.umap_layout(embed.embedding_matrix(table), cache_dir=run / "umap_cache")
-    catalog = data_module.discover(data)
-    page = explore.write_explorer_html(table, layout, catalog, run / "explorer.html",
+    table = embed.embed_run(run, dataset=dataset, split="all", progress=False)
+    table_path = embed.save_table(table, run / runs.EMBEDDINGS_DIR / runs.EMBEDDINGS_TABLE)
+    layout = embed.umap_layout(embed.embedding_matrix(table), cache_dir=run / runs.UMAP_CACHE_DIR)
+    page = explore.write_explorer_html(table, layout, dataset.catalog, run / runs.EXPLORER_FILE,
                                        title=f"{run.name}: trunk / terrain, epoch "
                                              f"{table.attrs.get('epoch')}", progress=False)
-    picture = explore.mosaic(layout, catalog, run / "mosaic.png", ids=list(table["id"]))
+    picture = explore.mosaic(layout, dataset.catalog, run / runs.MOSAIC_FILE,
+                             ids=list(table["id"]))
     outputs = {"embeddings": table_path, "explorer": page, "mosaic": picture}
     if explore.epoch_tables(run):  # the held-out subset after each epoch, animated
         try:
@@ -79,4 +78,4 @@ def write_explorer_outputs(run: Path, data: Path) -> dict:
     return outputs
 
 
-__all__ = ["run_demo", "ensure_synthetic", "preset"]
+__all__ = ["run_demo", "ensure_synthetic", "write_explorer_outputs"]

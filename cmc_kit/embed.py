@@ -26,20 +26,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import pandas as pd
 
+from cmc_kit import data as data_module
+from cmc_kit import probes, runs
 from cmc_kit.config import ALL_VIEWS
-from cmc_kit.errors import CheckpointError, CmcKitError, DataError
+from cmc_kit.errors import CmcKitError, DataError
 from cmc_kit.fileio import atomic_path
-from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS, HEIGHT_SCALE
+from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS, HEIGHT_SCALE, NUM_CLASSES
 
 EMBEDDING_PREFIX = "emb_"
 SOURCES = ("trunk", "head")
 NETWORKS = ("online", "momentum")
 # config.ALL_VIEWS lists the names of views.VIEW_SPECS (tested) without importing TensorFlow.
 EMBEDDABLE_VIEWS = ALL_VIEWS
-METADATA_FILENAME = "metadata.csv"
 
 
 # -- computing embeddings -------------------------------------------------------------------
@@ -120,44 +122,43 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
     table["height_mean"] = np.concatenate(height_means).astype(np.float32)
     table["height_std"] = np.concatenate(height_stds).astype(np.float32)
     if metadata_csv is not None:
-        table = join_metadata(table, read_metadata(metadata_csv))
+        table = join_metadata(table, data_module.read_metadata(metadata_csv))
     table.attrs.update({"source": source, "view": view, "crop_size": int(crop_size)})
     return table
 
 
-def embed_run(run: str | os.PathLike, data: str | os.PathLike, *, split: str = "validation",
+def embed_run(run: str | os.PathLike, data: str | os.PathLike | None = None, *,
+              dataset: data_module.Dataset | None = None, split: str = "validation",
               source: str = "trunk", view: str = "terrain", network: str = "online",
               checkpoint: str | os.PathLike | None = None, progress: bool = True) -> pd.DataFrame:
-    """Embeds a run's own split of `data` with the online or momentum network of a checkpoint.
+    """Embeds a run's own split of a dataset with the online or momentum network of a checkpoint.
 
+    The dataset is `data` (a folder) or `dataset` (a `cmc_kit.data.Dataset` found already).
     `split` is "validation", "train" or "all" (both, with a `split` column saying which);
-    `checkpoint` None means the latest. Metadata from `DATA/metadata.csv` is joined when present.
+    `checkpoint` None means the latest. The dataset's metadata.csv is joined when present.
     """
-    from cmc_kit import data as data_module
-    from cmc_kit.training import load_run
-
     if network not in NETWORKS:
         raise CmcKitError(f"--network must be one of {NETWORKS}. Received: {network!r}")
     if split not in ("validation", "train", "all"):
         raise CmcKitError(f"split (--split, SPLIT in 04_explore) must be 'validation', 'train' "
                           f"or 'all'. Received: {split!r}")
-    checkpoint = resolve_checkpoint(run, checkpoint)
-    handle = load_run(run, checkpoint=checkpoint)
+    checkpoint = runs.resolve_checkpoint(run, checkpoint)
+    handle = runs.load_run(run, checkpoint=checkpoint)
     model_views = tuple(handle.config.model.views)
     if view not in model_views:
         raise CmcKitError(f"--view {view!r} was not trained in run {run} (its views: "
                           f"{', '.join(model_views)}). Pick one of those.")
-    catalog = data_module.discover(data)
-    parts = handle.split(catalog)
+    found = data_module.as_dataset(data, dataset)
+    parts = handle.split(found.catalog)
     names = ("train", "validation") if split == "all" else (split,)
     catalog = pd.concat([parts[name].assign(split=name) for name in names], ignore_index=True)
     if len(catalog) == 0:
-        raise DataError(f"Split {split!r} of {data} is empty for run {run}. Use --split all "
+        raise DataError(f"Split {split!r} of {found.root} is empty for run {run}. Use --split all "
                         "or a dataset with more samples.")
     table = compute_embeddings(handle.encoder(network), catalog, view=view, source=source,
                                crop_size=handle.config.data.crop_size,
                                batch_size=handle.config.data.batch_size, progress=progress,
-                               metadata_csv=find_metadata_csv(data))
+                               metadata_csv=found.metadata_csv)
     split_by_id = dict(zip(catalog["id"].astype(str), catalog["split"]))
     table["split"] = table["id"].map(split_by_id)
     table.attrs.update({"run": str(run), "network": network, "split": split,
@@ -166,48 +167,44 @@ def embed_run(run: str | os.PathLike, data: str | os.PathLike, *, split: str = "
     return table
 
 
-def resolve_checkpoint(run: str | os.PathLike, checkpoint: str | os.PathLike | None) -> str | None:
-    """Checks that `checkpoint` names a saved checkpoint of `run` (None: the latest, unchecked).
+class EpochEmbeddings(keras.callbacks.Callback):
+    """After every epoch: the run's fixed held-out subset embedded by the online network (trunk
+    features of the first view's centre crop), saved as RUN/embeddings/epoch_NNN.parquet (the
+    explorer's embedding over epochs), and its kNN accuracy on the dominant class, against
+    training samples, added to the epoch's log row as `knn_accuracy`.
 
-    Accepts a checkpoint prefix (`RUN/checkpoints/ckpt-3`, whose `.index` file exists) or a
-    bare name looked up in `RUN/checkpoints` (`ckpt-3`). Raises CheckpointError naming the path
-    and the checkpoints that do exist, instead of TensorFlow's NotFoundError when restoring.
+    The run's settings decide: train.eval_subset (how many held-out samples; 0 turns this off)
+    and train.knn_every_epoch. Pass it to `training.train(callbacks=[...])` ahead of callbacks
+    that show the row (e.g. `notebook.LiveLossPlot`).
     """
-    if checkpoint is None or str(checkpoint) == "":
-        return None
-    if not (Path(run) / "config.json").is_file():
-        return str(checkpoint)  # not a run: load_run says so, with the fix
-    given = Path(checkpoint)
-    folder = Path(run) / "checkpoints"  # training.CHECKPOINT_DIR (not imported: TensorFlow)
-    candidates = [given]
-    if len(given.parts) == 1:
-        candidates.append(folder / given.name)
-    for candidate in candidates:
-        if Path(f"{candidate}.index").is_file():
-            return str(candidate)
-    existing = available_checkpoints(folder)
-    if existing:
-        listing = (f"Checkpoints in {folder}: {', '.join(existing)} (the last is the latest). "
-                   f"Pass one of those (e.g. --checkpoint {folder / existing[-1]}), or leave "
-                   "--checkpoint out for the latest.")
-    else:
-        listing = f"{folder} holds no checkpoints: train the run first."
-    raise CheckpointError(f"Checkpoint {checkpoint} does not exist (no {checkpoint}.index). "
-                          f"{listing}")
 
+    def __init__(self):
+        super().__init__()
+        self.trainer = None
 
-def available_checkpoints(folder: str | os.PathLike) -> list[str]:
-    """Names of the checkpoints in a folder (from their `.index` files), oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    names = [p.name[:-len(".index")] for p in folder.glob("*.index")]
+    def set_trainer(self, trainer) -> None:
+        self.trainer = trainer
 
-    def order(name: str):
-        number = name.rsplit("-", 1)[-1]
-        return (0, int(number), name) if number.isdigit() else (1, 0, name)
-
-    return sorted(names, key=order)
+    def on_epoch_end(self, epoch, logs=None):
+        trainer = self.trainer
+        tc = trainer.config.train
+        held_out = trainer.eval_catalog
+        if logs is None or held_out is None or len(held_out) == 0 or tc.eval_subset <= 0:
+            return
+        options = dict(view=trainer.config.model.views[0], source="trunk",
+                       crop_size=trainer.config.data.crop_size,
+                       batch_size=max(trainer.global_batch, 16), progress=False)
+        table = compute_embeddings(trainer.online, held_out.iloc[:tc.eval_subset],
+                                   metadata_csv=trainer.metadata_csv, **options)
+        save_table(table, runs.epoch_table_path(trainer.run_dir, epoch + 1))
+        if not tc.knn_every_epoch:
+            return
+        bank = compute_embeddings(
+            trainer.online, trainer.train_catalog.iloc[:max(2 * tc.eval_subset, 32)], **options)
+        accuracy = probes.knn_accuracy(
+            embedding_matrix(bank), bank["dominant_class_id"].to_numpy(), embedding_matrix(table),
+            table["dominant_class_id"].to_numpy(), k=min(20, len(bank)), num_classes=NUM_CLASSES)
+        logs["knn_accuracy"] = round(accuracy, 4)
 
 
 def _head_embedding(encoder, x, view: str):
@@ -230,28 +227,6 @@ def _decode_ids(id_tensor) -> list[str]:
 
 
 # -- metadata --------------------------------------------------------------------------------
-
-def find_metadata_csv(data: str | os.PathLike) -> Path | None:
-    """`metadata.csv` at the data root (or beside a `_dataset` folder given as the root)."""
-    root = Path(data)
-    if (root / METADATA_FILENAME).is_file():
-        return root / METADATA_FILENAME
-    if root.name == "_dataset" and (root.parent / METADATA_FILENAME).is_file():
-        return root.parent / METADATA_FILENAME
-    return None
-
-
-def read_metadata(path: str | os.PathLike) -> pd.DataFrame:
-    path = Path(path)
-    try:
-        metadata = pd.read_csv(path, dtype={"id": str})
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"Cannot read metadata file {path}: {err}. Fix or delete it.") from err
-    if "id" not in metadata.columns:
-        raise DataError(f"Metadata file {path} has no 'id' column (columns: "
-                        f"{', '.join(metadata.columns)}). Add one or delete the file.")
-    return metadata
-
 
 def join_metadata(table: pd.DataFrame, metadata: pd.DataFrame) -> pd.DataFrame:
     """Left-joins metadata on id; "7" and "0007" match. Clashing names get a `meta_` prefix."""

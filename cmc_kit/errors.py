@@ -5,6 +5,10 @@ class CmcKitError(Exception):
     """Base class: the CLI prints these as one line instead of a traceback."""
 
 
+class ConfigError(CmcKitError, ValueError):
+    """A setting is unknown, has the wrong type, or does not match a saved run."""
+
+
 class DataError(CmcKitError):
     """A dataset file or folder is missing, unreadable or has the wrong format."""
 
@@ -19,3 +23,7 @@ class CheckpointError(CmcKitError):
 
 class TrainingError(CmcKitError):
     """Training cannot continue (e.g. too many consecutive non-finite losses)."""
+
+
+class ProbeError(CmcKitError, ValueError):
+    """Features or labels cannot be probed (wrong shape, non-finite, too few classes)."""

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cmc_kit.config import atomic_write_text
+from cmc_kit import data as data_module
+from cmc_kit import runs
 from cmc_kit.errors import CmcKitError, DataError
-from cmc_kit.fileio import output_file_path
+from cmc_kit.fileio import atomic_write_text, output_file_path
 from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS
 
 RAW_PIXEL_SIDE = 8
-DEFAULT_FILENAME = "evaluation.csv"
 
 
 def resolve_output(out: str | os.PathLike | None) -> Path | None:
@@ -35,7 +35,7 @@ def resolve_output(out: str | os.PathLike | None) -> Path | None:
     Checked before any work, so a bad path fails in a second, not after minutes of probes.
     Raises CmcKitError when the path (or a folder above it) is an existing file that is in the way.
     """
-    return None if out is None else output_file_path(out, "--out", DEFAULT_FILENAME)
+    return None if out is None else output_file_path(out, "--out", runs.EVALUATION_FILE)
 
 
 def raw_pixel_features(catalog: pd.DataFrame, crop_size: int, batch_size: int = 64,
@@ -85,9 +85,9 @@ def probe_features(train_x: np.ndarray, test_x: np.ndarray, train_table: pd.Data
             continue
         test_y = test_targets[task][1]
         if kind == "classification":
-            predictions = probes.knn_classify(train_x, train_y, test_x, k=min(k, len(train_x)),
-                                              num_classes=len(CLASS_NAMES))
-            rows.append(_row(task, "knn", "accuracy", source, np.mean(predictions == test_y)))
+            accuracy = probes.knn_accuracy(train_x, train_y, test_x, test_y,
+                                           k=min(k, len(train_x)), num_classes=len(CLASS_NAMES))
+            rows.append(_row(task, "knn", "accuracy", source, accuracy))
             result = probes.linear_probe_classification(train_x, train_y, test_x, test_y, seed=seed)
             rows.append(_row(task, "linear", "accuracy", source, result["accuracy"]))
         else:
@@ -100,29 +100,31 @@ def _row(task, probe, metric, source, value) -> dict:
     return {"task": task, "probe": probe, "metric": metric, "source": source, "value": float(value)}
 
 
-def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike | None = None,
+def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, *,
+                 dataset: data_module.Dataset | None = None, out: str | os.PathLike | None = None,
                  checkpoints: str = "latest", seed: int = 0, progress: bool = False) -> pd.DataFrame:
     """Probes the run's features and the baselines on its held-out split.
 
     Args:
+        data, dataset: the run's dataset, as a folder or as a `cmc_kit.data.Dataset` found
+            already (one of the two).
         out: CSV file for the wide table; an existing folder gets `evaluation.csv` inside it.
             Checked before any work (see `resolve_output`).
         checkpoints: "latest", or "all" to add a column per kept checkpoint (learning over epochs).
     Returns:
         long table: task, probe, metric, source, value. Written wide to `out` (CSV) if given.
     """
-    from cmc_kit import data as data_module
     from cmc_kit import embed, models
-    from cmc_kit.training import load_run
 
     if checkpoints not in ("latest", "all"):
         raise CmcKitError(f"checkpoints (CHECKPOINTS in 05_evaluate) must be 'latest' or 'all'. "
                           f"Received: {checkpoints!r}")
     out = resolve_output(out)
-    handle = load_run(run)
+    handle = runs.load_run(run)
     config = handle.config
-    catalog = data_module.discover(data)
-    split = handle.split(catalog)
+    dataset = data_module.as_dataset(data, dataset)
+    data = dataset.root
+    split = handle.split(dataset.catalog)
     train_catalog, test_catalog = split["train"], split["validation"]
     saved_ids = handle.split_ids()
     wanted = len(saved_ids["train"]) + len(saved_ids["validation"])
@@ -137,7 +139,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, *, out: str | 
     overlap = set(train_catalog["id"]) & set(test_catalog["id"])
     if overlap:  # cannot happen with a stored split; guard anyway, scores would be meaningless
         raise CmcKitError(f"Training ids in the evaluation split: {sorted(overlap)[:5]}")
-    metadata_csv = embed.find_metadata_csv(data)
+    metadata_csv = dataset.metadata_csv
     kwargs = dict(view="terrain" if "terrain" in config.model.views else config.model.views[0],
                   source="trunk", crop_size=config.data.crop_size,
                   batch_size=max(config.data.batch_size, 32), progress=progress,
@@ -165,7 +167,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, *, out: str | 
 
     if checkpoints == "all":
         for entry in handle.checkpoints[:-1]:
-            earlier = load_run(run, checkpoint=entry["path"])
+            earlier = runs.load_run(run, checkpoint=entry["path"])
             e_train, e_test = tables_for(earlier.encoder("online"))
             label = f"epoch_{entry['epoch']}" if entry["epoch"] is not None else f"step_{entry['step']}"
             rows += probe_features(embed.embedding_matrix(e_train), embed.embedding_matrix(e_test),

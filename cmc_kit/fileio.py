@@ -3,7 +3,7 @@
 `atomic_path(path)` hands out a temporary path in the target's folder for any writer that takes a
 path (`DataFrame.to_parquet`, `np.save`, `Image.save`); on success the file is fsynced and renamed
 over the target, on error it is deleted and the target is left as it was. Text goes through
-`cmc_kit.config.atomic_write_text`; bytes through `atomic_write_bytes`.
+`atomic_write_text`, bytes through `atomic_write_bytes`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+
+from cmc_kit.errors import CmcKitError
 
 
 @contextlib.contextmanager
@@ -47,6 +49,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` to `path` atomically (see `atomic_path`), in the locale's encoding; returns
+    the path. On any error (e.g. `path` is an existing folder) the target is left as it was."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+    return path
+
+
 def check_folder_path(path: str | os.PathLike | None, what: str, error_cls=None) -> None:
     """`path` must be a folder or creatable as one: not a file, nor below a file.
 
@@ -54,8 +66,6 @@ def check_folder_path(path: str | os.PathLike | None, what: str, error_cls=None)
     """
     if path is None:
         return
-    from cmc_kit.errors import CmcKitError
-
     error_cls = error_cls or CmcKitError
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -75,8 +85,6 @@ def output_file_path(path: str | os.PathLike, what: str, default_name: str,
 
     Checked before any work: the suffix (if `suffixes`) and a folder that can hold the file.
     """
-    from cmc_kit.errors import CmcKitError
-
     path = Path(path)
     if path.is_dir():
         path = path / default_name

@@ -29,8 +29,10 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 import cmc_kit
-from cmc_kit.config import ALL_VIEWS, Config, atomic_write_text, default_paths, in_ci, on_kaggle
-from cmc_kit.errors import CmcKitError, DataError
+from cmc_kit import runs
+from cmc_kit.config import ALL_VIEWS, Config, default_paths, in_ci, on_kaggle
+from cmc_kit.errors import CmcKitError, ConfigError, DataError
+from cmc_kit.fileio import atomic_write_text
 
 DEFAULT_RUN_NAME = "terrain-cmc"
 DATASET_POINTER = "dataset.json"
@@ -317,7 +319,7 @@ def choose_config(run: str | os.PathLike, *, preset: str | None = None, epochs: 
                   overrides: Mapping[str, Any] | None = None, fresh: bool = False,
                   accelerator_names: Sequence[str] | None = None,
                   gpu_precision: str | None = None) -> Config:
-    """The settings to train `run` with (see `training.resolve_config`).
+    """The settings to train `run` with (see `runs.resolve_config`).
 
     A run that already has a config.json keeps it unless `preset` is named (its model settings
     must then still match); a new run starts from `preset`, or from `default_preset()`.
@@ -332,13 +334,12 @@ def choose_config(run: str | os.PathLike, *, preset: str | None = None, epochs: 
     `train.mixed_precision=auto` picks for the attached GPUs; None without GPUs).
     """
     from cmc_kit import training
-    from cmc_kit.config import ConfigError
 
     if overrides is not None and not isinstance(overrides, Mapping):
         raise ConfigError(f"OVERRIDES must be a dict of setting names to values, e.g. "
                           f"{{'model.width': 0.25, 'train.epochs': 30}}. Received: {overrides!r}")
     overrides = dict(overrides or {})
-    exists = (Path(run) / training.CONFIG_FILE).is_file() and not fresh
+    exists = (Path(run) / runs.CONFIG_FILE).is_file() and not fresh
     if preset is None and not exists:
         preset = default_preset(accelerator_names)
     gpus = None
@@ -363,8 +364,8 @@ def choose_config(run: str | os.PathLike, *, preset: str | None = None, epochs: 
         print(f"Training in float32 on these GPUs: data.batch_size "
               f"{FLOAT32_GPU_BATCH} instead of the preset's 32, which needs about 19.5 GB "
               "(estimated). Set OVERRIDES['data.batch_size'] to choose yourself.")
-    config = training.resolve_config(Path(run), preset_name=preset, epochs=epochs,
-                                     overrides=overrides, fresh=fresh)
+    config = runs.resolve_config(Path(run), preset_name=preset, epochs=epochs,
+                                 overrides=overrides, fresh=fresh)
     per_gpu = config.data.batch_size // max(1, gpus)
     if (exists and on_these_gpus(config.train.mixed_precision) == "float32"
             and per_gpu > FLOAT32_GPU_BATCH):
@@ -430,7 +431,7 @@ def figure_bundle(figure) -> dict:
 
 def read_log(run: str | os.PathLike) -> pd.DataFrame:
     """RUN/log.csv (one row per epoch), or an empty frame before the first epoch ends."""
-    path = Path(run) / "log.csv"
+    path = Path(run) / runs.LOG_FILE
     return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["epoch", "step", "loss"])
 
 
@@ -548,46 +549,14 @@ class LiveLossPlot(keras.callbacks.Callback):
 # Resuming and run state
 # =============================================================================================
 
-def previous_output(run: str | os.PathLike, input_root: str | os.PathLike | None = None) -> Path | None:
-    """A previous notebook version's copy of this run, attached as input: a folder named like
-    `run` holding config.json and checkpoints/ anywhere under `input_root` (default: /kaggle/input
-    on Kaggle, nothing elsewhere). None when `run` already holds a checkpoint."""
-    from cmc_kit import training
-
-    return training.find_previous_output(run, input_root)
-
-
-def bring_in_previous_run(run: str | os.PathLike, resume_from: str | os.PathLike | None = None,
-                          *, input_root: str | os.PathLike | None = None) -> Path | None:
-    """Copies a previous run into `run` (writable) unless `run` already holds a checkpoint.
-
-    `resume_from` names it; None looks for one attached under /kaggle/input (`previous_output`).
-    Returns the folder copied from, or None when nothing was copied.
-    """
-    from cmc_kit import training
-
-    run = Path(run)
-    if resume_from is not None and training.has_checkpoint(run):
-        warnings.warn(f"{run} already holds a checkpoint, so RESUME_FROM {resume_from} is not "
-                      f"copied in: {run} continues. To continue {resume_from}, set RUN_DIR to "
-                      "another folder.", stacklevel=2)
-        return None
-    source = Path(resume_from) if resume_from is not None else previous_output(run, input_root)
-    if source is None or training.has_checkpoint(run):
-        return None
-    training.import_previous_run(source, run)
-    return source
-
-
 def require_run(run: str | os.PathLike, *, input_root: str | os.PathLike | None = None) -> Path:
     """The run directory 02 wrote (or a previous version's output, copied in). Raises a clear
     error when there is none."""
-    from cmc_kit import training
     from cmc_kit.errors import CheckpointError
 
     run = Path(run)
-    bring_in_previous_run(run, input_root=input_root)
-    if not training.has_checkpoint(run):
+    runs.bring_in_previous_run(run, input_root=input_root)
+    if not runs.has_checkpoint(run):
         raise CheckpointError(f"{run} holds no checkpoint. Run 02_train.ipynb with the same RUN_DIR "
                               "first, or on Kaggle attach the output of a notebook version that "
                               "trained it (Add Input -> Your Work).")
@@ -609,7 +578,7 @@ def probe_figure(table: pd.DataFrame):
 
 
 def info_table(*infos: Mapping[str, Any], labels: Sequence[str] | None = None) -> pd.DataFrame:
-    """`training.run_info` dicts side by side: epoch, step, queue fill and latest checkpoint."""
+    """`runs.run_info` dicts side by side: epoch, step, queue fill and latest checkpoint."""
     labels = list(labels) if labels is not None else [f"#{i + 1}" for i in range(len(infos))]
     if len(labels) != len(infos):
         raise ValueError(f"info_table got {len(infos)} infos but {len(labels)} labels.")
@@ -625,8 +594,8 @@ def info_table(*infos: Mapping[str, Any], labels: Sequence[str] | None = None) -
 
 __all__ = [
     "DEFAULT_RUN_NAME", "choose_config", "probe_figure", "DataChoice", "LiveLossPlot", "accelerators",
-    "bring_in_previous_run", "cache_dir_for", "cache_setting", "config_table", "default_preset",
+    "cache_dir_for", "cache_setting", "config_table", "default_preset",
     "environment_report", "figure_bundle", "keep_figures_in_saved_notebooks", "find_data", "get_data", "in_kernel", "info_table", "loss_figure",
-    "plot_log", "previous_output", "read_log", "remember_data", "require_run", "run_dir", "show",
+    "plot_log", "read_log", "remember_data", "require_run", "run_dir", "show",
     "show_views", "views_grid",
 ]

@@ -271,7 +271,7 @@ def resolve_pairs(spec, views: Sequence[str]) -> list[tuple[str, str]]:
     Returns:
         Non-empty list of distinct (query, key) tuples of configured, different views.
     """
-    from cmc_kit.config import ConfigError  # cheap: config.py does not import TensorFlow
+    from cmc_kit.errors import ConfigError
 
     views = tuple(views)
     if len(views) < 2:
@@ -324,7 +324,7 @@ def resolve_pairs(spec, views: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _parse_pair_item(item, spec) -> tuple[str, str]:
-    from cmc_kit.config import ConfigError
+    from cmc_kit.errors import ConfigError
 
     if isinstance(item, str):
         parts = [part.strip() for part in item.split("-")]

@@ -25,14 +25,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from cmc_kit.errors import CmcKitError
+from cmc_kit.errors import ProbeError
 
 DEFAULT_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 DEFAULT_ALPHA_GRID = tuple(np.logspace(-3, 4, 15))
-
-
-class ProbeError(CmcKitError, ValueError):
-    """Features or labels cannot be probed (wrong shape, non-finite, too few classes)."""
 
 
 # -- kNN -------------------------------------------------------------------------------------

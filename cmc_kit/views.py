@@ -29,8 +29,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cmc_kit.config import ConfigError
-from cmc_kit.errors import DataError
+from cmc_kit.errors import ConfigError, DataError
 from cmc_kit.palette import HEIGHT_SCALE, NUM_CLASSES, PALETTE, TERRAIN_SCALE
 
 logger = logging.getLogger(__name__)

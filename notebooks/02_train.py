@@ -49,7 +49,7 @@ except ImportError:  # fresh Kaggle session
     importlib.invalidate_caches()
     import cmc_kit
 
-from cmc_kit import models, notebook, training
+from cmc_kit import embed, models, notebook, runs, training
 from cmc_kit.config import in_ci
 
 ENVIRONMENT = notebook.environment_report()
@@ -85,7 +85,7 @@ CACHE = notebook.cache_setting(notebook.cache_dir_for(DATA))
 print(f"data {DATA}\nrun  {RUN}\ncache {CACHE or '(none: reading the PNGs)'}")
 # Kaggle: a previous version's output attached as input is copied in first, so that its saved
 # settings (not this session's GPU) decide the batch size. FRESH ignores it.
-copied_from = None if FRESH else notebook.bring_in_previous_run(RUN)
+copied_from = runs.bring_in_previous_run(RUN, fresh=FRESH)
 if copied_from:
     print(f"continuing {copied_from} (set FRESH = True to start over)")
 
@@ -130,11 +130,14 @@ del encoder  # training builds its own; this one only showed the size
 # is close. The progress bar shows the loss and the contrastive accuracy (how often the positive
 # key beats every negative); the plot below redraws every few steps, with the per-epoch mean and
 # the kNN accuracy of a fixed held-out subset (a cheap check that the embedding carries
-# information about the terrain class).
+# information about the terrain class). That subset's embedding after every epoch, which
+# `04_explore` animates, and its kNN accuracy come from the `embed.EpochEmbeddings` callback;
+# it goes first so the plot sees the accuracy.
 
 # %%
 live_plot = notebook.LiveLossPlot(RUN, update_every=5)
-result = training.train(DATA, RUN, config, fresh=FRESH, time_limit=TIME_LIMIT, callbacks=[live_plot])
+result = training.train(DATA, RUN, config, fresh=FRESH, time_limit=TIME_LIMIT,
+                        callbacks=[embed.EpochEmbeddings(), live_plot])
 print(f"{result.status}: epoch {result.epoch}, step {result.step}, checkpoint {result.checkpoint}")
 
 # %% [markdown]
@@ -147,7 +150,7 @@ print(f"{result.status}: epoch {result.epoch}, step {result.step}, checkpoint {r
 # animates) and `tensorboard/`.
 
 # %%
-info = training.run_info(RUN)
+info = runs.run_info(RUN)
 notebook.info_table(info, labels=["now"])
 
 # %%

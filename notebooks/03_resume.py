@@ -60,7 +60,7 @@ except ImportError:  # fresh Kaggle session
     importlib.invalidate_caches()
     import cmc_kit
 
-from cmc_kit import notebook, training
+from cmc_kit import embed, notebook, runs, training
 from cmc_kit.config import in_ci
 
 ENVIRONMENT = notebook.environment_report()
@@ -88,7 +88,7 @@ if SMOKE:
 
 DATA = notebook.find_data(DATA_DIR)
 RUN = notebook.run_dir(RUN_DIR)
-copied_from = notebook.bring_in_previous_run(RUN, RESUME_FROM)
+copied_from = runs.bring_in_previous_run(RUN, RESUME_FROM)
 notebook.require_run(RUN)  # a clear error when there is nothing to continue
 print(f"continuing from {copied_from}" if copied_from else f"continuing the run in {RUN}")
 
@@ -96,7 +96,7 @@ print(f"continuing from {copied_from}" if copied_from else f"continuing the run 
 # ## Where the run stopped
 
 # %%
-before = training.run_info(RUN)
+before = runs.run_info(RUN)
 notebook.info_table(before, labels=["before"])
 
 # %% [markdown]
@@ -123,7 +123,8 @@ print(f"epoch {before['epoch']} of {config.train.epochs}; "
 
 # %%
 live_plot = notebook.LiveLossPlot(RUN, update_every=5, title="Training loss (resumed)")
-result = training.train(DATA, RUN, config, time_limit=TIME_LIMIT, callbacks=[live_plot])
+result = training.train(DATA, RUN, config, time_limit=TIME_LIMIT,
+                        callbacks=[embed.EpochEmbeddings(), live_plot])
 print(f"{result.status}: epoch {result.epoch}, step {result.step}")
 
 # %% [markdown]
@@ -133,7 +134,7 @@ print(f"{result.status}: epoch {result.epoch}, step {result.step}")
 # and `log.csv` continues its epoch numbering: one curve across sessions.
 
 # %%
-after = training.run_info(RUN)
+after = runs.run_info(RUN)
 notebook.info_table(before, after, labels=["before", "after"])
 
 # %%

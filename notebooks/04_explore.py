@@ -46,7 +46,7 @@ except ImportError:  # fresh Kaggle session
 
 from IPython.display import Image
 
-from cmc_kit import data, explore, notebook, training, views
+from cmc_kit import data, explore, notebook, runs, views
 from cmc_kit.config import in_ci
 
 ENVIRONMENT = notebook.environment_report()
@@ -69,7 +69,7 @@ if SMOKE:
 DATA = notebook.find_data(DATA_DIR)
 RUN = notebook.require_run(notebook.run_dir(RUN_DIR))
 catalog = data.discover(DATA)
-handle = training.load_run(RUN)
+handle = runs.load_run(RUN)
 print(f"run {RUN}: epoch {handle.epoch}, step {handle.step}; {len(catalog)} samples in {DATA}")
 
 # %% [markdown]

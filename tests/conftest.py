@@ -22,6 +22,17 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def train_root(tmp_path_factory):
+    """30 synthetic samples of 64x64 for training tests (24 train / 6 held out with
+    helpers.tiny_config)."""
+    from cmc_kit import synth
+
+    root = tmp_path_factory.mktemp("train_data")
+    synth.generate(root, n=30, size=64, seed=3, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """40 synthetic samples of 64x64: enough for a held-out split of ~10."""
     from cmc_kit import synth
@@ -34,7 +45,7 @@ def small_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_run(small_dataset, tmp_path_factory):
     """A tiny run trained for 2 epochs on `small_dataset` (shared, read-only for tests)."""
-    from cmc_kit import training
+    from cmc_kit import embed, training
     from cmc_kit.config import preset
 
     config = preset("cpu-demo").with_overrides({
@@ -42,7 +53,7 @@ def trained_run(small_dataset, tmp_path_factory):
         "model.width": 0.125, "model.embedding_dim": 16, "train.epochs": 2,
         "train.queue_multiplier": 2, "train.eval_subset": 8})
     run = tmp_path_factory.mktemp("trained_run") / "run"
-    training.train(small_dataset, run, config, verbose=0)
+    training.train(small_dataset, run, config, verbose=0, callbacks=[embed.EpochEmbeddings()])
     return run
 
 

@@ -37,7 +37,7 @@ def test_info_of_a_trained_run(trained_run, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["epoch"] == 2 and info["step"] > 0
     assert info["queue_fill"] == info["queue_size"] > 0
-    from cmc_kit.training import list_checkpoints
+    from cmc_kit.runs import list_checkpoints
 
     latest = list_checkpoints(trained_run)[-1]
     assert info["latest_checkpoint"] == latest["path"] and latest["step"] == info["step"]

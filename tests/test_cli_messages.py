@@ -73,7 +73,7 @@ def test_embed_missing_checkpoint_names_it_and_lists_the_existing_ones(fake_run,
 
 
 def test_checkpoint_given_by_name_resolves_in_the_run(fake_run, tmp_path):
-    from cmc_kit.embed import resolve_checkpoint
+    from cmc_kit.runs import resolve_checkpoint
 
     assert resolve_checkpoint(fake_run, "ckpt-10") == str(fake_run / "checkpoints" / "ckpt-10")
     full = str(fake_run / "checkpoints" / "ckpt-2")
@@ -89,12 +89,10 @@ def test_checkpoint_given_by_name_resolves_in_the_run(fake_run, tmp_path):
 # -- 3. a file where a folder is needed -----------------------------------------------------------
 
 def test_train_run_that_is_a_file_fails_before_anything_else(tmp_path, tiny_data, capsys, monkeypatch):
-    from cmc_kit import training
-
     def not_called(**kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(training, "train_from_cli", not_called)
+    monkeypatch.setattr(cli, "train_from_cli", not_called)
     afile = tmp_path / "afile"
     afile.write_text("keep me")
     for run in (afile, afile / "sub"):
@@ -294,12 +292,10 @@ def test_prepare_says_what_it_wrote(tiny_data, tmp_path, capsys):
 # -- 8. Ctrl-C during train -----------------------------------------------------------------------
 
 def _interrupt_training(monkeypatch):
-    from cmc_kit import training
-
     def interrupted(**kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_from_cli", interrupted)
+    monkeypatch.setattr(cli, "train_from_cli", interrupted)
 
 
 def test_ctrl_c_in_train_says_where_the_run_resumes(tmp_path, tiny_data, capsys, monkeypatch):
@@ -354,14 +350,12 @@ def test_train_help_lists_every_setting_name(capsys):
 def test_warnings_read_like_the_errors_without_a_source_line(tmp_path, capsys, monkeypatch):
     import warnings
 
-    from cmc_kit import training
-
     def warn_then_fail(**kwargs):
         warnings.warn("the queue was capped", UserWarning)
         warnings.warn("old option", DeprecationWarning)
         raise CmcKitError("stopped")
 
-    monkeypatch.setattr(training, "train_from_cli", warn_then_fail)
+    monkeypatch.setattr(cli, "train_from_cli", warn_then_fail)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         code = cli.main(["train", "--data", str(tmp_path), "--run", str(tmp_path / "run")])

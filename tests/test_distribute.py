@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cmc_kit.config import preset
+from cmc_kit.errors import TrainingError
 
 
 def tiny_config(**overrides):
@@ -130,14 +131,15 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
     # XLA per replica (forced on: the trainer uses it only with a GPU/TPU attached): the same
     # three steps as the single-device run, on the same training split.
     from cmc_kit import data as data_module
-    split = training.read_json(f"{out}/single/split.json")
-    catalog = training.apply_split(data_module.discover(data), split)["train"]
+    from cmc_kit import runs
+    split = runs.read_json(f"{out}/single/split.json")
+    catalog = runs.apply_split(data_module.discover(data), split)["train"]
     trainer = training.Trainer(config.with_overrides({"train.strategy": "mirrored"}),
                                f"{out}/mirrored_xla", catalog, verbose=0, jit_compile=True)
     trainer.fill_queues()
     rows = []
     for batch in trainer.strategy.experimental_distribute_dataset(trainer.dataset(epoch=0)):
-        rows.append({name: float(value) for name, value in trainer._train_step(batch).items()})
+        rows.append({name: float(value) for name, value in trainer.train_step(batch).items()})
     report["mirrored_xla"] = {"jit_mode": trainer.jit_mode, "rows": rows}
     with open(f"{out}/report.json", "w") as handle:
         json.dump(report, handle)
@@ -306,12 +308,12 @@ def test_connect_tpu_falls_back_through_the_addresses(monkeypatch):
 
     # Nothing resolves: auto falls through to the default strategy, "tpu" says what it tried.
     monkeypatch.setattr(_FakeResolver, "working", ())
-    monkeypatch.setattr(training, "LOCAL_TPU_DEVICE_GLOBS", ())
+    monkeypatch.setattr(training.devices, "LOCAL_TPU_DEVICE_GLOBS", ())
     monkeypatch.delenv("TPU_NAME", raising=False)
     monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
     if not tf.config.list_logical_devices("GPU"):
         assert training.select_strategy("auto") is tf.distribute.get_strategy()
-    with pytest.raises(training.TrainingError, match=r"tpu=None: Please provide.*TPU_NAME"):
+    with pytest.raises(TrainingError, match=r"tpu=None: Please provide.*TPU_NAME"):
         training.select_strategy("tpu")
 
 
@@ -322,8 +324,8 @@ def test_insisting_on_a_tpu_without_one_names_the_fix(monkeypatch):
 
     if tf.config.list_logical_devices("TPU"):
         pytest.skip("a TPU is attached")
-    monkeypatch.setattr(training, "LOCAL_TPU_DEVICE_GLOBS", ())
+    monkeypatch.setattr(training.devices, "LOCAL_TPU_DEVICE_GLOBS", ())
     monkeypatch.delenv("TPU_NAME", raising=False)
     monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
-    with pytest.raises(training.TrainingError, match="train.strategy=tpu but no TPU"):
+    with pytest.raises(TrainingError, match="train.strategy=tpu but no TPU"):
         training.select_strategy("tpu")

@@ -93,7 +93,7 @@ def test_mixed_precision_trains_finite_and_checkpoints_load_back(policy, trunk, 
     import keras
     import tensorflow as tf
 
-    from cmc_kit import models, training
+    from cmc_kit import models, runs, training
 
     grouped = trunk.startswith("regnetx")
     supported, reason = _cpu_kernels_exist(policy, grouped)
@@ -127,7 +127,7 @@ def test_mixed_precision_trains_finite_and_checkpoints_load_back(policy, trunk, 
 
     # The checkpoint loads into a float32 encoder and into one built under the policy: both
     # give float32 embeddings, and they agree to the policy's precision.
-    handle = training.load_run(run)
+    handle = runs.load_run(run)
     full = handle.encoder("online")
     rng = np.random.default_rng(0)
     batch = {v: rng.uniform(-1, 1, (4, 32, 32, models.VIEW_CHANNELS[v])).astype(np.float32)
@@ -154,7 +154,7 @@ def test_mixed_precision_trains_finite_and_checkpoints_load_back(policy, trunk, 
     reader = tf.train.load_checkpoint(resumed.checkpoint)
     applied = int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
     assert applied == 6 if policy == "mixed_bfloat16" else 1 <= applied < 6
-    trained = training.load_run(run).encoder("online").get_weights()
+    trained = runs.load_run(run).encoder("online").get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(trained, full.get_weights()))
 
 
@@ -228,14 +228,14 @@ def test_a_checkpoint_with_the_older_float16_layout_resumes_in_float32(data_root
     """Checkpoints written before the layout change kept Adam inside the loss-scale wrapper."""
     import tensorflow as tf
 
-    from cmc_kit import training
+    from cmc_kit import runs, training
 
     supported, reason = _cpu_kernels_exist("mixed_float16", grouped=False)
     if not supported:
         pytest.skip(f"no CPU kernel for float16 conv gradients: {reason}")
     run = tmp_path / "run"
     with monkeypatch.context() as patch:  # the old layout: the wrapper itself was checkpointed
-        patch.setattr(training.Trainer, "_inner_optimizer", property(lambda self: self.optimizer))
+        patch.setattr(training.state, "saved_optimizer", lambda optimizer: optimizer)
         first = training.train(data_root, run, tiny_config(**{
             "train.mixed_precision": "mixed_float16", "train.epochs": 2}), verbose=0)
     old_keys = tf.train.load_checkpoint(first.checkpoint).get_variable_to_shape_map()
@@ -243,7 +243,8 @@ def test_a_checkpoint_with_the_older_float16_layout_resumes_in_float32(data_root
     applied_before = _applied_steps(run)
     assert applied_before > 0
 
-    float16_copy = training.import_previous_run(run, tmp_path / "copy")
+    float16_copy = tmp_path / "copy"
+    runs.bring_in_previous_run(float16_copy, resume_from=run)
     resumed = training.train(data_root, run, tiny_config(**{"train.epochs": 3}), verbose=0)
     assert _adam_steps_and_loss_scale(resumed.checkpoint) == (applied_before + 3, None)
 

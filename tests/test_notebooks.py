@@ -94,7 +94,7 @@ def _outputs(notebook, kind):
 
 @pytest.mark.slow
 def test_notebooks_run_in_order_and_hand_over_through_files(tmp_path, monkeypatch):
-    from cmc_kit import data, training
+    from cmc_kit import data, runs
     from cmc_kit.config import default_paths
 
     monkeypatch.setenv("CI", "1")  # the kernel inherits it: smoke mode
@@ -113,7 +113,7 @@ def test_notebooks_run_in_order_and_hand_over_through_files(tmp_path, monkeypatc
     trained = _execute("02_train", tmp_path, params)
     split = json.loads((run / "split.json").read_text())
     steps_per_epoch = len(split["train"]) // 8  # smoke batch size
-    after_02 = training.run_info(run)
+    after_02 = runs.run_info(run)
     assert after_02["latest_checkpoint"] and Path(after_02["latest_checkpoint"] + ".index").is_file()
     assert (after_02["epoch"], after_02["step"]) == (2, 2 * steps_per_epoch)
     # The live plot redrew one display in place: one plot output, holding every step's loss.
@@ -125,7 +125,7 @@ def test_notebooks_run_in_order_and_hand_over_through_files(tmp_path, monkeypatc
     assert list(step_trace["x"]) == list(range(1, 2 * steps_per_epoch + 1))
 
     _execute("03_resume", tmp_path, params)
-    after_03 = training.run_info(run)
+    after_03 = runs.run_info(run)
     assert (after_03["epoch"], after_03["step"]) == (3, 3 * steps_per_epoch)
     assert after_03["queue_fill"] == after_02["queue_fill"]
     log = pd.read_csv(run / "log.csv")
@@ -542,51 +542,7 @@ def test_plot_log_reads_every_epoch_of_the_run(tmp_path):
     assert [shape.x0 for shape in figure.layout.shapes] == [10]
 
 
-# -- helpers: resuming from a previous Kaggle version's output ---------------------------------------
-
-def _fake_run(folder: Path, checkpoint_step: int | None = None) -> Path:
-    from cmc_kit.config import preset
-
-    (folder / "checkpoints").mkdir(parents=True)
-    preset("cpu-demo").save(folder / "config.json")
-    if checkpoint_step is not None:  # the text file tf.train.CheckpointManager writes
-        name = f"ckpt-{checkpoint_step}"
-        (folder / "checkpoints" / "checkpoint").write_text(
-            f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
-        (folder / "checkpoints" / f"{name}.index").write_bytes(b"")  # what TF checks exists
-    return folder
-
-
-def test_previous_output_finds_the_run_by_name_under_the_input_root(tmp_path):
-    from cmc_kit import notebook
-
-    inputs = tmp_path / "input"
-    _fake_run(inputs / "other-notebook" / "runs" / "something-else", 4)
-    previous = _fake_run(inputs / "cmc-train-v3" / "runs" / "terrain-cmc", 4)
-    assert notebook.previous_output(tmp_path / "work" / "terrain-cmc", inputs) == previous
-    assert notebook.previous_output(tmp_path / "work" / "no-such-run", inputs) is None
-
-
-def test_bring_in_previous_run_copies_once_and_keeps_a_local_checkpoint(tmp_path):
-    from cmc_kit import notebook
-
-    previous = _fake_run(tmp_path / "input" / "v1" / "terrain-cmc", 12)
-    run = tmp_path / "work" / "terrain-cmc"
-    assert notebook.bring_in_previous_run(run, input_root=tmp_path / "input") == previous
-    assert (run / "config.json").read_text() == (previous / "config.json").read_text()
-    # Checkpoint paths now point into the writable copy.
-    assert "ckpt-12" in (run / "checkpoints" / "checkpoint").read_text()
-    # The run now holds a checkpoint: a second call (the next cell rerun) copies nothing.
-    assert notebook.bring_in_previous_run(run, input_root=tmp_path / "input") is None
-
-
-def test_bring_in_previous_run_says_when_resume_from_is_not_used(tmp_path):
-    from cmc_kit import notebook
-
-    run = _fake_run(tmp_path / "work" / "terrain-cmc", 3)
-    with pytest.warns(UserWarning, match=r"already holds a checkpoint.*RESUME_FROM"):
-        assert notebook.bring_in_previous_run(run, tmp_path / "nope") is None
-
+# -- helpers: resuming ---------------------------------------------------------------------------
 
 def test_require_run_says_which_notebook_to_run_first(tmp_path):
     from cmc_kit import notebook

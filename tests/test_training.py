@@ -1,4 +1,4 @@
-"""Training: queues, schedules, loss going down, exact resume after SIGKILL, bad-input handling."""
+"""Training: queues, schedules, the loss going down, exact resume after SIGKILL, bad steps and files."""
 
 import json
 import os
@@ -14,29 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmc_kit.config import preset
 from cmc_kit.errors import CheckpointError, DataError, TrainingError
-
-
-def tiny_config(**overrides):
-    """cpu-demo shrunk for tests: 32 px crops, batch 4, 2 epochs."""
-    base = {
-        "data.crop_size": 32, "data.batch_size": 4, "data.validation_fraction": 0.2,
-        "model.width": 0.125, "model.embedding_dim": 16, "model.views": "terrain,height,segmentation",
-        "train.epochs": 2, "train.queue_multiplier": 2, "train.eval_subset": 8,
-        "train.pairs": "full",
-    }
-    base.update(overrides)
-    return preset("cpu-demo").with_overrides(base)
-
-
-@pytest.fixture(scope="module")
-def train_root(tmp_path_factory):
-    from cmc_kit import synth
-
-    root = tmp_path_factory.mktemp("train_data")
-    synth.generate(root, n=30, size=64, seed=3, progress=False)
-    return root
+from helpers import tiny_config
 
 
 # -- pieces ------------------------------------------------------------------------------------
@@ -56,9 +35,9 @@ def test_queue_size_is_capped_below_the_training_set():
 def test_queue_is_fifo_with_a_wrapping_pointer():
     import tensorflow as tf
 
-    from cmc_kit.training import _make_queues_module
+    from cmc_kit.training import MemoryQueues
 
-    queues = _make_queues_module(("terrain",), size=6, dim=2)
+    queues = MemoryQueues(("terrain",), size=6, dim=2)
     reference = np.zeros((6, 2), np.float32)
     pointer = 0
     rng = np.random.default_rng(0)
@@ -87,13 +66,14 @@ def test_cosine_momentum_ramps_to_one():
 
 @pytest.mark.slow
 def test_short_cpu_demo_run_lowers_the_loss_and_writes_its_outputs(train_root, tmp_path):
-    from cmc_kit import training
+    from cmc_kit import embed, runs, training
 
     config = preset("cpu-demo").with_overrides({
         "data.crop_size": 32, "data.batch_size": 8, "data.validation_fraction": 0.2,
         "train.epochs": 5, "train.queue_multiplier": 2, "train.eval_subset": 6})
     run = tmp_path / "run"
-    result = training.train(train_root, run, config, verbose=0)
+    result = training.train(train_root, run, config, verbose=0,
+                            callbacks=[embed.EpochEmbeddings()])
     log = pd.read_csv(run / "log.csv")
     assert list(log["epoch"]) == [1, 2, 3, 4, 5]
     assert log["loss"].iloc[-1] < log["loss"].iloc[0]
@@ -102,7 +82,7 @@ def test_short_cpu_demo_run_lowers_the_loss_and_writes_its_outputs(train_root, t
         assert column in log.columns
     assert (run / "embeddings" / "epoch_005.parquet").exists()
     assert list((run / "tensorboard").iterdir())
-    info = training.run_info(run)
+    info = runs.run_info(run)
     assert info["epoch"] == 5 and info["step"] == result.step == 5 * (24 // 8)
     assert info["queue_fill"] == info["queue_size"] == 16
     # Held-out ids never trained on.
@@ -121,65 +101,14 @@ def test_momentum_keys_and_online_positives_both_train(train_root, tmp_path):
         assert result.status == "completed" and result.step == 6
 
 
-def test_resume_with_a_different_model_names_the_fields(train_root, tmp_path):
-    from cmc_kit import training
-
-    run = tmp_path / "run"
-    training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
-    with pytest.raises(CheckpointError, match="model.embedding_dim: saved 16, requested 32"):
-        training.train(train_root, run, tiny_config(**{"model.embedding_dim": 32}), verbose=0)
-    # Epochs may change on resume: training continues from the checkpoint.
-    result = training.train(train_root, run, tiny_config(**{"train.epochs": 2}), verbose=0)
-    assert result.step == 12 and result.epoch == 2
-
-
-def test_an_attached_previous_output_is_continued_unless_fresh(train_root, tmp_path, monkeypatch):
-    import keras
-
-    from cmc_kit import training
-
-    class StepCounter(keras.callbacks.Callback):
-        steps = 0
-
-        def on_train_batch_end(self, batch, logs=None):
-            StepCounter.steps += 1
-
-    inputs = tmp_path / "input"
-    previous = inputs / "cmc-train-v1" / "runs" / "terrain-cmc"
-    training.train(train_root, previous, tiny_config(**{"train.epochs": 1}), verbose=0)  # 6 steps
-    monkeypatch.setattr(training, "on_kaggle", lambda: True)
-    monkeypatch.setattr(training, "default_paths", lambda: {"input": inputs})
-
-    # Without fresh, the attached run is copied in and continued from its step 6.
-    continued = training.train(train_root, tmp_path / "a" / "terrain-cmc",
-                               tiny_config(**{"train.epochs": 2}), verbose=0,
-                               callbacks=[StepCounter()])
-    assert (continued.step, StepCounter.steps) == (12, 6)
-
-    # fresh=True starts over: all of epoch 1 is trained again, nothing is copied in.
-    StepCounter.steps = 0
-    started_over = training.train(train_root, tmp_path / "b" / "terrain-cmc",
-                                  tiny_config(**{"train.epochs": 1}), fresh=True, verbose=0,
-                                  callbacks=[StepCounter()])
-    assert (started_over.step, StepCounter.steps) == (6, 6)
-    assert training.run_info(previous)["step"] == 6  # the input was only read
-
-    with pytest.raises(CheckpointError, match=r"fresh=True.*resume_from.*Drop one"):
-        training.train(train_root, tmp_path / "c", tiny_config(), fresh=True,
-                       resume_from=previous, verbose=0)
-    with pytest.raises(CheckpointError, match=r"--fresh.*--resume-from"):
-        training.train_from_cli(data=train_root, run=tmp_path / "c", fresh=True,
-                                resume_from=previous)
-
-
 def test_non_finite_losses_skip_updates_then_stop_with_the_checkpoint_intact(train_root, tmp_path):
     import tensorflow as tf
 
-    from cmc_kit import training
+    from cmc_kit import runs, training
 
     run = tmp_path / "run"
     training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
-    before = training.load_run(run).encoder("online").get_weights()
+    before = runs.load_run(run).encoder("online").get_weights()
     checkpoints_before = sorted(p.name for p in (run / "checkpoints").iterdir())
 
     def poison(dataset):  # every view NaN; the plan positions pass through
@@ -191,7 +120,7 @@ def test_non_finite_losses_skip_updates_then_stop_with_the_checkpoint_intact(tra
         training.train(train_root, run, config, verbose=0, dataset_transform=poison)
     assert "checkpoint is intact" in str(err.value)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints_before
-    after = training.load_run(run).encoder("online").get_weights()
+    after = runs.load_run(run).encoder("online").get_weights()
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
     del tf
@@ -214,21 +143,21 @@ def test_non_finite_steps_change_no_weights_queue_or_ema(train_root, tmp_path):
     online, momentum, queues, pointer = snapshot()
     batch = next(iter(trainer.dataset(0)))
     poisoned = {k: v * np.float32("nan") for k, v in batch.items()}
-    logs = trainer._train_step(poisoned)
-    assert int(logs["skipped"]) == 1 and int(trainer.skipped_total.numpy()) == 1
+    logs = trainer.train_step(poisoned)
+    assert int(logs["skipped"]) == 1 and int(trainer.state.skipped.numpy()) == 1
     online2, momentum2, queues2, pointer2 = snapshot()
     for a, b in zip(online + momentum, online2 + momentum2):
         np.testing.assert_array_equal(a, b)
     for view in queues:
         np.testing.assert_array_equal(queues[view], queues2[view])
     assert pointer == pointer2
-    logs = trainer._train_step(batch)  # a good step then changes all of them
+    logs = trainer.train_step(batch)  # a good step then changes all of them
     assert int(logs["skipped"]) == 0
     assert int(trainer.queues.pointer.numpy()) != pointer
 
 
 def test_non_finite_weights_are_never_checkpointed(train_root, tmp_path):
-    from cmc_kit import training
+    from cmc_kit import runs, training
     from cmc_kit.data import discover
 
     catalog = discover(train_root)
@@ -237,21 +166,21 @@ def test_non_finite_weights_are_never_checkpointed(train_root, tmp_path):
     good = trainer.save()
     kernel = trainer.online.trainable_variables[0]
     kernel.assign(np.full(kernel.shape, np.nan, np.float32))
-    with pytest.raises(training.TrainingError, match=r"non-finite values in 1 tensor.*intact"):
+    with pytest.raises(TrainingError, match=r"non-finite values in 1 tensor.*intact"):
         trainer.save()
-    assert trainer.manager.latest_checkpoint == good
-    assert training.list_checkpoints(tmp_path / "run")[-1]["path"] == good
+    assert trainer.checkpointer.latest == good
+    assert runs.list_checkpoints(tmp_path / "run")[-1]["path"] == good
 
 
 def test_time_limit_checkpoints_and_returns_then_resumes(train_root, tmp_path):
-    from cmc_kit import training
+    from cmc_kit import runs, training
 
     run = tmp_path / "run"
     result = training.train(train_root, run, tiny_config(**{"train.epochs": 3}), time_limit=0.001,
                             verbose=0)
     assert result.status == "time_limit"
     assert 1 <= result.step < 18
-    assert training.run_info(run)["step"] == result.step
+    assert runs.run_info(run)["step"] == result.step
     finished = training.train(train_root, run, tiny_config(**{"train.epochs": 3}), verbose=0)
     assert finished.status == "completed" and finished.step == 18
 
@@ -293,7 +222,7 @@ def _run_training(script, data, run, config_path, mode):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill_matches_a_straight_run(train_root, tmp_path):
-    from cmc_kit import training
+    from cmc_kit import runs, training
 
     config = tiny_config(**{"train.epochs": 2, "train.checkpoint_every_steps": 2,
                             "train.deterministic": True, "train.eval_subset": 0})
@@ -323,7 +252,7 @@ def test_exact_resume_after_sigkill_matches_a_straight_run(train_root, tmp_path)
         output = process.communicate(timeout=600)[0].decode()
         assert process.returncode == 0, output[-3000:]
 
-    a, b = training.load_run(tmp_path / "straight"), training.load_run(killed_run)
+    a, b = runs.load_run(tmp_path / "straight"), runs.load_run(killed_run)
     assert a.step == b.step == 12
     for network in ("online", "momentum"):
         for wa, wb in zip(a.encoder(network).get_weights(), b.encoder(network).get_weights()):
@@ -411,7 +340,7 @@ def test_resume_after_an_unreadable_sample_continues_at_exactly_the_next_sample(
     """
     import shutil
 
-    from cmc_kit import synth, training, views
+    from cmc_kit import runs, synth, training, views
 
     root = synth.generate(tmp_path / "data", n=28, size=64, seed=5, progress=False)
     config = tiny_config(**{"train.epochs": 2, "train.eval_subset": 0, "train.deterministic": True,
@@ -420,7 +349,7 @@ def test_resume_after_an_unreadable_sample_continues_at_exactly_the_next_sample(
     training.train(root, base, config.with_overrides({"train.epochs": 1}), verbose=0)
     # The sample at place 1 of epoch 2's plan, in the trainer's catalog order, becomes unreadable.
     split = json.loads((base / "split.json").read_text())
-    catalog = training.apply_split(training._catalog_for(root, check_pixels=False), split)["train"]
+    catalog = runs.apply_split(runs.usable_catalog(root, check_pixels=False), split)["train"]
     order, _ = views.epoch_plan(len(catalog), seed=config.train.seed, epoch=1, training=True)
     victim = Path(catalog["terrain"].iloc[order[1]])
     victim.write_bytes(victim.read_bytes()[:200])
@@ -430,8 +359,8 @@ def test_resume_after_an_unreadable_sample_continues_at_exactly_the_next_sample(
 
     training.train(root, straight, config, verbose=0)
     steps_per_epoch = len(catalog) // 4
-    monkeypatch.setattr(training.Trainer, "_out_of_time",
-                        lambda self, *args: int(self.step.numpy()) >= steps_per_epoch + 3)
+    monkeypatch.setattr(training.Trainer, "out_of_time",
+                        lambda self, *args: int(self.state.step.numpy()) >= steps_per_epoch + 3)
     stopped = training.train(root, interrupted, config, time_limit=3600, verbose=0)
     assert stopped.status == "time_limit" and stopped.step == steps_per_epoch + 3
     state = json.loads((interrupted / "state.json").read_text())
@@ -439,7 +368,7 @@ def test_resume_after_an_unreadable_sample_continues_at_exactly_the_next_sample(
     monkeypatch.undo()
     training.train(root, interrupted, config, verbose=0)
 
-    a, b = training.load_run(straight), training.load_run(interrupted)
+    a, b = runs.load_run(straight), runs.load_run(interrupted)
     assert a.step == b.step == 2 * steps_per_epoch - 1  # epoch 2 lost its last full batch
     for network in ("online", "momentum"):
         for wa, wb in zip(a.encoder(network).get_weights(), b.encoder(network).get_weights()):
@@ -457,23 +386,25 @@ def test_a_checkpoint_without_epoch_position_still_resumes_and_numbers_on(
     """Checkpoints written before `epoch_position` existed resume at batches x B."""
     import tensorflow as tf
 
-    from cmc_kit import training
+    from cmc_kit import runs, training
 
     original_init = training.Trainer.__init__
 
     def older_trainer(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        older = {k: v for k, v in self.checkpointed.items() if k != "epoch_position"}
-        self.checkpoint = tf.train.Checkpoint(**older)
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, str(self.run_dir / "checkpoints"),
+        checkpointer = self.checkpointer
+        checkpointer.objects = {k: v for k, v in checkpointer.objects.items()
+                                if k != "epoch_position"}
+        checkpointer.checkpoint = tf.train.Checkpoint(**checkpointer.objects)
+        checkpointer.manager = tf.train.CheckpointManager(
+            checkpointer.checkpoint, str(self.run_dir / "checkpoints"),
             max_to_keep=self.config.train.keep_checkpoints, checkpoint_name="ckpt")
 
     run = tmp_path / "run"
     config = tiny_config(**{"train.epochs": 2, "train.eval_subset": 0})
     monkeypatch.setattr(training.Trainer, "__init__", older_trainer)
-    monkeypatch.setattr(training.Trainer, "_out_of_time",
-                        lambda self, *args: int(self.step.numpy()) >= 2)
+    monkeypatch.setattr(training.Trainer, "out_of_time",
+                        lambda self, *args: int(self.state.step.numpy()) >= 2)
     stopped = training.train(train_root, run, config, time_limit=3600, verbose=0)
     assert stopped.status == "time_limit" and stopped.step == 2
     saved = tf.train.load_checkpoint(stopped.checkpoint).get_variable_to_shape_map()
@@ -483,7 +414,7 @@ def test_a_checkpoint_without_epoch_position_still_resumes_and_numbers_on(
     finished = training.train(train_root, run, config, verbose=0)
     assert finished.status == "completed" and finished.step == 12
     number = lambda path: int(str(path).rsplit("-", 1)[1])  # noqa: E731
-    later = [c for c in training.list_checkpoints(run) if c["step"] > stopped.step]
+    later = [c for c in runs.list_checkpoints(run) if c["step"] > stopped.step]
     assert later and all(number(c["path"]) > number(stopped.checkpoint) for c in later), \
         "a checkpoint number was reused after the resume"
     assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2]
@@ -499,9 +430,9 @@ def test_stopping_on_the_last_step_of_an_epoch_resumes_without_empty_or_duplicat
     steps_per_epoch = None
 
     def out_of_time(self, started, limit, step_seconds):
-        return int(self.step.numpy()) >= self.steps_per_epoch
+        return int(self.state.step.numpy()) >= self.steps_per_epoch
 
-    monkeypatch.setattr(training.Trainer, "_out_of_time", out_of_time)
+    monkeypatch.setattr(training.Trainer, "out_of_time", out_of_time)
     first = training.train(train_root, run, config, time_limit=3600, verbose=0)
     assert first.status == "time_limit"
     monkeypatch.undo()
@@ -521,13 +452,13 @@ def test_resume_after_the_training_set_changed_size_names_the_cause(tmp_path):
     root = synth.generate(tmp_path / "data", n=30, size=64, seed=5, progress=False)
     run = tmp_path / "run"
     catalog = data.discover(root)
-    training.train(catalog, run, tiny_config(**{"train.epochs": 1, "train.eval_subset": 0}),
-                   verbose=0)
+    training.train(run=run, catalog=catalog,
+                   config=tiny_config(**{"train.epochs": 1, "train.eval_subset": 0}), verbose=0)
     split = json.loads((run / "split.json").read_text())
     smaller = catalog[catalog["id"] != split["train"][0]]
     with pytest.raises(CheckpointError, match="training samples: saved 24, now 23"):
-        training.train(smaller, run, tiny_config(**{"train.epochs": 2, "train.eval_subset": 0}),
-                       verbose=0)
+        training.train(run=run, catalog=smaller,
+                       config=tiny_config(**{"train.epochs": 2, "train.eval_subset": 0}), verbose=0)
 
 
 def test_progress_bar_shows_the_loss_terms(train_root, tmp_path, capsys):
@@ -543,128 +474,3 @@ def test_progress_bar_shows_the_loss_terms(train_root, tmp_path, capsys):
     assert shown == pytest.approx(logged, abs=1e-3)
 
 
-# -- mistakes that must not cost the run ---------------------------------------------------------
-
-def _run_files(run: Path) -> dict:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-
-
-def test_fresh_with_a_mistake_keeps_the_old_run(train_root, tmp_path):
-    from cmc_kit import training
-    from cmc_kit.errors import CmcKitError
-
-    run = tmp_path / "run"
-    training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
-    (run / "explorer.html").write_text("<html>made from the old run</html>")
-    before = _run_files(run)
-    assert "checkpoints/checkpoint" in before
-    mistakes = [
-        (tmp_path / "no-such-data", tiny_config(), "does not exist"),
-        (train_root, tiny_config(**{"data.crop_size": 128}), r"data.crop_size.*at most 64"),
-        (train_root, tiny_config(**{"train.strategy": "tpu"}), "TPU"),
-        # Checked by the input pipeline, not by the Trainer itself.
-        (train_root, tiny_config(**{"data.cache": str(tmp_path / "no-cache")}), "cache manifest"),
-    ]
-    for data, config, message in mistakes:
-        with pytest.raises(CmcKitError, match=message):
-            training.train(data, run, config, fresh=True, verbose=0)
-        assert _run_files(run) == before, message  # nothing deleted, nothing added
-    # A fresh start that passes its checks does replace the run.
-    training.train(train_root, run, tiny_config(**{"train.epochs": 1, "model.embedding_dim": 8}),
-                   fresh=True, verbose=0)
-    assert not (run / ".before-fresh").exists()
-    assert json.loads((run / "config.json").read_text())["model"]["embedding_dim"] == 8
-    assert not (run / "explorer.html").exists()  # made from the old run: gone with it
-
-
-def test_fewer_epochs_than_trained_train_nothing_and_keep_the_runs_goal(train_root, tmp_path):
-    from cmc_kit import training
-
-    run = tmp_path / "run"
-    training.train(train_root, run, tiny_config(**{"train.epochs": 2}), verbose=0)
-    with pytest.warns(UserWarning, match=r"train.epochs 1 is below the 2 epoch\(s\).*keeps "
-                                         r"train.epochs 2"):
-        result = training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
-    assert (result.epoch, result.step) == (2, 12)
-    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
-
-
-def test_a_run_set_aside_by_a_killed_fresh_start_comes_back(train_root, tmp_path):
-    from cmc_kit import training
-    from cmc_kit.errors import CmcKitError
-
-    run = tmp_path / "run"
-    training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
-    before = _run_files(run)
-    training._SetAside(run, training.RUN_OUTPUTS)  # the process dies here: no put_back, no discard
-    assert not training.has_checkpoint(run)
-    # Even the next fresh start, failing its checks, gives the old run back...
-    with pytest.raises(CmcKitError, match="data.crop_size"):
-        training.train(train_root, run, tiny_config(**{"data.crop_size": 128}), fresh=True,
-                       verbose=0)
-    assert _run_files(run) == before
-    # ... and a plain resume continues it.
-    training._SetAside(run, training.RUN_OUTPUTS)
-    with pytest.warns(UserWarning, match="fresh start was interrupted"):
-        result = training.train(train_root, run, tiny_config(**{"train.epochs": 2}), verbose=0)
-    assert result.step == 12
-
-
-def test_a_setting_that_fails_leaves_no_settings_behind(train_root, tmp_path):
-    from cmc_kit import training
-    from cmc_kit.errors import CmcKitError
-
-    run = tmp_path / "run"
-    with pytest.raises(CmcKitError, match="data.crop_size"):
-        training.train(train_root, run, tiny_config(**{"data.crop_size": 128}), verbose=0)
-    # No config.json or split.json to trip the next attempt, which then simply works.
-    assert not (run / "config.json").exists() and not (run / "split.json").exists()
-    result = training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
-    assert result.step == 6
-
-    # A finished run given an impossible crop size: refused, its saved settings unchanged.
-    saved = (run / "config.json").read_text()
-    with pytest.raises(CmcKitError, match="data.crop_size"):
-        training.train(train_root, run, tiny_config(**{"train.epochs": 1, "data.crop_size": 128}),
-                       verbose=0)
-    assert (run / "config.json").read_text() == saved
-
-
-def test_resume_after_training_files_went_missing_skips_them_and_continues(tmp_path):
-    from cmc_kit import synth, training
-
-    root = synth.generate(tmp_path / "data", n=30, size=64, seed=3, progress=False)
-    run = tmp_path / "run"
-    training.train(root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
-    split = json.loads((run / "split.json").read_text())
-    intact = training.apply_split(training._catalog_for(root, check_pixels=False), split)["train"]
-    deleted, garbled = split["train"][5], split["train"][11]
-    next(Path(root).rglob(f"{deleted}_h.png")).unlink()
-    next(Path(root).rglob(f"{garbled}_t.png")).write_bytes(b"not a png")
-
-    # The training table keeps every row in place: the epoch plan (a permutation of rows) and
-    # each row's crop seed are the uninterrupted run's.
-    with pytest.warns(UserWarning, match="can no longer be read"):
-        kept = training._keep_lost_training_samples(
-            training._catalog_for(root, check_pixels=False), split, root, run)
-    assert training.apply_split(kept, split)["train"]["id"].tolist() == intact["id"].tolist()
-
-    with pytest.warns(UserWarning, match=rf"2 training sample\(s\) of .* ({deleted}|{garbled})"):
-        result = training.train(root, run, tiny_config(**{"train.epochs": 2}), verbose=0)
-    assert result.epoch == 2
-    log = pd.read_csv(run / "log.csv")
-    assert log["skipped_samples"].tolist() == [0, 2]
-    # 24 training samples, batch 4: the two skipped leave 22, i.e. 5 full batches.
-    assert result.step == 6 + 5
-
-
-def test_resume_from_is_not_copied_over_a_run_that_has_a_checkpoint(train_root, tmp_path):
-    from cmc_kit import training
-
-    mine, other = tmp_path / "mine", tmp_path / "other"
-    training.train(train_root, mine, tiny_config(**{"train.epochs": 1}), verbose=0)
-    training.train(train_root, other, tiny_config(**{"train.epochs": 2}), verbose=0)
-    with pytest.warns(UserWarning, match=r"already holds a checkpoint \(step 6\).*not copied in"):
-        result = training.train(train_root, mine, tiny_config(**{"train.epochs": 1}),
-                                resume_from=other, verbose=0)
-    assert result.step == 6

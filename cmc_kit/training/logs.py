@@ -1,0 +1,99 @@
+"""A run's logs: RUN/log.csv (one row per epoch), RUN/log_steps.csv (optional, per step) and
+TensorBoard scalars in RUN/tensorboard."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import tensorflow as tf
+
+from cmc_kit import runs
+from cmc_kit.fileio import atomic_write_text
+
+
+class _NoSummaries:
+    """Stands in for a TensorBoard writer when the tensorboard package is missing."""
+
+    def as_default(self, step=None):
+        return contextlib.nullcontext()
+
+    def flush(self):
+        pass
+
+
+def append_csv(path: Path, row: dict) -> None:
+    """Appends a row; a row with new columns (e.g. kNN enabled later) rewrites the file with the
+    wider header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exists = path.exists()
+    if exists:
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle), None) or []
+        if any(k not in header for k in row):
+            frame = pd.concat([pd.read_csv(path), pd.DataFrame([row])], ignore_index=True)
+            atomic_write_text(path, frame.to_csv(index=False))
+            return
+    else:
+        header = list(row)
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
+        if not exists:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+class RunLog:
+    """Writes a run's epoch and step rows to CSV and TensorBoard."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            try:
+                import tensorboard  # noqa: F401  (tf.summary.scalar needs it since TF 2.21)
+            except ImportError:
+                warnings.warn("The tensorboard package is not installed, so no TensorBoard "
+                              "scalars are written (log.csv still is). `pip install tensorboard` "
+                              "to get them.", stacklevel=3)
+                self._writer = _NoSummaries()
+            else:
+                self._writer = tf.summary.create_file_writer(
+                    str(self.run_dir / runs.TENSORBOARD_DIR))
+        return self._writer
+
+    def _scalars(self, prefix: str, step: int, values: dict) -> None:
+        if isinstance(self.writer, _NoSummaries):
+            return
+        with self.writer.as_default(step=step):
+            for name, value in values.items():
+                if isinstance(value, (int, float)):
+                    tf.summary.scalar(f"{prefix}/{name}", value)
+
+    def step_row(self, step: int, logs: dict) -> None:
+        append_csv(self.run_dir / runs.STEP_LOG_FILE, {"step": step, **logs})
+        self._scalars("step", step, logs)
+
+    def epoch_row(self, row: dict) -> None:
+        append_csv(self.run_dir / runs.LOG_FILE, row)
+        self._scalars("epoch", row["step"],
+                      {k: v for k, v in row.items() if k not in ("epoch", "step")})
+        self.writer.flush()
+
+    def drop_rows_after(self, *, epoch: int, step: int) -> None:
+        """Drops rows written after the restored checkpoint (a crash between log and save)."""
+        for name, column, limit in ((runs.LOG_FILE, "epoch", epoch),
+                                    (runs.STEP_LOG_FILE, "step", step)):
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            frame = pd.read_csv(path)
+            kept = frame[frame[column] <= limit]
+            if len(kept) < len(frame):
+                atomic_write_text(path, kept.to_csv(index=False))

@@ -1,0 +1,507 @@
+"""The Trainer: builds a run's networks, optimizer, queues, state and step, and trains them in
+epochs of steps with a time limit and callbacks; `train` does it for a run directory.
+
+One `Trainer` owns everything that must survive a restart (online and momentum weights, the
+queues and their write pointer, the optimizer, the step and epoch counters and the place in
+the epoch's sample plan) inside one `tf.train.Checkpoint`, so resuming never rebuilds anything
+at random.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from cmc_kit import models, objectives, runs, views
+from cmc_kit.config import Config, parse_duration
+from cmc_kit.errors import ConfigError, TrainingError
+from cmc_kit.fileio import atomic_write_text
+from cmc_kit.training import devices
+from cmc_kit.training.logs import RunLog
+from cmc_kit.training.queues import MemoryQueues, queue_size
+from cmc_kit.training.schedules import make_learning_rate
+from cmc_kit.training.state import (Checkpointer, EpochTally, TrainState, saved_optimizer,
+                                    state_summary)
+from cmc_kit.training.step import StepSettings, build_train_step, jit_mode
+
+
+@dataclasses.dataclass
+class TrainResult:
+    status: str            # "completed", "time_limit"
+    epoch: int
+    step: int
+    run: Path
+    checkpoint: str | None
+    history: list[dict]
+
+
+@dataclasses.dataclass
+class _Session:
+    """What one `fit` call tracks beyond the checkpoint: its clock and its recent steps."""
+
+    started: float
+    time_limit: float | None
+    last_checkpoint: str | None
+    step_seconds: float | None = None  # moving average; None until a step ran
+    consecutive_bad: int = 0
+
+    def timed(self, seconds: float) -> None:
+        self.step_seconds = (seconds if self.step_seconds is None
+                             else 0.9 * self.step_seconds + 0.1 * seconds)
+
+
+@dataclasses.dataclass
+class _EpochRun:
+    """An epoch in progress: where it started (maybe mid-epoch, after a resume)."""
+
+    epoch: int
+    done_before: int        # batches done before this session (a resumed epoch)
+    start_position: int     # the plan place this session started at
+    skipped_before: int     # unreadable samples the epoch passed before this session
+    started: float
+    tally: EpochTally
+    progbar: keras.utils.Progbar | None
+
+
+class Trainer:
+    """Builds models, optimizer, queues and checkpoint for one run directory and trains them.
+
+    Args:
+        config: the run's Config.
+        run_dir: where checkpoints and logs go.
+        train_catalog: DataFrame of training samples (id, terrain, height, segmentation).
+        eval_catalog: held-out samples, for callbacks that evaluate per epoch (optional).
+        verbose: 0 silent, 1 progress bar per epoch, 2 also every pair's loss terms.
+        strategy: a tf.distribute strategy (default: `select_strategy(train.strategy)`).
+        dataset_transform: applied to every epoch's dataset (tests, experiments). Training
+            batches also hold "position": int64 [B], the samples' plan places, from which the
+            checkpoint's resume point is taken: pass it through unchanged.
+        callbacks: keras.callbacks.Callback objects (or anything with the same hooks):
+            on_train_begin, on_epoch_begin, on_train_batch_end(step, logs),
+            on_epoch_end(epoch, row) (before the row is logged, so a callback may add values,
+            e.g. `embed.EpochEmbeddings`), on_train_end; `set_trainer(trainer)` if defined.
+        jit_compile: force XLA on (True) or off (False); None follows train.jit_compile, which
+            only takes effect with a GPU/TPU attached.
+        metadata_csv: the dataset's metadata.csv, for callbacks that make embedding tables.
+    """
+
+    def __init__(self, config: Config, run_dir: Path, train_catalog: pd.DataFrame,
+                 eval_catalog: pd.DataFrame | None = None, *, verbose: int = 1, strategy=None,
+                 dataset_transform: Callable | None = None, callbacks: list | None = None,
+                 jit_compile: bool | None = None, metadata_csv: Path | None = None):
+        tc, dc, mc = config.train, config.data, config.model
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.train_catalog = train_catalog.reset_index(drop=True)
+        self.eval_catalog = eval_catalog
+        self.verbose = verbose
+        self.dataset_transform = dataset_transform
+        self.metadata_csv = metadata_csv
+        views.check_crop_size(self.train_catalog, dc.crop_size)  # before building anything
+
+        if tc.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(tc.seed)
+        # The strategy first: a TPU's devices exist only once it is initialised, and "auto"
+        # precision asks which devices there are.
+        self.strategy = strategy or devices.select_strategy(tc.strategy)
+        self.precision = devices.resolve_mixed_precision(tc.mixed_precision)
+        self.replicas = self.strategy.num_replicas_in_sync
+        if dc.batch_size % self.replicas:
+            raise ConfigError(f"Setting 'data.batch_size' ({dc.batch_size}) must be divisible by "
+                              f"the {self.replicas} replicas in sync.")
+        self.global_batch = dc.batch_size
+        self.steps_per_epoch = len(self.train_catalog) // self.global_batch
+        self.pairs = objectives.resolve_pairs(tc.pairs, mc.views)
+        self.key_views = tuple(sorted({key for _, key in self.pairs}, key=mc.views.index))
+        self.queue_size = queue_size(tc.queue_multiplier, self.global_batch, len(self.train_catalog))
+        self.total_steps = tc.epochs * self.steps_per_epoch
+        self._build(tc, dc, mc)
+        self.term_names = [f"{kind}_{q}-{k}" for q, k in self.pairs for kind in ("inter", "intra")]
+        settings = StepSettings.from_config(
+            tc, pairs=self.pairs, key_views=self.key_views, replicas=self.replicas,
+            total_steps=self.total_steps, loss_scaled=self.precision == "mixed_float16")
+        jit = (tc.jit_compile and devices.has_accelerator() if jit_compile is None
+               else jit_compile)
+        self.jit_mode = jit_mode(jit, settings)
+        self.step_function = build_train_step(self.strategy, self.online, self.momentum,
+                                              self.optimizer, self.queues, settings, self.jit_mode)
+        self.skipped_samples = views.SkippedCounter()  # files unreadable since validation
+        self.log = RunLog(self.run_dir)
+        self._epoch_end_seconds = 0.0  # measured cost of the epoch-end work, for the time limit
+        self.callbacks = list(callbacks or [])
+        for callback in self.callbacks:
+            if hasattr(callback, "set_trainer"):
+                callback.set_trainer(self)
+
+    def _build(self, tc, dc, mc) -> None:
+        """Networks, optimizer, queues, counters and checkpoint, inside the strategy's scope."""
+        with devices.dtype_policy(self.precision), self.strategy.scope():
+            self.online = models.build_encoder(mc, crop_size=dc.crop_size, name="online")
+            self.momentum = models.build_momentum_twin(self.online, name="momentum")
+        with self.strategy.scope():
+            # Keras clips each replica's share of the gradient before summing the replicas,
+            # which is not clipping the batch's gradient: with several replicas the train step
+            # clips the summed gradient itself (`step.global_clipped_shares`).
+            optimizer = keras.optimizers.Adam(
+                learning_rate=make_learning_rate(tc, self.total_steps), beta_1=tc.beta_1,
+                clipnorm=tc.clipnorm if self.replicas == 1 else None)
+            if self.precision == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            self.optimizer = optimizer
+            self.optimizer.build(self.online.trainable_variables)
+            self.queues = MemoryQueues(self.key_views, self.queue_size, mc.embedding_dim)
+            tally_keys = ["loss", "accuracy", "momentum"] + [
+                f"{kind}_{q}-{k}" for q, k in self.pairs for kind in ("inter", "intra")]
+            self.state = TrainState(tally_keys, [
+                len(self.train_catalog), self.steps_per_epoch, self.queue_size, self.global_batch,
+                tc.seed])
+        self.checkpointer = Checkpointer(
+            self.run_dir, online=self.online, momentum=self.momentum, optimizer=self.optimizer,
+            queues=self.queues, state=self.state, keep=tc.keep_checkpoints)
+
+    # -- data -----------------------------------------------------------------------------------
+    def dataset(self, epoch: int, seed: int | None = None, start_batch: int = 0,
+                start_position: int | None = None, with_positions: bool = False,
+                transform: bool = True):
+        """The epoch's batches ({view: [B, S, S, C]}, plus "position": [B] if asked), through
+        `dataset_transform` unless `transform` is False."""
+        dc = self.config.data
+        ds = views.make_dataset(
+            self.train_catalog, views=self.config.model.views, crop_size=dc.crop_size,
+            batch_size=self.global_batch, training=True,
+            seed=self.config.train.seed if seed is None else seed, epoch=epoch,
+            augment=dc.augment, cache=dc.cache or None, skipped_counter=self.skipped_samples,
+            start_batch=start_batch, start_position=start_position,
+            with_positions=with_positions)
+        if transform and self.dataset_transform is not None:
+            ds = self.dataset_transform(ds)
+        return ds
+
+    # -- one step -------------------------------------------------------------------------------
+    def train_step(self, batch) -> dict:
+        """One update on a (distributed) batch; returns the step's logs as tensors."""
+        logs = self.step_function(batch, self.state.step.value())
+        self.state.record_step(logs["skipped"])
+        return logs
+
+    def fill_queues(self):
+        """Fills the queues with momentum keys of the first K / batch batches (no random vectors)."""
+        batches = self.queue_size // self.global_batch
+        # A different shuffle than epoch 0, so the first training batches are not all queued.
+        dataset = self.dataset(epoch=0, seed=self.config.train.seed + 1_000_003).take(batches)
+        dataset = self.strategy.experimental_distribute_dataset(dataset)
+
+        @tf.function
+        def keys_of(batch):
+            def replica(b):
+                keys = self.momentum(b, training=False)
+                ctx = tf.distribute.get_replica_context()
+                return {v: ctx.all_gather(tf.cast(keys[v], tf.float32), axis=0) for v in self.key_views}
+            out = self.strategy.run(replica, args=(batch,))
+            return {v: self.strategy.experimental_local_results(k)[0] for v, k in out.items()}
+
+        for batch in dataset:
+            self.queues.enqueue(keys_of(batch))
+        if int(self.queues.filled.numpy()) < self.queue_size:
+            raise TrainingError(
+                f"Could fill only {int(self.queues.filled.numpy())} of {self.queue_size} queue "
+                f"entries: {self.skipped_samples.count} sample(s) could not be read "
+                f"({', '.join(self.skipped_samples.ids[:5])}). Run `cmc-kit validate DATA` and fix "
+                "or remove them.")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> str:
+        """A checkpoint of everything a restart needs, then RUN/state.json naming it."""
+        path = self.checkpointer.save()
+        runs.write_state(self.run_dir, state_summary(
+            self.state, self.queues, steps_per_epoch=self.steps_per_epoch,
+            num_train=len(self.train_catalog), checkpoint_path=path))
+        return path
+
+    def restore_or_initialize(self) -> bool:
+        """Restores the latest checkpoint (True) or fills the queues for a fresh run (False)."""
+        if self.checkpointer.restore_latest():
+            self.log.drop_rows_after(epoch=int(self.state.epoch.numpy()),
+                                     step=int(self.state.step.numpy()))
+            return True
+        self.fill_queues()
+        return False
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, *, time_limit: float | None = None) -> TrainResult:
+        """Trains until train.epochs, or checkpoints and returns before `time_limit` seconds."""
+        session = _Session(started=time.monotonic(), time_limit=time_limit, last_checkpoint=None)
+        resumed = self.restore_or_initialize()
+        session.last_checkpoint = self.checkpointer.latest
+        if self.verbose:
+            where = f"resumed at step {int(self.state.step.numpy())}" if resumed else "fresh run"
+            print(f"Training {self.run_dir} ({where}): {len(self.train_catalog)} samples, "
+                  f"{self.steps_per_epoch} steps/epoch, batch {self.global_batch}, queue "
+                  f"{self.queue_size}, pairs {len(self.pairs)}, {self.replicas} replica(s), "
+                  f"precision {self.precision}")
+        history, status = [], "completed"
+        self._notify("on_train_begin", {"step": int(self.state.step.numpy()), "resumed": resumed})
+        epochs = self.config.train.epochs
+        while int(self.state.epoch.numpy()) < epochs:
+            epoch_run = self._run_epoch(session)
+            if epoch_run is None:
+                status = "time_limit"
+                break
+            history.append(self._finish_epoch(epoch_run, session))
+            if time_limit is not None and self.out_of_time(session.started, time_limit,
+                                                           session.step_seconds):
+                status = "time_limit" if int(self.state.epoch.numpy()) < epochs else status
+                break
+        step = int(self.state.step.numpy())
+        self._notify("on_train_end", {"status": status, "step": step})
+        if status == "time_limit" and self.verbose:
+            # A new line first: Keras's progress bar leaves the cursor at the end of its line.
+            print(f"\nStopped before the time limit at step {step}; run the same command (or "
+                  "notebook 03_resume) again to continue.")
+        return TrainResult(status=status, epoch=int(self.state.epoch.numpy()), step=step,
+                           run=self.run_dir, checkpoint=session.last_checkpoint, history=history)
+
+    def _start_epoch(self) -> _EpochRun:
+        epoch = int(self.state.epoch.numpy())
+        done_before = int(self.state.batch_in_epoch.numpy())
+        progbar = None
+        if self.verbose:
+            progbar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
+                                          stateful_metrics=["samples/s"])
+            print(f"Epoch {epoch + 1}/{self.config.train.epochs}")
+            progbar.update(done_before)
+        self.skipped_samples.reset()
+        tally = self.state.tally()  # restored mid-epoch, or zeros
+        # Unreadable samples passed before a resume (plan places without a batch slot), as
+        # the checkpoint counted them (also for checkpoints from before epoch_position).
+        return _EpochRun(epoch=epoch, done_before=done_before,
+                         start_position=int(self.state.epoch_position.numpy()),
+                         skipped_before=tally.skipped_samples, started=time.monotonic(),
+                         tally=tally, progbar=progbar)
+
+    def _run_epoch(self, session: _Session) -> _EpochRun | None:
+        """The epoch's remaining steps; None when the time limit stopped it (checkpointed)."""
+        run = self._start_epoch()
+        tc = self.config.train
+        dataset = self.dataset(run.epoch, start_position=run.start_position, with_positions=True)
+        self._notify("on_epoch_begin", run.epoch)
+        for batch in self.strategy.experimental_distribute_dataset(dataset):
+            step_started = time.monotonic()
+            positions = batch.pop("position")                           # [B] plan places
+            logs = self.train_step(batch)
+            self.state.epoch_position.assign(1 + max(
+                int(np.max(p)) for p in self.strategy.experimental_local_results(positions)))
+            logs = {k: float(v.numpy()) for k, v in logs.items()}
+            session.timed(time.monotonic() - step_started)
+            self._count_nonfinite(logs, session)
+            run.tally.add(logs)
+            step, in_epoch = int(self.state.step.numpy()), int(self.state.batch_in_epoch.numpy())
+            # Exact, unlike the counter, which also sees samples the pipeline read ahead.
+            run.tally.skipped_samples = (run.skipped_before + int(self.state.epoch_position.numpy())
+                                         - run.start_position
+                                         - (in_epoch - run.done_before) * self.global_batch)
+            self.state.store_tally(run.tally)
+            self._notify("on_train_batch_end", step, logs)
+            epoch_ends_now = in_epoch >= self.steps_per_epoch  # the epoch-end save follows
+            self._show_step(run, logs, in_epoch, session.step_seconds, epoch_ends_now)
+            if tc.log_every_steps and step % tc.log_every_steps == 0:
+                self.log.step_row(step, logs)
+            if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 \
+                    and not epoch_ends_now:
+                session.last_checkpoint = self.save()
+            if (session.time_limit is not None and not epoch_ends_now
+                    and self.out_of_time(session.started, session.time_limit,
+                                         session.step_seconds)):
+                session.last_checkpoint = self.save()
+                return None
+        return run
+
+    def _count_nonfinite(self, logs: dict, session: _Session) -> None:
+        if not logs["nonfinite"]:
+            session.consecutive_bad = 0
+            return
+        session.consecutive_bad += 1
+        if session.consecutive_bad >= self.config.train.max_nonfinite_steps:
+            raise TrainingError(
+                f"{session.consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                f"(step {int(self.state.step.numpy())}); training stopped. The last good "
+                f"checkpoint is intact: {session.last_checkpoint}. Lower train.learning_rate, "
+                "check the data with `cmc-kit validate`, or raise train.max_nonfinite_steps.")
+
+    def _show_step(self, run: _EpochRun, logs: dict, in_epoch: int, step_seconds: float,
+                   last: bool) -> None:
+        if run.progbar is None:
+            return
+        # Keras's Progbar shows the values of its final update as they are (it expects epoch
+        # means, as fit passes): the epoch's means there, not this step's.
+        shown = {**logs, **run.tally.means()} if last else logs
+        run.progbar.update(min(in_epoch, self.steps_per_epoch),
+                           values=self._progress_values(shown, step_seconds))
+
+    def _finish_epoch(self, run: _EpochRun, session: _Session) -> dict:
+        """The epoch's log row, callbacks, checkpoint and summary line."""
+        end_started = time.monotonic()
+        run.tally.skipped_samples = run.skipped_before + self.skipped_samples.count  # to the end
+        self.state.store_tally(run.tally)
+        means = run.tally.means()
+        in_epoch = int(self.state.batch_in_epoch.numpy())
+        if run.progbar is not None and in_epoch < self.steps_per_epoch:
+            # Unreadable samples cost this epoch a batch: the bar never reached its target,
+            # so finish it here, with the epoch's means.
+            values = self._progress_values(means, session.step_seconds) if means else None
+            run.progbar.update(in_epoch, values=values, finalize=True)
+        if run.tally.counted == 0:
+            warnings.warn(f"Epoch {run.epoch + 1} of {self.run_dir} had no step with a finite "
+                          "loss (all were non-finite or unreadable).", stacklevel=3)
+        seconds = time.monotonic() - run.started
+        row = {"epoch": run.epoch + 1, "step": int(self.state.step.numpy()), **means,
+               "learning_rate": self.current_learning_rate(),
+               "skipped_steps": run.tally.skipped_steps,
+               "skipped_samples": run.tally.skipped_samples, "seconds": round(seconds, 3),
+               "samples_per_s": round((in_epoch - run.done_before) * self.global_batch
+                                      / max(seconds, 1e-9), 2)}
+        self.state.next_epoch()
+        self._notify("on_epoch_end", run.epoch, row)  # may add values to the row
+        self.log.epoch_row(row)
+        session.last_checkpoint = self.save()
+        self._epoch_end_seconds = time.monotonic() - end_started
+        if self.verbose:
+            extra = f", knn_acc {row['knn_accuracy']:.3f}" if "knn_accuracy" in row else ""
+            print(f"  loss {row.get('loss', float('nan')):.4f}{extra}; saved "
+                  f"{session.last_checkpoint}")
+        return row
+
+    def _progress_values(self, logs: dict, step_seconds: float | None) -> list:
+        inter = sum(v for k, v in logs.items() if k.startswith("inter_"))
+        intra = sum(v for k, v in logs.items() if k.startswith("intra_"))
+        values = [("loss", logs["loss"]), ("inter", inter), ("intra", intra),
+                  ("acc", logs["accuracy"])]
+        if self.verbose >= 2:  # every pair's terms
+            values += [(name, logs[name]) for name in self.term_names]
+        if step_seconds is None:  # no step ran in this session
+            return values
+        return values + [("samples/s", self.global_batch / max(step_seconds, 1e-9))]
+
+    def _notify(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(*args)
+
+    def out_of_time(self, started: float, limit: float, step_seconds: float | None) -> bool:
+        """True when one more step, a checkpoint and the epoch-end work (as last measured) would
+        pass `limit` seconds after `started`; at least 30 s are kept for real session limits."""
+        margin = 3 * (step_seconds or 0.0) + self._epoch_end_seconds
+        if limit > 120:
+            margin = max(30.0, margin)
+        return time.monotonic() - started + margin >= limit
+
+    def current_learning_rate(self) -> float:
+        lr = saved_optimizer(self.optimizer).learning_rate
+        return float(np.asarray(lr.numpy() if hasattr(lr, "numpy") else lr))
+
+
+def train(data=None, run=None, config: Config | None = None, *,
+          catalog: pd.DataFrame | None = None, fresh: bool = False,
+          time_limit: float | str | None = None, resume_from: Path | None = None,
+          verbose: int = 1, dataset_transform: Callable | None = None,
+          callbacks: list | None = None) -> TrainResult:
+    """Trains a run directory on a dataset, resuming from its latest checkpoint if present.
+
+    Args:
+        data: dataset folder (PNG triplets, any depth); or give `catalog` instead.
+        run: run directory; created if needed.
+        config: settings for a new run (default: saved config.json, else the cpu-demo preset).
+        catalog: a catalog DataFrame (`cmc_kit.data.discover`) to train on as it is.
+        fresh: start over: the run's checkpoints, logs and split are replaced once the new
+            settings and data pass their checks (a previous output attached on Kaggle is then
+            ignored).
+        time_limit: seconds (or "11.5h") after which to checkpoint and return cleanly.
+        resume_from: a previous run directory to copy in and continue (Kaggle inputs); None:
+            on Kaggle, one named like `run` under /kaggle/input, if any.
+        callbacks: keras.callbacks.Callback-like objects, e.g. `embed.EpochEmbeddings()` (the
+            held-out subset's embedding and kNN accuracy after each epoch, as the CLI and the
+            notebooks use) or a live loss plot.
+    """
+    if run is None:
+        raise TypeError("train() needs run=, the run directory.")
+    if (data is None) == (catalog is None):
+        raise TypeError("train() takes data= (a dataset folder) or catalog= (a DataFrame), "
+                        "exactly one of them.")
+    run_dir = Path(run)
+    runs.refuse_fresh_with_resume_from(fresh, resume_from)
+    runs.recover_set_aside(run_dir)
+    # fresh: the old run is moved aside, not deleted, until every setting and the data have
+    # been checked; a typo in --data or --set then leaves it as it was.
+    set_aside = runs.FreshStart.set_aside(run_dir) if fresh else None
+    try:
+        runs.bring_in_previous_run(run_dir, resume_from, fresh=fresh)
+        if config is None:
+            config = runs.resolve_config(run_dir, fresh=fresh)
+        saved_path = run_dir / runs.CONFIG_FILE
+        if saved_path.exists() and runs.has_checkpoint(run_dir):
+            runs.check_resume_settings(config, Config.load(saved_path), run_dir)
+        trainer, split_ids, resuming = _trainer_for(
+            data, catalog, run_dir, config, verbose=verbose, callbacks=callbacks,
+            dataset_transform=dataset_transform)
+        # The input pipeline's own checks (the cache, its image size); reads no batch.
+        trainer.dataset(0, transform=False)
+    except BaseException:
+        if set_aside is not None:
+            set_aside.put_back()
+        raise
+    _save_settings(run_dir, config, split_ids, resuming)
+    if set_aside is not None:
+        set_aside.discard()
+    return trainer.fit(time_limit=parse_duration(time_limit, "time_limit"))
+
+
+def _trainer_for(data, catalog, run_dir: Path, config: Config, **trainer_options):
+    """The run's catalog and split (new, or saved), and a Trainer built on them: building it
+    checks every setting (strategy, pairs, crop size...) before anything is written."""
+    from cmc_kit import data as data_module
+
+    split_path = run_dir / runs.SPLIT_FILE
+    resuming = split_path.exists()
+    metadata_csv = None
+    if catalog is None:
+        catalog = runs.usable_catalog(data, check_pixels=not resuming)
+        metadata_csv = data_module.find_metadata_csv(data)
+    if resuming:
+        split_ids = runs.read_json(split_path)
+        if data is not None:
+            catalog = runs.keep_lost_training_samples(catalog, split_ids, data, run_dir,
+                                                      cache=config.data.cache)
+    else:
+        split_ids = runs.new_split(catalog, config)
+    split = runs.apply_split(catalog, split_ids)
+    trainer = Trainer(config, run_dir, split["train"], split["validation"],
+                      metadata_csv=metadata_csv, **trainer_options)
+    return trainer, split_ids, resuming
+
+
+def _save_settings(run_dir: Path, config: Config, split_ids: dict, resuming: bool) -> None:
+    """config.json and split.json, once everything passed its checks."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        atomic_write_text(run_dir / runs.SPLIT_FILE, json.dumps(split_ids) + "\n")
+    saved_path = run_dir / runs.CONFIG_FILE
+    reached = runs.saved_state(run_dir).get("epoch")
+    if saved_path.exists() and reached is not None and config.train.epochs < reached:
+        # Asking for fewer epochs than done trains nothing; it must not shrink the run's goal.
+        kept = Config.load(saved_path).train.epochs
+        warnings.warn(f"train.epochs {config.train.epochs} is below the {reached} epoch(s) "
+                      f"{run_dir} has trained: nothing to train. Its config.json keeps "
+                      f"train.epochs {kept}.", stacklevel=3)
+        config = config.with_overrides({"train.epochs": kept})
+    config.save(saved_path)
