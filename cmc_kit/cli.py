@@ -58,6 +58,8 @@ def _settings_epilog() -> str:
 
 RUN_HELP = "run directory (config, checkpoints, logs), as written by `cmc-kit train`"
 DATA_HELP = "dataset folder holding <id>_t.png, <id>_h.png, <id>_i2.png (any depth)"
+FEATURES_HELP = ("features: trunk (last stage, mean-pooled), stages (every stage, mean and std "
+                 "per channel), stage<N> (stage N alone, e.g. stage1) or head")
 
 
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,8 +116,7 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
                         "embeddings.parquet inside (default: RUN/embeddings/embeddings.parquet)")
     p.add_argument("--split", default="validation", choices=["validation", "train", "all"],
                    help="which samples of the run's split to embed (default: validation)")
-    p.add_argument("--source", default="trunk", choices=["trunk", "head"],
-                   help="mean-pooled trunk features or the projection head (default: trunk)")
+    p.add_argument("--source", default="trunk", help=FEATURES_HELP + " (default: trunk)")
     p.add_argument("--view", default="terrain",
                    help="input view to embed: terrain, segmentation, height or overview; it must "
                         "be one of the run's model.views (default: terrain)")
@@ -138,11 +139,17 @@ def _explore_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", type=Path, required=True, help=RUN_HELP)
+    p.add_argument("--run", type=Path, required=True, action="append",
+                   help=RUN_HELP + "; repeat it for several runs of one recipe (e.g. seeds): the "
+                        "table then gives their mean and a 95%% interval over them")
     p.add_argument("--data", type=Path, required=True, help=DATA_HELP)
     p.add_argument("--out", type=Path, default=None,
                    help="CSV file for the table; an existing folder gets evaluation.csv inside "
                         "(checked before the probes run; default: print only)")
+    p.add_argument("--features", default="trunk",
+                   help=FEATURES_HELP + "; the random-init baseline uses the same (default: trunk)")
+    p.add_argument("--per-target", action="store_true",
+                   help="also one row per class fraction")
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -442,7 +449,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from cmc_kit import evaluate
 
     out = evaluate.resolve_output(args.out)  # before the probes: minutes of work
-    table = evaluate.evaluate_run(args.run, args.data, out=out)
+    options = dict(out=out, features=args.features, per_target=args.per_target)
+    if len(args.run) == 1:
+        table = evaluate.evaluate_run(args.run[0], args.data, **options)
+    else:
+        table = evaluate.evaluate_runs(args.run, args.data, **options)
     print(evaluate.format_table(table))
     if out is not None:
         print(f"Wrote {out}")

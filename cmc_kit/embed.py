@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,11 @@ from cmc_kit.fileio import atomic_path
 from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS, HEIGHT_SCALE, NUM_CLASSES
 
 EMBEDDING_PREFIX = "emb_"
-SOURCES = ("trunk", "head")
+# What is embedded: "trunk" (the last stage, mean-pooled: the original's UMAP embedding),
+# "stages" (every stage, mean and std per channel, concatenated), "stage<N>" (stage N alone,
+# mean and std per channel), "head" (the projection head's embedding).
+SOURCES = ("trunk", "stages", "head")
+_STAGE_SOURCE = re.compile(r"stage([1-9][0-9]*)")
 NETWORKS = ("online", "momentum")
 # config.ALL_VIEWS lists the names of views.VIEW_SPECS (tested) without importing TensorFlow.
 EMBEDDABLE_VIEWS = ALL_VIEWS
@@ -58,7 +63,9 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
             `encoder.encode_features(x, view=view)` -> [B, F] mean-pooled trunk features.
         catalog: DataFrame with `id, terrain, height, segmentation` (see `cmc_kit.data.discover`).
         view: which input the encoder embeds: a centre-crop view or "overview".
-        source: "trunk" (mean-pooled trunk features, as the original's UMAP) or "head".
+        source: "trunk" (the last stage, mean-pooled: the original's UMAP embedding),
+            "stages" (every stage, mean and std per channel), "stage<N>" (stage N, mean and
+            std per channel) or "head" (see `SOURCES`).
         crop_size: crop side in pixels (the run's `data.crop_size`).
         batch_size: samples per batch; memory holds the embeddings plus one batch.
         progress: show a keras Progbar.
@@ -66,8 +73,7 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
     Returns:
         DataFrame in the table format of this module's docstring, in catalog order.
     """
-    if source not in SOURCES:
-        raise CmcKitError(f"Embedding source must be one of {SOURCES}. Received: source={source!r}")
+    check_source(source)
     if view not in EMBEDDABLE_VIEWS:
         raise CmcKitError(f"Embedding view must be one of {EMBEDDABLE_VIEWS}. "
                           f"Received: view={view!r}")
@@ -93,11 +99,7 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
     seen = 0
     for batch in dataset:
         x = batch[view]  # [B, H, W, C]
-        if source == "trunk":
-            vectors = encoder.encode_features(x, view=view)  # [B, F]
-        else:
-            vectors = _head_embedding(encoder, x, view)  # [B, D]
-        embeddings.append(np.asarray(vectors, dtype=np.float32))
+        embeddings.append(feature_vectors(encoder, x, view=view, source=source))  # [B, F]
         ids.extend(_decode_ids(batch["id"]))
         segmentation = np.asarray(batch["segmentation"], dtype=np.float32)  # [B, H, W, 7]
         fractions.append(segmentation.mean(axis=(1, 2)))  # [B, 7]
@@ -205,6 +207,34 @@ class EpochEmbeddings(keras.callbacks.Callback):
             embedding_matrix(bank), bank["dominant_class_id"].to_numpy(), embedding_matrix(table),
             table["dominant_class_id"].to_numpy(), k=min(20, len(bank)), num_classes=NUM_CLASSES)
         logs["knn_accuracy"] = round(accuracy, 4)
+
+
+def check_source(source: str) -> str:
+    """`source` if it names a feature source (`SOURCES` or "stage<N>"), else CmcKitError."""
+    if source in SOURCES or _STAGE_SOURCE.fullmatch(str(source)):
+        return source
+    raise CmcKitError(f"Embedding source (--source / --features) must be one of "
+                      f"{', '.join(SOURCES)} or stage<N> (e.g. stage1). Received: {source!r}")
+
+
+def feature_vectors(encoder, x, *, view: str, source: str) -> np.ndarray:
+    """One batch's features of `source` (see `SOURCES`): float32 [B, F]."""
+    if source == "trunk":
+        return np.asarray(encoder.encode_features(x, view=view), np.float32)
+    if source == "head":
+        return np.asarray(_head_embedding(encoder, x, view), np.float32)
+    maps = encoder.stage_features(x, view=view)                 # [B, h_i, w_i, c_i] each
+    if source != "stages":
+        number = int(_STAGE_SOURCE.fullmatch(source).group(1))
+        if number > len(maps):
+            raise CmcKitError(f"Embedding source {source!r}: the trunk has {len(maps)} stages. "
+                              f"Use stage1 .. stage{len(maps)}.")
+        maps = [maps[number - 1]]
+    pooled = []
+    for feature_map in maps:
+        feature_map = np.asarray(feature_map, np.float32)
+        pooled += [feature_map.mean(axis=(1, 2)), feature_map.std(axis=(1, 2))]  # [B, c_i] each
+    return np.concatenate(pooled, axis=1)
 
 
 def _head_embedding(encoder, x, view: str):

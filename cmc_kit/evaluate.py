@@ -1,32 +1,41 @@
 """Does it learn? kNN and linear probes on frozen features, against honest baselines.
 
-Every feature source is probed on the same split with the same probes:
-  - `trained`: the run's checkpoint (online network, trunk features of the terrain centre crop,
-    mean-pooled: the original's UMAP embedding);
-  - `random_init`: the same architecture, randomly initialised, never trained;
+Every source is probed on the same split with the same probes:
+  - `trained`: the run's checkpoint (online network, features of the terrain centre crop;
+    which features is `features`, see `cmc_kit.embed.SOURCES`: the last stage mean-pooled by
+    default, the original's UMAP embedding);
+  - `random_init`: the same architecture, randomly initialised, never trained, with the *same*
+    feature source;
   - `raw_pixels`: the terrain centre crop downsampled to 8x8x3;
+  - `mean_colour`: the crop's mean colour (1x1x3), the simplest baseline;
   - optionally `epoch_N` for each earlier checkpoint kept in the run.
 Labels come from the data itself: the dominant segmentation class of the evaluation crop
-(7-way), class fractions (R^2), mean height (R^2), and, on synthetic data, the generator's
-parameters from metadata.csv. Probes fit on the run's training split and score on its
-held-out validation split: no training id is ever scored.
+(7-way), class fractions (variance-weighted R^2), mean height (R^2), the synthetic generator's
+parameters (`generator:<name>`) and any other numeric column of the dataset's metadata.csv
+(`metadata:<name>`). Probes fit on the run's training split and score on its held-out split:
+no training id is ever scored. Every value carries a 95% interval: a bootstrap over the
+held-out samples for one run, a t-interval over runs (seeds) for several.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cmc_kit import data as data_module
-from cmc_kit import runs
+from cmc_kit import probes, runs, synth
 from cmc_kit.errors import CmcKitError, DataError
 from cmc_kit.fileio import atomic_write_text, output_file_path
 from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS
 
 RAW_PIXEL_SIDE = 8
+BASELINES = ("random_init", "raw_pixels", "mean_colour")
+# Below this many held-out samples one sample moves an accuracy by > 2 points: say so.
+ROUGH_BELOW = 50
 
 
 def resolve_output(out: str | os.PathLike | None) -> Path | None:
@@ -40,7 +49,8 @@ def resolve_output(out: str | os.PathLike | None) -> Path | None:
 
 def raw_pixel_features(catalog: pd.DataFrame, crop_size: int, batch_size: int = 64,
                        side: int = RAW_PIXEL_SIDE) -> np.ndarray:
-    """Terrain centre crops downsampled (area average) to side x side x 3: [N, side*side*3]."""
+    """Terrain centre crops downsampled (area average) to side x side x 3: [N, side*side*3]
+    (side 1: the crop's mean colour)."""
     import tensorflow as tf
 
     from cmc_kit import views
@@ -68,41 +78,56 @@ def label_targets(table: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
             continue
         values = table[column]
         if pd.api.types.is_numeric_dtype(values) and values.nunique() > 2:
-            targets[f"generator:{column}"] = ("regression", values.to_numpy(np.float64))
+            origin = "generator" if column in synth.PARAMETERS else "metadata"
+            targets[f"{origin}:{column}"] = ("regression", values.to_numpy(np.float64))
     return targets
 
 
-def probe_features(train_x: np.ndarray, test_x: np.ndarray, train_table: pd.DataFrame,
-                   test_table: pd.DataFrame, *, source: str, seed: int = 0,
-                   k: int = 20) -> list[dict]:
-    """Rows {task, probe, metric, source, value} for every task and probe."""
-    from cmc_kit import probes
+def _row(task, probe, metric, source, value, interval) -> dict:
+    return {"task": task, "probe": probe, "metric": metric, "source": source,
+            "value": float(value), "low": interval[0], "high": interval[1]}
 
+
+def probe_features(train_x: np.ndarray, test_x: np.ndarray, train_table: pd.DataFrame,
+                   test_table: pd.DataFrame, *, source: str, seed: int = 0, k: int = 20,
+                   per_target: bool = False,
+                   resamples: int = probes.BOOTSTRAP_RESAMPLES) -> list[dict]:
+    """Rows {task, probe, metric, source, value, low, high} for every task and probe; low/high
+    is the 95% bootstrap interval over the held-out samples (the fitted probes stay fixed).
+    `per_target`: also one row per class fraction, `class_fractions[<class>]`."""
     rows = []
     train_targets, test_targets = label_targets(train_table), label_targets(test_table)
+    interval = lambda metric, *arrays: probes.bootstrap_interval(  # noqa: E731
+        metric, *arrays, resamples=resamples, seed=seed)
     for task, (kind, train_y) in train_targets.items():
         if task not in test_targets:
             continue
         test_y = test_targets[task][1]
         if kind == "classification":
-            accuracy = probes.knn_accuracy(train_x, train_y, test_x, test_y,
-                                           k=min(k, len(train_x)), num_classes=len(CLASS_NAMES))
-            rows.append(_row(task, "knn", "accuracy", source, accuracy))
+            predicted = probes.knn_classify(train_x, train_y, test_x, k=min(k, len(train_x)),
+                                            num_classes=len(CLASS_NAMES))
+            rows.append(_row(task, "knn", "accuracy", source, probes.accuracy_of(test_y, predicted),
+                             interval(probes.accuracy_of, test_y, predicted)))
             result = probes.linear_probe_classification(train_x, train_y, test_x, test_y, seed=seed)
-            rows.append(_row(task, "linear", "accuracy", source, result["accuracy"]))
-        else:
-            result = probes.linear_probe_regression(train_x, train_y, test_x, test_y)
-            rows.append(_row(task, "linear", "r2", source, result["r2"]))
+            rows.append(_row(task, "linear", "accuracy", source, result["accuracy"],
+                             interval(probes.accuracy_of, test_y, result["predictions"])))
+            continue
+        result = probes.linear_probe_regression(train_x, train_y, test_x, test_y)
+        rows.append(_row(task, "linear", "r2", source, result["r2"],
+                         interval(probes.variance_weighted_r2, test_y, result["predictions"])))
+        if per_target and test_y.ndim == 2:
+            for index, name in enumerate(CLASS_NAMES):
+                truth, predicted = test_y[:, index], result["predictions"][:, index]
+                rows.append(_row(f"{task}[{name}]", "linear", "r2", source,
+                                 result["r2_per_target"][index],
+                                 interval(probes.variance_weighted_r2, truth, predicted)))
     return rows
-
-
-def _row(task, probe, metric, source, value) -> dict:
-    return {"task": task, "probe": probe, "metric": metric, "source": source, "value": float(value)}
 
 
 def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, *,
                  dataset: data_module.Dataset | None = None, out: str | os.PathLike | None = None,
-                 checkpoints: str = "latest", seed: int = 0, progress: bool = False) -> pd.DataFrame:
+                 checkpoints: str = "latest", features: str = "trunk", per_target: bool = False,
+                 seed: int = 0, progress: bool = False) -> pd.DataFrame:
     """Probes the run's features and the baselines on its held-out split.
 
     Args:
@@ -111,91 +136,184 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
         out: CSV file for the wide table; an existing folder gets `evaluation.csv` inside it.
             Checked before any work (see `resolve_output`).
         checkpoints: "latest", or "all" to add a column per kept checkpoint (learning over epochs).
+        features: the feature source of the trained and random-init encoders (`embed.SOURCES`).
+        per_target: also one row per class fraction.
     Returns:
-        long table: task, probe, metric, source, value. Written wide to `out` (CSV) if given.
+        long table: task, probe, metric, source, value, low, high; `attrs` say the features,
+        the run's epoch and step and the sample counts. Written wide to `out` (CSV) if given.
     """
     from cmc_kit import embed, models
 
     if checkpoints not in ("latest", "all"):
         raise CmcKitError(f"checkpoints (CHECKPOINTS in 05_evaluate) must be 'latest' or 'all'. "
                           f"Received: {checkpoints!r}")
+    embed.check_source(features)
     out = resolve_output(out)
     handle = runs.load_run(run)
     config = handle.config
     dataset = data_module.as_dataset(data, dataset)
-    data = dataset.root
+    train_catalog, test_catalog = _held_out_split(handle, dataset, run)
+    options = dict(view="terrain" if "terrain" in config.model.views else config.model.views[0],
+                   source=features, crop_size=config.data.crop_size,
+                   batch_size=max(config.data.batch_size, 32), progress=progress,
+                   metadata_csv=dataset.metadata_csv)
+
+    def tables_for(encoder):
+        return (embed.compute_embeddings(encoder, train_catalog, **options),
+                embed.compute_embeddings(encoder, test_catalog, **options))
+
+    train_table, test_table = tables_for(handle.encoder("online"))
+    sources = {"trained": (train_table, test_table)}
+    # Seeded locally: the same weights on every evaluation, the caller's random streams untouched.
+    sources["random_init"] = tables_for(models.build_encoder(
+        config.model, crop_size=config.data.crop_size, name="random_init",
+        seed=config.train.seed + 12345))
+    if checkpoints == "all":
+        for entry in handle.checkpoints[:-1]:
+            earlier = runs.load_run(run, checkpoint=entry["path"]).encoder("online")
+            label = f"epoch_{entry['epoch']}" if entry["epoch"] is not None else f"step_{entry['step']}"
+            sources[label] = tables_for(earlier)
+
+    rows = []
+    for name, (source_train, source_test) in sources.items():
+        rows += probe_features(embed.embedding_matrix(source_train),
+                               embed.embedding_matrix(source_test), train_table, test_table,
+                               source=name, seed=seed, per_target=per_target)
+    for name, side in (("raw_pixels", RAW_PIXEL_SIDE), ("mean_colour", 1)):
+        rows += probe_features(raw_pixel_features(train_catalog, config.data.crop_size, side=side),
+                               raw_pixel_features(test_catalog, config.data.crop_size, side=side),
+                               train_table, test_table, source=name, seed=seed,
+                               per_target=per_target)
+    table = _ordered(pd.DataFrame(rows))
+    table.attrs.update({"run": str(run), "epoch": handle.epoch, "step": handle.step,
+                        "features": features, "train_samples": len(train_catalog),
+                        "test_samples": len(test_catalog), "interval": "bootstrap"})
+    if len(test_catalog) < ROUGH_BELOW:
+        warnings.warn(_rough_note(table), stacklevel=2)
+    if out is not None:
+        write_table(table, out)
+    return table
+
+
+def _held_out_split(handle, dataset: data_module.Dataset, run) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The run's training and held-out samples found in `dataset`, checked."""
     split = handle.split(dataset.catalog)
     train_catalog, test_catalog = split["train"], split["validation"]
     saved_ids = handle.split_ids()
     wanted = len(saved_ids["train"]) + len(saved_ids["validation"])
     found = len(train_catalog) + len(test_catalog)
-    if found < wanted / 2:  # most of the run's samples are not in `data`
-        raise DataError(f"{data} holds only {found} of the {wanted} samples {run} was trained "
-                        f"and held out on: is it the run's dataset? Point --data (DATA_DIR) at "
-                        "the folder the run was trained on.")
+    if found < wanted / 2:  # most of the run's samples are not in the dataset
+        raise DataError(f"{dataset.root} holds only {found} of the {wanted} samples {run} was "
+                        "trained and held out on: is it the run's dataset? Point --data "
+                        "(DATA_DIR) at the folder the run was trained on.")
     if len(test_catalog) < 2:
-        raise DataError(f"Run {run} holds out only {len(test_catalog)} sample(s) of {data}; "
-                        "probes need a larger validation split (data.validation_fraction).")
+        raise DataError(f"Run {run} holds out only {len(test_catalog)} sample(s) of "
+                        f"{dataset.root}; probes need a larger validation split "
+                        "(data.validation_fraction).")
     overlap = set(train_catalog["id"]) & set(test_catalog["id"])
     if overlap:  # cannot happen with a stored split; guard anyway, scores would be meaningless
         raise CmcKitError(f"Training ids in the evaluation split: {sorted(overlap)[:5]}")
-    metadata_csv = dataset.metadata_csv
-    kwargs = dict(view="terrain" if "terrain" in config.model.views else config.model.views[0],
-                  source="trunk", crop_size=config.data.crop_size,
-                  batch_size=max(config.data.batch_size, 32), progress=progress,
-                  metadata_csv=metadata_csv)
+    return train_catalog, test_catalog
 
-    def tables_for(encoder):
-        return (embed.compute_embeddings(encoder, train_catalog, **kwargs),
-                embed.compute_embeddings(encoder, test_catalog, **kwargs))
 
-    rows = []
-    train_table, test_table = tables_for(handle.encoder("online"))
-    rows += probe_features(embed.embedding_matrix(train_table), embed.embedding_matrix(test_table),
-                           train_table, test_table, source="trained", seed=seed)
+def evaluate_runs(run_dirs, data: str | os.PathLike | None = None, *,
+                  dataset: data_module.Dataset | None = None,
+                  out: str | os.PathLike | None = None, **options) -> pd.DataFrame:
+    """`evaluate_run` for several runs (e.g. seeds) on one dataset, summarised per row: the mean
+    over runs with its 95% t-interval, the standard deviation and every run's value.
 
-    # Seeded locally: the same weights on every evaluation, the caller's random streams untouched.
-    random_encoder = models.build_encoder(config.model, crop_size=config.data.crop_size,
-                                          name="random_init", seed=config.train.seed + 12345)
-    r_train, r_test = tables_for(random_encoder)
-    rows += probe_features(embed.embedding_matrix(r_train), embed.embedding_matrix(r_test),
-                           train_table, test_table, source="random_init", seed=seed)
-
-    px_train = raw_pixel_features(train_catalog, config.data.crop_size)
-    px_test = raw_pixel_features(test_catalog, config.data.crop_size)
-    rows += probe_features(px_train, px_test, train_table, test_table, source="raw_pixels", seed=seed)
-
-    if checkpoints == "all":
-        for entry in handle.checkpoints[:-1]:
-            earlier = runs.load_run(run, checkpoint=entry["path"])
-            e_train, e_test = tables_for(earlier.encoder("online"))
-            label = f"epoch_{entry['epoch']}" if entry["epoch"] is not None else f"step_{entry['step']}"
-            rows += probe_features(embed.embedding_matrix(e_train), embed.embedding_matrix(e_test),
-                                   train_table, test_table, source=label, seed=seed)
-
-    table = pd.DataFrame(rows)
-    table.attrs.update({"run": str(run), "epoch": handle.epoch, "step": handle.step,
-                        "train_samples": len(train_catalog), "test_samples": len(test_catalog)})
+    `options` go to `evaluate_run` (features, per_target, checkpoints, seed, progress).
+    """
+    run_dirs = list(run_dirs)
+    if len(run_dirs) < 2:
+        raise CmcKitError(f"evaluate_runs needs two or more runs (seeds) to give an interval "
+                          f"over them; for one run use evaluate_run. Received: {run_dirs}")
+    out = resolve_output(out)
+    dataset = data_module.as_dataset(data, dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # each run's rough note: summarised below
+        tables = [evaluate_run(run, dataset=dataset, **options) for run in run_dirs]
+    table = summarise_over_runs(tables)
+    table.attrs.update({"run": ", ".join(map(str, run_dirs)), "runs": len(run_dirs),
+                        "features": tables[0].attrs["features"], "interval": "seeds",
+                        "train_samples": tables[0].attrs["train_samples"],
+                        "test_samples": tables[0].attrs["test_samples"]})
     if out is not None:
-        atomic_write_text(out, wide(table).to_csv(index=False, lineterminator="\n"))
+        write_table(table, out)
     return table
 
 
+def summarise_over_runs(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Long tables of independent runs -> one row per (task, probe, metric, source): value =
+    mean over runs, low/high = its 95% t-interval, sd, and the runs' values in `values`."""
+    keys = ["task", "probe", "metric", "source"]
+    stacked = pd.concat([t[keys + ["value"]] for t in tables], ignore_index=True)
+    rows = []
+    for key, group in stacked.groupby(keys, sort=False):
+        values = group["value"].to_numpy()
+        low, high = probes.seed_interval(values)
+        rows.append({**dict(zip(keys, key)), "value": float(np.mean(values)), "low": low,
+                     "high": high, "sd": float(np.std(values, ddof=1)),
+                     "values": [round(float(v), 4) for v in values]})
+    return _ordered(pd.DataFrame(rows))
+
+
+def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows in task order, sources trained first, then the baselines, then earlier epochs."""
+    order = {name: i for i, name in enumerate(("trained",) + BASELINES)}
+    rank = table["source"].map(lambda s: order.get(s, len(order)))
+    tasks = {task: i for i, task in enumerate(dict.fromkeys(table["task"]))}
+    return (table.assign(_task=table["task"].map(tasks), _source=rank)
+            .sort_values(["_task", "probe", "_source"], kind="stable")
+            .drop(columns=["_task", "_source"]).reset_index(drop=True))
+
+
 def wide(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, probe, metric), one column per feature source (trained first)."""
-    pivot = table.pivot_table(index=["task", "probe", "metric"], columns="source", values="value",
-                              sort=False).reset_index()
-    pivot.columns.name = None
-    ordered = ["task", "probe", "metric", "trained", "random_init", "raw_pixels"]
-    rest = [c for c in pivot.columns if c not in ordered]
-    return pivot[[c for c in ordered if c in pivot.columns] + rest]
+    """One row per (task, probe, metric); per source its value and 95% interval
+    (`<source>`, `<source>_low`, `<source>_high`), trained first; `features` names the source
+    of the trained and random-init features."""
+    frames = []
+    for source in dict.fromkeys(table["source"]):
+        part = table[table["source"] == source].set_index(["task", "probe", "metric"])
+        frames.append(part[["value", "low", "high"]].rename(columns={
+            "value": source, "low": f"{source}_low", "high": f"{source}_high"}))
+    out = pd.concat(frames, axis=1).reset_index()
+    out.insert(3, "features", table.attrs.get("features", "trunk"))
+    return out
+
+
+def write_table(table: pd.DataFrame, out: str | os.PathLike) -> Path:
+    """The wide table as CSV, atomically."""
+    return atomic_write_text(out, wide(table).to_csv(index=False, lineterminator="\n"))
+
+
+def _rough_note(table: pd.DataFrame) -> str:
+    n = table.attrs.get("test_samples")
+    return (f"Only {n} held-out samples: one sample moves an accuracy by {100 / n:.1f} points, so "
+            "these figures are rough (see the intervals). A larger data.validation_fraction or "
+            "more data makes them firmer.")
 
 
 def format_table(table: pd.DataFrame) -> str:
-    frame = wide(table)
-    header = ""
-    if table.attrs:
-        header = (f"Held-out evaluation of {table.attrs.get('run')} (epoch {table.attrs.get('epoch')}, "
-                  f"step {table.attrs.get('step')}): {table.attrs.get('train_samples')} train / "
-                  f"{table.attrs.get('test_samples')} held-out samples\n")
-    return header + frame.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    """The table as text: every value with its 95% interval, a header saying what was probed."""
+    attrs = table.attrs
+    lines = []
+    if attrs:
+        over = (f"mean over {attrs['runs']} runs, 95% t-interval over the runs"
+                if attrs.get("interval") == "seeds"
+                else "95% bootstrap interval over the held-out samples")
+        lines.append(f"Held-out evaluation of {attrs.get('run')} (epoch {attrs.get('epoch', '-')}, "
+                     f"step {attrs.get('step', '-')}): {attrs.get('train_samples')} train / "
+                     f"{attrs.get('test_samples')} held-out samples; trained and random_init "
+                     f"features: {attrs.get('features', 'trunk')}; {over}")
+        if attrs.get("test_samples") is not None and attrs["test_samples"] < ROUGH_BELOW:
+            lines.append(_rough_note(table))
+    frame = wide(table).drop(columns="features")
+    sources = [c for c in frame.columns[3:] if not c.endswith(("_low", "_high"))]
+    shown = frame[["task", "probe", "metric"]].copy()
+    for source in sources:
+        shown[source] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{v:.3f}"
+                         for v, lo, hi in zip(frame[source], frame[f"{source}_low"],
+                                              frame[f"{source}_high"])]
+    lines.append(shown.to_string(index=False))
+    return "\n".join(lines)

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import random
 import re
+import weakref
 
 import keras
 import tensorflow as tf
@@ -216,6 +217,8 @@ def build_trunk(name: str, width: float = 1.0, model_name: str = "trunk") -> ker
 
 
 _STAGE_LAYER = re.compile(r"stage(\d+)_output")
+# trunk -> its stage model, for CMCEncoder.stage_features; weak, so trunks are not kept alive.
+_STAGE_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def stage_model(trunk: keras.Model) -> keras.Model:
@@ -369,7 +372,10 @@ class CMCEncoder(keras.Model):
     def stage_features(self, x, view: str = "terrain") -> list:
         """Stage feature maps of one view: list of float32 `[B, h_i, w_i, c_i]`."""
         x = self._view_input({view: x}, view)
-        maps = stage_model(self.trunk(view))(self.stem(view)(x))
+        trunk = self.trunk(view)
+        if trunk not in _STAGE_MODELS:  # built once per trunk (kept outside the tracked layers)
+            _STAGE_MODELS[trunk] = stage_model(trunk)
+        maps = _STAGE_MODELS[trunk](self.stem(view)(x))
         return [ops.cast(m, "float32") for m in maps]
 
     def embed(self, x, view: str = "terrain"):

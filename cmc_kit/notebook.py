@@ -565,12 +565,16 @@ def require_run(run: str | os.PathLike, *, input_root: str | os.PathLike | None 
 
 def probe_figure(table: pd.DataFrame):
     """Grouped bars of an `evaluate.evaluate_run` long table: one bar per feature source for
-    every task and probe, accuracy and R^2 in separate panels."""
+    every task and probe, with its 95% interval, accuracy and R^2 in separate panels."""
     import plotly.express as px
 
-    frame = table.assign(task_probe=table["task"] + " / " + table["probe"])
+    frame = table.assign(task_probe=table["task"] + " / " + table["probe"],
+                         above=table["high"] - table["value"],
+                         below=table["value"] - table["low"])
+    title = f"held-out probes; trained and random_init features: {table.attrs.get('features', 'trunk')}"
     figure = px.bar(frame, x="task_probe", y="value", color="source", barmode="group",
-                    facet_row="metric", template="plotly_white", height=620, width=900,
+                    error_y="above", error_y_minus="below", facet_row="metric",
+                    template="plotly_white", height=620, width=900, title=title,
                     labels={"task_probe": "", "value": ""})
     figure.update_yaxes(matches=None)
     figure.for_each_annotation(lambda a: a.update(text=a.text.replace("metric=", "")))

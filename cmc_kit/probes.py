@@ -8,13 +8,18 @@ training split alone; the test split is only ever transformed and scored.
 - `knn_regress`: the same neighbours and weights, averaging the neighbours' targets.
 - `linear_probe_classification`: StandardScaler + LogisticRegression, C chosen by stratified
   cross-validation on the training split.
-- `linear_probe_regression`: StandardScaler + RidgeCV (efficient leave-one-out on train).
+- `linear_probe_regression`: StandardScaler + RidgeCV (efficient leave-one-out on train, one
+  strength per target, up to strong regularisation); several targets are scored by the
+  variance-weighted R^2, so a rare target with a tiny variance cannot sink the mean.
+- `bootstrap_interval` / `seed_interval`: 95% intervals over held-out samples (predictions
+  fixed) or over independent runs.
 """
 
 from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.base import clone
@@ -28,7 +33,11 @@ from threadpoolctl import threadpool_limits
 from cmc_kit.errors import ProbeError
 
 DEFAULT_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-DEFAULT_ALPHA_GRID = tuple(np.logspace(-3, 4, 15))
+# Up to 1e7: on standardised features that predicts the training mean, so a probe on features
+# that carry nothing about a target scores R^2 near 0 instead of overfitting far below it.
+DEFAULT_ALPHA_GRID = tuple(np.logspace(-2, 7, 19))
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 1000
 
 
 # -- kNN -------------------------------------------------------------------------------------
@@ -209,12 +218,13 @@ def linear_probe_regression(train_x, train_y, test_x, test_y, *,
                             alpha_grid=DEFAULT_ALPHA_GRID) -> dict:
     """Ridge regression on standardised frozen features, alpha by leave-one-out on train only.
 
-    train_y / test_y are [N] or [N, T] (e.g. per-class area fractions). R^2 is computed per
-    target; a target that is constant over the test set has no defined R^2 and reports NaN.
+    train_y / test_y are [N] or [N, T] (e.g. per-class area fractions); each target gets its own
+    alpha. R^2 over several targets is variance-weighted (`variance_weighted_r2`); a target that
+    is constant over the test set has no R^2 of its own and reports NaN in `r2_per_target`.
 
     Returns:
-        dict with r2 (mean R^2 over targets with a defined value), r2_per_target (list of T
-        floats), alpha (chosen, shared by all targets) and predictions ([M] or [M, T]).
+        dict with r2 (variance-weighted over targets), r2_per_target (list of T floats), alpha
+        (chosen per target: a float, or a list for T > 1) and predictions ([M] or [M, T]).
     """
     train_x, test_x = _feature_pair(train_x, test_x, "train_x", "test_x")
     train_y = _targets(train_y, "train_y", len(train_x))
@@ -225,27 +235,83 @@ def linear_probe_regression(train_x, train_y, test_x, test_y, *,
     if len(train_x) < 3:
         raise ProbeError(f"The regression probe needs at least 3 training samples. "
                          f"Received: {len(train_x)}")
+    if not alpha_grid or any(not np.isfinite(a) or a <= 0 for a in alpha_grid):
+        raise ProbeError("alpha_grid must list positive regularisation strengths. "
+                         f"Received: alpha_grid={alpha_grid!r}")
 
-    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=tuple(alpha_grid)))
+    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=tuple(alpha_grid),
+                                                    alpha_per_target=train_y.ndim == 2))
     probe.fit(train_x, train_y)
     predictions = probe.predict(test_x)
-
     truth_2d = test_y.reshape(len(test_y), -1)          # [M, T]
     predicted_2d = predictions.reshape(len(test_y), -1)  # [M, T]
-    r2 = []
-    for target in range(truth_2d.shape[1]):
-        truth = truth_2d[:, target]
-        if len(truth) < 2 or np.ptp(truth) == 0:
-            r2.append(float("nan"))
-        else:
-            r2.append(float(r2_score(truth, predicted_2d[:, target])))
-    defined = [value for value in r2 if np.isfinite(value)]
+    per_target = [variance_weighted_r2(truth_2d[:, t], predicted_2d[:, t])
+                  for t in range(truth_2d.shape[1])]
+    alpha = np.asarray(probe[-1].alpha_, dtype=np.float64)
     return {
-        "r2": float(np.mean(defined)) if defined else float("nan"),
-        "r2_per_target": r2,
-        "alpha": float(probe[-1].alpha_),
+        "r2": variance_weighted_r2(test_y, predictions),
+        "r2_per_target": per_target,
+        "alpha": float(alpha) if alpha.ndim == 0 else alpha.tolist(),
         "predictions": predictions,
     }
+
+
+def variance_weighted_r2(truth, predicted) -> float:
+    """R^2 of predictions [M] or [M, T]: 1 - (sum of squared errors) / (sum of squares about the
+    test mean), both summed over the targets that vary on the test set, so each target counts by
+    its variance (sklearn's multioutput="variance_weighted"). NaN when no target varies."""
+    truth = np.asarray(truth, np.float64).reshape(len(truth), -1)        # [M, T]
+    predicted = np.asarray(predicted, np.float64).reshape(len(truth), -1)
+    spread = np.sum((truth - truth.mean(axis=0)) ** 2, axis=0)           # [T]
+    varies = spread > 0
+    if len(truth) < 2 or not varies.any():
+        return float("nan")
+    errors = np.sum((truth - predicted) ** 2, axis=0)                     # [T]
+    return float(1.0 - errors[varies].sum() / spread[varies].sum())
+
+
+# -- intervals ---------------------------------------------------------------------------------
+
+def bootstrap_interval(metric: Callable[..., float], *arrays, resamples: int = BOOTSTRAP_RESAMPLES,
+                       confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `metric(*arrays)` over the rows (held-out samples).
+
+    The arrays are row-aligned (e.g. truth and fixed predictions); each resample draws M rows
+    with replacement and re-scores them, without refitting anything. Resamples where the metric
+    is undefined (NaN) are left out; (NaN, NaN) when none is defined.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    rows = len(arrays[0])
+    if rows == 0 or any(len(a) != rows for a in arrays):
+        raise ProbeError(f"bootstrap_interval needs row-aligned, non-empty arrays. Received "
+                         f"lengths {[len(a) for a in arrays]}")
+    if not 0 < confidence < 1:
+        raise ProbeError(f"confidence must be in (0, 1). Received: confidence={confidence!r}")
+    draws = np.random.default_rng(seed).integers(0, rows, size=(int(resamples), rows))
+    values = np.array([metric(*(a[draw] for a in arrays)) for draw in draws], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def seed_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student-t interval of the mean of independent runs' values (e.g. seeds); (NaN, NaN) for
+    fewer than two finite values."""
+    from scipy import stats
+
+    values = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def accuracy_of(truth, predicted) -> float:
+    """Share of rows where the prediction equals the label (a bootstrap metric)."""
+    return float(np.mean(np.asarray(truth) == np.asarray(predicted)))
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -297,10 +363,14 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "ProbeError",
+    "accuracy_of",
+    "bootstrap_interval",
     "knn_accuracy",
     "knn_classify",
     "knn_regress",
     "knn_scores",
     "linear_probe_classification",
     "linear_probe_regression",
+    "seed_interval",
+    "variance_weighted_r2",
 ]

@@ -131,6 +131,41 @@ def test_missing_metadata_csv_is_none(tmp_path):
     assert data.find_metadata_csv(tmp_path) is None
 
 
+class TwoStageEncoder(MeanColourEncoder):
+    """Stage maps: the input itself, and the input pooled 2x2 and squared."""
+
+    def stage_features(self, x, view):
+        x = np.asarray(x, np.float64)
+        b, h, w, c = x.shape
+        pooled = x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+        return [x, pooled ** 2]
+
+
+def test_stage_sources_pool_mean_and_std_per_channel(dataset):
+    from cmc_kit import views
+
+    encoder = TwoStageEncoder()
+    batch = next(iter(views.make_dataset(dataset.catalog, views=("terrain",), crop_size=CROP,
+                                         batch_size=5, training=False, seed=0)))["terrain"]
+    x = np.asarray(batch, np.float64)
+    pooled = x.reshape(5, CROP // 2, 2, CROP // 2, 2, 3).mean(axis=(2, 4)) ** 2
+    stage1 = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)          # [5, 6]
+    stage2 = np.concatenate([pooled.mean(axis=(1, 2)), pooled.std(axis=(1, 2))], axis=1)
+    np.testing.assert_allclose(embed.feature_vectors(encoder, batch, view="terrain",
+                                                     source="stage1"), stage1, rtol=1e-5)
+    np.testing.assert_allclose(embed.feature_vectors(encoder, batch, view="terrain",
+                                                     source="stages"),
+                               np.concatenate([stage1, stage2], axis=1), rtol=1e-5)
+    table = embed.compute_embeddings(encoder, dataset.catalog, source="stage2", crop_size=CROP,
+                                     batch_size=2, progress=False)
+    np.testing.assert_allclose(embed.embedding_matrix(table), stage2, rtol=1e-5)
+    assert table.attrs["source"] == "stage2"
+    with pytest.raises(embed.CmcKitError, match="has 2 stages"):
+        embed.feature_vectors(encoder, batch, view="terrain", source="stage3")
+    with pytest.raises(embed.CmcKitError, match="stage<N>"):
+        embed.check_source("stage0")
+
+
 def test_bad_arguments_name_the_setting(dataset):
     with pytest.raises(embed.CmcKitError, match="source"):
         embed.compute_embeddings(MeanColourEncoder(), dataset.catalog, source="neck", crop_size=8)

@@ -26,25 +26,35 @@ def test_evaluate_run_scores_every_source_on_held_out_ids_only(trained_run, smal
     monkeypatch.setattr(probes, "knn_classify", recording_knn)
     out = tmp_path / "evaluation.csv"
     numpy_state = np.random.get_state()
-    table = evaluate.evaluate_run(trained_run, small_dataset, out=out)
+    with pytest.warns(UserWarning, match=r"Only \d+ held-out samples.*rough"):
+        table = evaluate.evaluate_run(trained_run, small_dataset, out=out)
     # The random-init baseline is seeded locally: NumPy's global stream was not reseeded.
     assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state))
 
-    assert set(table["source"]) == {"trained", "random_init", "raw_pixels"}
+    assert set(table["source"]) == {"trained", "random_init", "raw_pixels", "mean_colour"}
+    assert table.attrs["features"] == "trunk"
     # Probes fit on the training split and score on the validation split, for every source.
-    assert seen_test_sizes == [(len(split["train"]), len(split["validation"]))] * 3
+    assert seen_test_sizes == [(len(split["train"]), len(split["validation"]))] * 4
     assert table.attrs["test_samples"] == len(split["validation"])
     tasks = set(table["task"])
     assert {"dominant_class", "class_fractions", "height_mean"} <= tasks
     assert any(t.startswith("generator:") for t in tasks)  # synthetic metadata.csv is used
     accuracies = table[table["metric"] == "accuracy"]["value"]
     assert ((accuracies >= 0) & (accuracies <= 1)).all()
+    # Every value sits inside its 95% interval.
+    finite = table.dropna(subset=["low", "high"])
+    assert len(finite) == len(table)
+    assert ((finite["low"] <= finite["value"] + 1e-9) & (finite["value"] <= finite["high"] + 1e-9)).all()
 
     wide = pd.read_csv(out)
-    assert list(wide.columns[:6]) == ["task", "probe", "metric", "trained", "random_init", "raw_pixels"]
-    assert len(wide) == len(table) // 3
+    assert list(wide.columns[:7]) == ["task", "probe", "metric", "features", "trained",
+                                      "trained_low", "trained_high"]
+    assert {"random_init", "raw_pixels_low", "mean_colour_high"} <= set(wide.columns)
+    assert (wide["features"] == "trunk").all()
+    assert len(wide) == len(table) // 4
     text = evaluate.format_table(table)
-    assert "dominant_class" in text and "random_init" in text
+    assert "dominant_class" in text and "random_init" in text and "rough" in text
+    assert "features: trunk" in text and "95% bootstrap interval" in text
 
 
 def test_label_targets_from_an_embeddings_table():
@@ -57,11 +67,13 @@ def test_label_targets_from_an_embeddings_table():
     table["dominant_class"] = np.asarray(CLASS_NAMES)[fractions.argmax(1)]
     table["height_mean"] = rng.normal(size=12)
     table["height_std"] = rng.normal(size=12)
-    table["aridity"] = rng.uniform(size=12)
+    table["aridity"] = rng.uniform(size=12)              # written by cmc_kit's generator
+    table["rainfall_mm"] = rng.uniform(size=12)          # a dataset's own metadata column
     table["meta_fraction_water"] = rng.uniform(size=12)  # whole-image duplicate: not a task
     table["hemisphere"] = [0, 1] * 6                      # binary: not a regression task
     targets = evaluate.label_targets(table)
-    assert set(targets) == {"dominant_class", "class_fractions", "height_mean", "generator:aridity"}
+    assert set(targets) == {"dominant_class", "class_fractions", "height_mean",
+                            "generator:aridity", "metadata:rainfall_mm"}
     kind, labels = targets["dominant_class"]
     assert kind == "classification" and (labels == fractions.argmax(1)).all()
     assert targets["class_fractions"][1].shape == (12, 7)
@@ -110,3 +122,62 @@ def test_evaluating_on_another_dataset_says_so(trained_run, tmp_path):
         path.rename(path.with_name("x" + path.name))
     with pytest.raises(DataError, match=r"holds only 0 of the \d+ samples .* the run's dataset"):
         evaluate.evaluate_run(trained_run, other)
+
+
+def test_several_runs_are_summarised_by_their_mean_and_a_t_interval():
+    def run_table(values):
+        rows = [{"task": "dominant_class", "probe": "knn", "metric": "accuracy", "source": source,
+                 "value": value, "low": value - 0.1, "high": value + 0.1}
+                for source, value in values.items()]
+        return pd.DataFrame(rows)
+
+    tables = [run_table({"trained": t, "random_init": r})
+              for t, r in ((0.70, 0.50), (0.74, 0.52), (0.66, 0.49))]
+    summary = evaluate.summarise_over_runs(tables).set_index("source")
+    assert summary.loc["trained", "value"] == pytest.approx(0.70)
+    assert summary.loc["trained", "sd"] == pytest.approx(0.04)
+    half = 4.302652730 * 0.04 / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert summary.loc["trained", "low"] == pytest.approx(0.70 - half)
+    assert summary.loc["trained", "high"] == pytest.approx(0.70 + half)
+    assert summary.loc["random_init", "values"] == [0.5, 0.52, 0.49]
+    assert list(summary.index) == ["trained", "random_init"]
+
+
+def test_evaluating_one_run_as_several_is_refused(tmp_path):
+    from cmc_kit.errors import CmcKitError
+
+    with pytest.raises(CmcKitError, match="two or more runs"):
+        evaluate.evaluate_runs([tmp_path / "a"], tmp_path)
+
+
+def test_an_unknown_feature_source_is_refused_before_any_work(tmp_path):
+    from cmc_kit.errors import CmcKitError
+
+    with pytest.raises(CmcKitError, match=r"stage<N>.*'pixels'"):
+        evaluate.evaluate_run(tmp_path / "no-run", tmp_path / "no-data", features="pixels")
+
+
+@pytest.mark.slow
+def test_the_random_init_baseline_uses_the_same_feature_source(trained_run, small_dataset,
+                                                                monkeypatch):
+    from cmc_kit import probes, runs
+
+    widths = {}
+    real_knn = probes.knn_classify
+
+    def recording_knn(train_x, train_y, test_x, **kwargs):
+        widths.setdefault(len(widths), np.shape(train_x)[1])
+        return real_knn(train_x, train_y, test_x, **kwargs)
+
+    monkeypatch.setattr(probes, "knn_classify", recording_knn)
+    with pytest.warns(UserWarning, match="rough"):
+        table = evaluate.evaluate_run(trained_run, small_dataset, features="stage1")
+    config = runs.load_run(trained_run).config
+    from cmc_kit import models
+
+    stage1_channels = models.trunk_stage_channels(config.model.trunk, config.model.width)[0]
+    # trained, random_init: stage 1's mean and std per channel; pixels 8x8x3; mean colour 3.
+    assert list(widths.values()) == [2 * stage1_channels, 2 * stage1_channels, 192, 3]
+    assert table.attrs["features"] == "stage1"
+    assert "features: stage1" in evaluate.format_table(table)
+

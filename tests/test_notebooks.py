@@ -438,13 +438,18 @@ def test_info_table_puts_runs_side_by_side():
 def test_probe_figure_has_one_bar_series_per_feature_source():
     from cmc_kit import notebook
 
-    rows = [{"task": t, "probe": p, "metric": m, "source": s, "value": v}
+    rows = [{"task": t, "probe": p, "metric": m, "source": s, "value": v, "low": v - 0.1,
+             "high": v + 0.05}
             for (t, p, m) in [("dominant_class", "knn", "accuracy"), ("height_mean", "linear", "r2")]
             for s, v in [("trained", 0.8), ("random_init", 0.4), ("raw_pixels", 0.5)]]
     figure = notebook.probe_figure(pd.DataFrame(rows))
     sources = {trace.name for trace in figure.data}
     assert sources == {"trained", "random_init", "raw_pixels"}
     assert sum(len(trace.y) for trace in figure.data) == len(rows)
+    # Each bar carries its 95% interval as an error bar.
+    for trace in figure.data:
+        np.testing.assert_allclose(trace.error_y.array, 0.05)
+        np.testing.assert_allclose(trace.error_y.arrayminus, 0.1)
 
 
 # -- helpers: the live loss plot -------------------------------------------------------------------

@@ -4,17 +4,22 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.metrics import r2_score
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from cmc_kit.probes import (
     ProbeError,
+    accuracy_of,
+    bootstrap_interval,
     knn_accuracy,
     knn_classify,
     knn_regress,
     knn_scores,
     linear_probe_classification,
     linear_probe_regression,
+    seed_interval,
+    variance_weighted_r2,
 )
 
 NUM_CLASSES = 7
@@ -220,7 +225,8 @@ def test_linear_regression_probe_recovers_linear_targets(blobs):
 
     several = linear_probe_regression(train_x, train_t, test_x, test_t)
     assert len(several["r2_per_target"]) == 3 and min(several["r2_per_target"]) >= 0.99
-    np.testing.assert_allclose(several["r2"], np.mean(several["r2_per_target"]))
+    np.testing.assert_allclose(several["r2"], r2_score(test_t, several["predictions"],
+                                                       multioutput="variance_weighted"))
 
     # Noise targets: nothing to learn, test R^2 at or below ~0.
     noise = linear_probe_regression(train_x, rng.normal(size=len(train_x)), test_x,
@@ -236,7 +242,9 @@ def test_regression_probe_constant_test_target_is_undefined(blobs):
     result = linear_probe_regression(train_x, fractions, test_x, test_fractions)
     assert math.isnan(result["r2_per_target"][6])
     assert np.isfinite(result["r2"])
-    np.testing.assert_allclose(result["r2"], np.mean(result["r2_per_target"][:6]))
+    # The constant target has no variance, so it carries no weight (sklearn's definition).
+    np.testing.assert_allclose(result["r2"], r2_score(
+        test_fractions[:, :6], result["predictions"][:, :6], multioutput="variance_weighted"))
 
 
 def test_linear_probes_reject_bad_input():
@@ -249,3 +257,86 @@ def test_linear_probes_reject_bad_input():
         linear_probe_regression(x, np.ones((6, 2)), x, np.ones((6, 3)))
     with pytest.raises(ProbeError, match=r"non-empty 2-D"):
         linear_probe_regression(np.ones(6), np.ones(6), x, np.ones(6))
+
+
+# -- trustworthy summaries ---------------------------------------------------------------------------
+
+def test_a_rare_target_no_longer_sinks_the_multi_target_r2():
+    """Seven class fractions, one of them rare (std ~0.01): a model that is good on the common
+    targets and bad on the rare one scores by the variance it explains, not by the rare target's
+    R^2 far below 0 (the unweighted mean over targets did that)."""
+    rng = np.random.default_rng(0)
+    truth = rng.dirichlet(np.ones(6) * 2, size=200) * 0.98               # [200, 6] common
+    rare = np.abs(rng.normal(0.01, 0.01, size=(200, 1)))                 # [200, 1] rare
+    truth = np.concatenate([truth, rare], axis=1)
+    predicted = truth + rng.normal(0, 0.02, size=truth.shape)            # good on common ones
+    predicted[:, 6] = rare[:, 0].mean() + rng.normal(0, 0.05, size=200)  # hopeless on the rare one
+    per_target = [variance_weighted_r2(truth[:, t], predicted[:, t]) for t in range(7)]
+    assert per_target[6] < -10                      # the rare target alone is far below 0 ...
+    assert np.mean(per_target) < 0                  # ... and sank the unweighted mean
+    weighted = variance_weighted_r2(truth, predicted)
+    assert weighted > 0.9                           # the variance-weighted R^2 does not sink
+    assert weighted == pytest.approx(r2_score(truth, predicted, multioutput="variance_weighted"))
+
+
+def test_regression_probe_on_uninformative_features_stays_near_zero():
+    """Many noise features and few samples: strong regularisation is in the grid, chosen on the
+    training split, so the probe predicts about the mean instead of overfitting far below 0."""
+    rng = np.random.default_rng(1)
+    train_x, test_x = rng.normal(size=(60, 200)), rng.normal(size=(60, 200))
+    train_y, test_y = rng.normal(size=(60, 3)), rng.normal(size=(60, 3))
+    result = linear_probe_regression(train_x, train_y, test_x, test_y)
+    assert -0.15 < result["r2"] < 0.1
+    assert min(result["alpha"]) >= 100 and max(result["alpha"]) >= 1e6  # strong ones are chosen
+
+
+def test_shuffled_labels_score_chance_and_separable_ones_score_one(blobs):
+    train_x, train_y, test_x, test_y = blobs
+    assert knn_accuracy(train_x, train_y, test_x, test_y) >= 0.97
+    assert linear_probe_classification(train_x, train_y, test_x, test_y)["accuracy"] >= 0.97
+    # Held-out labels shuffled: the features say nothing about them any more (350 samples:
+    # chance 1/7 with a standard error of ~0.02).
+    shuffled = np.random.default_rng(2).permutation(test_y)
+    chance = 1 / NUM_CLASSES
+    assert abs(knn_accuracy(train_x, train_y, test_x, shuffled) - chance) < 0.06
+    linear = linear_probe_classification(train_x, train_y, test_x, shuffled)
+    assert abs(linear["accuracy"] - chance) < 0.06
+
+
+def test_bootstrap_intervals_cover_the_true_accuracy_about_95_percent_of_the_time():
+    """Simulated probes: a classifier right with probability 0.7 on 85 held-out samples. Over
+    many independent held-out sets, the 95% interval holds 0.7 about 95% of the time."""
+    rng = np.random.default_rng(3)
+    covered = []
+    for trial in range(200):
+        truth = rng.integers(0, 7, size=85)
+        right = rng.random(85) < 0.7
+        predicted = np.where(right, truth, (truth + 1) % 7)
+        low, high = bootstrap_interval(accuracy_of, truth, predicted, resamples=400, seed=trial)
+        assert low <= accuracy_of(truth, predicted) <= high
+        covered.append(low <= 0.7 <= high)
+    assert 0.88 <= np.mean(covered) <= 0.99
+
+
+def test_bootstrap_interval_of_r2_covers_the_true_value():
+    rng = np.random.default_rng(4)
+    covered = []
+    for trial in range(100):
+        truth = rng.normal(size=120)
+        predicted = 0.8 * truth + 0.6 * rng.normal(size=120)  # R^2 = 1 - E[(0.2x - 0.6e)^2] = 0.6
+        low, high = bootstrap_interval(variance_weighted_r2, truth, predicted, resamples=300,
+                                       seed=trial)
+        covered.append(low <= 0.6 <= high)
+    assert 0.85 <= np.mean(covered) <= 1.0
+
+
+def test_seed_interval_is_the_t_interval_of_the_mean():
+    values = [0.61, 0.66, 0.70, 0.64, 0.69]
+    low, high = seed_interval(values)
+    mean, sd = np.mean(values), np.std(values, ddof=1)
+    half = 2.776445105 * sd / math.sqrt(5)  # t(0.975, 4 degrees of freedom)
+    assert (low, high) == pytest.approx((mean - half, mean + half), rel=1e-6)
+    assert all(math.isnan(v) for v in seed_interval([0.5]))
+    with pytest.raises(ProbeError, match="row-aligned"):
+        bootstrap_interval(accuracy_of, np.zeros(3), np.zeros(4))
+

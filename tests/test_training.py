@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cmc_kit.config import preset
 from cmc_kit.errors import CheckpointError, DataError, TrainingError
 from helpers import tiny_config
 
