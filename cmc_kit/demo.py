@@ -66,10 +66,10 @@ def write_explorer_outputs(run: Path, data: Path) -> dict:
     table_path = embed.save_table(table, run / "embeddings" / "embeddings.parquet")
     layout = embed.umap_layout(embed.embedding_matrix(table), cache_dir=run / "umap_cache")
     catalog = data_module.discover(data)
-    page = explore.write_explorer_html(table, layout, catalog, run / "explorer.html",
+    page = explore.write_explorer_html(table, layout, run / "explorer.html", catalog=catalog,
                                        title=f"{run.name}: trunk / terrain, epoch "
                                              f"{table.attrs.get('epoch')}", progress=False)
-    picture = explore.mosaic(layout, catalog, run / "mosaic.png", ids=list(table["id"]))
+    picture = explore.mosaic(layout, run / "mosaic.png", catalog=catalog, ids=list(table["id"]))
     outputs = {"embeddings": table_path, "explorer": page, "mosaic": picture}
     if explore.epoch_tables(run):  # the held-out subset after each epoch, animated
         try:
