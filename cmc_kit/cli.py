@@ -319,8 +319,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "prepare":
-        from cmc_kit import views
-        root = views.prepare_cache(args.data, args.cache)
+        from cmc_kit import cache
+        root = cache.prepare_cache(args.data, args.cache)
         print(_cache_summary(Path(root)))
         return 0
 

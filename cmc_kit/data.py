@@ -156,6 +156,21 @@ def _id_sort_key(sample_id: str) -> tuple:
     return (0, int(sample_id), sample_id) if sample_id.isdigit() else (1, 0, sample_id)
 
 
+def catalog_ids(catalog: pd.DataFrame) -> np.ndarray:
+    """The catalog's sample ids as str [n]; DataError when there is no id column, no row, or an
+    id appears twice."""
+    if "id" not in catalog.columns:
+        raise DataError("The catalog has no 'id' column. Build it with cmc_kit.data.discover(DATA).")
+    ids = catalog["id"].astype(str).to_numpy()
+    if len(ids) == 0:
+        raise DataError("The catalog is empty: check the data folder and the split settings.")
+    duplicated = pd.Series(ids)[pd.Series(ids).duplicated()].unique()
+    if len(duplicated):
+        raise DataError(f"The catalog repeats sample id(s) {list(duplicated[:5])}; every id must "
+                        "appear once. Rebuild it with cmc_kit.data.discover(DATA).")
+    return ids
+
+
 # -- split -------------------------------------------------------------------------------------
 
 def split_catalog(
