@@ -313,8 +313,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0 if report.num_usable > 0 else 1
 
     if args.command == "download":
-        from cmc_kit import data
-        root = data.download(dest=args.dest, force=args.force)
+        from cmc_kit import kaggle
+        root = kaggle.download(dest=args.dest, force=args.force)
         print(root)
         return 0
 

@@ -1,6 +1,6 @@
 """Run configuration: frozen dataclasses, named presets, JSON round trip, dotted overrides.
 
-Only this module (and `data.py` for Kaggle mounts) looks at the environment.
+Only this module (and `kaggle.py` for Kaggle credentials) looks at the environment.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import pandas as pd
 from PIL import Image
 
 from cmc_kit.config import atomic_write_text
-from cmc_kit.data import ProgressLine
+from cmc_kit.progress import ProgressLine
 from cmc_kit.embed import METADATA_FILENAME, read_metadata
 from cmc_kit.errors import DataError
 from cmc_kit.palette import FRACTION_COLUMNS, NUM_CLASSES, class_to_rgb
