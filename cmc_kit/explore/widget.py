@@ -206,7 +206,7 @@ class Explorer:
         import plotly.graph_objects as go
 
         trace = scatter_trace(self.layout, self.table, marker_colours(self.table, self.colour_by),
-                               marker_size(len(self.table)))
+                              marker_size(len(self.table)))
         figure_class = go.FigureWidget if self.interactive else go.Figure
         self.figure = figure_class(data=[trace])
         self.figure.update_layout(template="plotly_white", width=FIGURE_WIDTH, height=560,
@@ -325,8 +325,8 @@ class Explorer:
         import plotly.graph_objects as go
 
         figure = go.Figure(scatter_trace(self.layout, self.table,
-                                          marker_colours(self.table, self.colour_by),
-                                          marker_size(len(self.table))))
+                                         marker_colours(self.table, self.colour_by),
+                                         marker_size(len(self.table))))
         figure.update_layout(template="plotly_white", width=640, height=560,
                              margin=dict(l=10, r=10, t=30, b=10),
                              title=f"coloured by {self.colour_by}")
