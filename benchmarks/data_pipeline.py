@@ -1,4 +1,4 @@
-"""Samples/s of `views.make_dataset` from the PNGs vs from the `prepare_cache` shards.
+"""Samples/s of `views.make_dataset` from the PNGs vs from the `cache.prepare_cache` shards.
 
 Usage: python benchmarks/data_pipeline.py [--n 64] [--size 512] [--crops 256 64] [--rounds 3]
 Writes a synthetic dataset (cmc_kit.synth) and its cache into a temporary folder, then times
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cmc_kit import cache as shard_cache
 from cmc_kit import data, synth, views
 
 
@@ -44,7 +45,7 @@ def main() -> None:
         synth.generate(root, n=args.n, size=args.size, seed=0, progress=False)
         catalog = data.discover(root)
         start = time.perf_counter()
-        cache = views.prepare_cache(catalog, Path(tmp) / "cache", progress=False)
+        cache = shard_cache.prepare_cache(catalog, Path(tmp) / "cache", progress=False)
         prepare_seconds = time.perf_counter() - start
         png_mb = sum(p.stat().st_size for p in root.rglob("*.png")) / 1e6
         cache_mb = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 1e6

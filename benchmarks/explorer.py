@@ -89,13 +89,13 @@ def main() -> None:
         cached_seconds = time.perf_counter() - started
 
         started = time.perf_counter()
-        page = explore.write_explorer_html(table, layout, thumbs, Path(tmp) / "explorer.html",
-                                           title="benchmark", thumb=args.thumb)
+        page = explore.write_explorer_html(table, layout, Path(tmp) / "explorer.html",
+                                           thumbnails=thumbs, title="benchmark", thumb=args.thumb)
         page_seconds = time.perf_counter() - started
         page_mb = page.stat().st_size / 1e6
 
         started = time.perf_counter()
-        explore.mosaic(layout, thumbs, Path(tmp) / "mosaic.png", ids=ids, thumb=args.thumb)
+        explore.mosaic(layout, Path(tmp) / "mosaic.png", thumbnails=thumbs, ids=ids, thumb=args.thumb)
         mosaic_seconds = time.perf_counter() - started
 
     thumb_kb = np.mean([sum(len(v) for v in t.values()) for t in thumbs.values()]) / 1e3

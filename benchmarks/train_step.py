@@ -41,6 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from cmc_kit import cache as shard_cache  # noqa: E402
 from cmc_kit import data, layers, models, objectives, synth, training, views  # noqa: E402
 from cmc_kit.config import preset  # noqa: E402
 from cmc_kit.layers import NormalizedConv2D, symmetric_pad  # noqa: E402
@@ -311,7 +312,7 @@ def main() -> None:
         step_flops = 4 * encoder_flops  # online forward + backward (~2x) + momentum forward
         matmul = matmul_flops_per_second()
 
-        cache = views.prepare_cache(catalog, Path(tmp) / "cache", progress=False)
+        cache = shard_cache.prepare_cache(catalog, Path(tmp) / "cache", progress=False)
         png_rate = pipeline_samples_per_second(catalog, config, None)
         cache_rate = pipeline_samples_per_second(catalog, config, cache)
 

@@ -371,16 +371,16 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from cmc_kit import data
+    from cmc_kit import kaggle
 
-    print(data.download(dest=args.dest, force=args.force))
+    print(kaggle.download(dest=args.dest, force=args.force))
     return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from cmc_kit import views
+    from cmc_kit import cache
 
-    root = views.prepare_cache(args.data, args.cache)
+    root = cache.prepare_cache(args.data, args.cache)
     print(_cache_summary(Path(root)))
     return 0
 

@@ -394,6 +394,12 @@ def in_ci() -> bool:
     return bool(os.environ.get("CI"))
 
 
+def xla_padding_setting() -> bool:
+    """Whether symmetric padding may use XLA (`cmc_kit.layers.xla_padding_available`): True
+    unless the environment variable CMC_KIT_XLA_PAD is 0, false, no or off."""
+    return os.environ.get("CMC_KIT_XLA_PAD", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def repository_root() -> Path:
     return Path(__file__).resolve().parent.parent
 

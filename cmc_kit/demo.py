@@ -64,10 +64,11 @@ def write_explorer_outputs(run: Path, dataset) -> dict:
     table = embed.embed_run(run, dataset=dataset, split="all", progress=False)
     table_path = embed.save_table(table, run / runs.EMBEDDINGS_DIR / runs.EMBEDDINGS_TABLE)
     layout = embed.umap_layout(embed.embedding_matrix(table), cache_dir=run / runs.UMAP_CACHE_DIR)
-    page = explore.write_explorer_html(table, layout, dataset.catalog, run / runs.EXPLORER_FILE,
+    page = explore.write_explorer_html(table, layout, run / runs.EXPLORER_FILE,
+                                       catalog=dataset.catalog,
                                        title=f"{run.name}: trunk / terrain, epoch "
                                              f"{table.attrs.get('epoch')}", progress=False)
-    picture = explore.mosaic(layout, dataset.catalog, run / runs.MOSAIC_FILE,
+    picture = explore.mosaic(layout, run / runs.MOSAIC_FILE, catalog=dataset.catalog,
                              ids=list(table["id"]))
     outputs = {"embeddings": table_path, "explorer": page, "mosaic": picture}
     if explore.epoch_tables(run):  # the held-out subset after each epoch, animated

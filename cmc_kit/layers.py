@@ -16,12 +16,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import math
-import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+
+from cmc_kit.config import xla_padding_setting
 
 
 def _positive_int(value, argument: str, layer: str) -> int:
@@ -122,7 +123,7 @@ def xla_padding_available() -> bool:
     """
     global _XLA_PAD_AVAILABLE
     if _XLA_PAD_AVAILABLE is None:
-        if os.environ.get("CMC_KIT_XLA_PAD", "1").strip().lower() in ("0", "false", "no", "off"):
+        if not xla_padding_setting():
             _XLA_PAD_AVAILABLE = False
         else:
             # A fresh thread executes eagerly even when this is first called while tracing

@@ -153,9 +153,9 @@ def get_data(data_dir: str | os.PathLike | None = None, *, force_synthetic: bool
     the later notebooks (`find_data`).
 
     Args:
-        downloader: `cmc_kit.data.download`-like callable `(dest=...) -> Path` (tests pass a fake).
+        downloader: `cmc_kit.kaggle.download`-like callable `(dest=...) -> Path` (tests pass a fake).
     """
-    from cmc_kit import data as data_module
+    from cmc_kit import kaggle
     from cmc_kit.demo import ensure_synthetic
 
     given = Path(data_dir).expanduser() if data_dir is not None else None
@@ -166,7 +166,7 @@ def get_data(data_dir: str | os.PathLike | None = None, *, force_synthetic: bool
     elif given is not None and _holds_samples(given):
         choice = DataChoice(given, "folder", f"Using the dataset already in {given}.")
     else:
-        downloader = downloader or data_module.download
+        downloader = downloader or kaggle.download
         try:
             path = Path(downloader(dest=given))
             where = "attached Kaggle input" if on_kaggle() else "Kaggle API download"

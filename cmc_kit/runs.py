@@ -361,10 +361,9 @@ def bring_in_previous_run(run: str | os.PathLike, resume_from: str | os.PathLike
     elif fresh:
         return None
     else:
-        source = kaggle.find_previous_output(run.name, input_root, is_run=is_run_dir)
+        source = kaggle.find_previous_output(run, input_root, is_run=is_run_dir)
         if source is None:
             return None
-        print(f"Continuing from the previous notebook output {source}")
     if source.resolve() != run.resolve():
         _copy_run(source, run)
     return source

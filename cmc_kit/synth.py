@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cmc_kit.fileio import atomic_write_text
-from cmc_kit.data import ProgressLine
 from cmc_kit.data import METADATA_FILENAME, read_metadata
+from cmc_kit.fileio import atomic_write_text
+from cmc_kit.progress import ProgressLine
 from cmc_kit.errors import DataError
 from cmc_kit.palette import FRACTION_COLUMNS, NUM_CLASSES, class_to_rgb
 

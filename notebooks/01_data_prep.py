@@ -55,7 +55,7 @@ except ImportError:  # fresh Kaggle session
     importlib.invalidate_caches()
     import cmc_kit
 
-from cmc_kit import data, notebook, views
+from cmc_kit import cache, data, notebook
 from cmc_kit.config import in_ci, preset
 
 ENVIRONMENT = notebook.environment_report()
@@ -147,7 +147,7 @@ print(f"saved {VIEWS_PNG}")
 
 # %%
 if BUILD_CACHE:
-    CACHE = views.prepare_cache(DATA, notebook.cache_dir_for(DATA))
+    CACHE = cache.prepare_cache(DATA, notebook.cache_dir_for(DATA))
     size_mb = sum(f.stat().st_size for f in CACHE.rglob("*") if f.is_file()) / 1e6
     print(f"cache {CACHE}: {size_mb:,.1f} MB")
 

@@ -120,7 +120,7 @@ over_epochs
 # point nearest the cell centre): a one-glance check of what the regions hold.
 
 # %%
-mosaic_png = explore.mosaic(explorer.layout, catalog, RUN / "mosaic.png",
+mosaic_png = explore.mosaic(explorer.layout, RUN / "mosaic.png", catalog=catalog,
                             ids=list(explorer.table["id"].astype(str)))
 Image(filename=str(mosaic_png), width=640)
 
@@ -149,6 +149,6 @@ maps.figure
 # offline, hover for details. On Kaggle it is part of the notebook's output.
 
 # %%
-page = explore.write_explorer_html(explorer.table, explorer.layout, catalog, RUN / "explorer.html",
-                                   title=f"{RUN.name}: epoch {handle.epoch}, step {handle.step}")
+page = explore.write_explorer_html(explorer.table, explorer.layout, RUN / "explorer.html",
+                                   catalog=catalog, title=f"{RUN.name}: epoch {handle.epoch}, step {handle.step}")
 print(f"wrote {page} ({page.stat().st_size / 1e6:.1f} MB)")

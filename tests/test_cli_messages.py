@@ -227,7 +227,7 @@ def test_synth_progress_is_a_few_lines_when_not_a_terminal(tmp_path, capsys):
 def test_progress_line_rewrites_one_line_on_a_terminal():
     import io
 
-    from cmc_kit.data import ProgressLine
+    from cmc_kit.progress import ProgressLine
 
     stream = io.StringIO()
     progress = ProgressLine("synth", 3, stream=stream, interactive=True, min_interval_s=0.0)

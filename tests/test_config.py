@@ -80,3 +80,16 @@ def test_parse_duration():
     for bad in ("soon", "-1h", "0", ""):
         with pytest.raises(ConfigError, match="--time-limit"):
             parse_duration(bad)
+
+
+@pytest.mark.parametrize("value,allowed", [(None, True), ("1", True), ("yes", True),
+                                           ("0", False), (" Off ", False), ("false", False),
+                                           ("no", False)])
+def test_xla_padding_setting_reads_cmc_kit_xla_pad(monkeypatch, value, allowed):
+    from cmc_kit.config import xla_padding_setting
+
+    if value is None:
+        monkeypatch.delenv("CMC_KIT_XLA_PAD", raising=False)
+    else:
+        monkeypatch.setenv("CMC_KIT_XLA_PAD", value)
+    assert xla_padding_setting() is allowed

@@ -82,6 +82,16 @@ def test_discover_duplicate_ids_name_both_paths(tmp_path):
     assert str(tmp_path / "copy1") in message and str(tmp_path / "copy2") in message
 
 
+def test_catalog_ids_are_strings_and_bad_catalogs_name_the_fix():
+    ids = data.catalog_ids(pd.DataFrame({"id": [3, "0002", 10]}))
+    assert list(ids) == ["3", "0002", "10"]
+    for catalog, message in ((pd.DataFrame({"terrain": ["a"]}), "no 'id' column.*discover"),
+                             (pd.DataFrame({"id": []}), "empty"),
+                             (pd.DataFrame({"id": ["7", 7, "8"]}), r"repeats sample id\(s\) \['7'\]")):
+        with pytest.raises(DataError, match=message):
+            data.catalog_ids(catalog)
+
+
 # -- split --------------------------------------------------------------------------------------
 
 def _ids(n):

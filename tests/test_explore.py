@@ -256,7 +256,8 @@ def test_mosaic_places_thumbnails_at_their_cells(dataset, tmp_path):
     # Corners and centre of a 4 x 4 grid of 8 px cells.
     layout = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [0.5, 0.5]], dtype=np.float32)
     ids = list(dataset.catalog["id"][:5])
-    out = explore.mosaic(layout, dataset.catalog, tmp_path / "m.png", canvas=32, thumb=8, ids=ids)
+    out = explore.mosaic(layout, tmp_path / "m.png", catalog=dataset.catalog, canvas=32, thumb=8,
+                         ids=ids)
     picture = np.asarray(Image.open(out).convert("RGB")).astype(int)
     assert picture.shape == (32, 32, 3)
     expected = {(31, 0): 0, (31, 31): 1, (0, 0): 2, (0, 31): 3, (20, 12): 4}  # (row, col) pixel
@@ -275,7 +276,7 @@ def test_mosaic_keeps_one_thumbnail_per_cell_for_any_size(tmp_path):
         buffer = io.BytesIO()
         Image.fromarray(np.full((thumb, thumb, 3), colours[i])).save(buffer, format="PNG")
         thumbs[f"s{i}"] = {"terrain": buffer.getvalue()}
-    out = explore.mosaic(layout, thumbs, tmp_path / "big.png", canvas=128, thumb=thumb)
+    out = explore.mosaic(layout, tmp_path / "big.png", thumbnails=thumbs, canvas=128, thumb=thumb)
     picture = np.asarray(Image.open(out).convert("RGB"))
     assert picture.shape == (128, 128, 3)
     # Every occupied cell is one solid thumbnail (no overlap), and its colour is a sample's.
@@ -356,9 +357,9 @@ def test_feature_maps_of_the_real_encoder():
 
 @pytest.fixture
 def page_path(dataset, tmp_path):
-    return explore.write_explorer_html(dataset.table, dataset.layout, dataset.catalog,
-                                       tmp_path / "out" / "explorer.html", title="Test <page>",
-                                       thumb=16)
+    return explore.write_explorer_html(dataset.table, dataset.layout,
+                                       tmp_path / "out" / "explorer.html",
+                                       catalog=dataset.catalog, title="Test <page>", thumb=16)
 
 
 def test_page_is_self_contained(page_path):
@@ -383,6 +384,25 @@ def test_page_is_self_contained(page_path):
     assert "Test &lt;page&gt;" in text
     for option in ("dominant_class", "height_mean", "hemisphere"):
         assert f'<option value="{option}">' in text
+
+
+def test_page_and_mosaic_take_the_catalog_or_the_thumbnails_by_name(dataset, tmp_path):
+    thumbs = explore.make_thumbnails(dataset.catalog, size=16, detail_size=12)
+    from_catalog = explore.write_explorer_html(dataset.table, dataset.layout, tmp_path / "a.html",
+                                               catalog=dataset.catalog, thumb=16)
+    from_thumbs = explore.write_explorer_html(dataset.table, dataset.layout, tmp_path / "b.html",
+                                              thumbnails=thumbs, thumb=16)
+    assert from_catalog.read_bytes() == from_thumbs.read_bytes()
+    for kwargs in ({}, {"catalog": dataset.catalog, "thumbnails": thumbs}):
+        with pytest.raises(explore.CmcKitError, match="exactly one"):
+            explore.write_explorer_html(dataset.table, dataset.layout, tmp_path / "c.html",
+                                        **kwargs)
+        with pytest.raises(explore.CmcKitError, match="exactly one"):
+            explore.mosaic(dataset.layout, tmp_path / "c.png", **kwargs)
+    assert not list(tmp_path.glob("c.*"))
+    with pytest.raises(explore.DataError, match="No thumbnails.*thumbnails="):
+        explore.write_explorer_html(dataset.table, dataset.layout, tmp_path / "d.html",
+                                    thumbnails={"0001": thumbs["0001"]})
 
 
 def test_export_html_embeds_a_run_and_caches_its_layout(dataset, tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cmc_kit import views
+from cmc_kit import cache as shard_cache
+from cmc_kit import decode, views
 from cmc_kit.errors import DataError
 from cmc_kit.palette import NUM_CLASSES, PALETTE, nearest_class
 
@@ -85,7 +86,7 @@ def coordinate_catalog(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache_dir(coordinate_catalog, tmp_path_factory):
-    return views.prepare_cache(coordinate_catalog, tmp_path_factory.mktemp("cache"),
+    return shard_cache.prepare_cache(coordinate_catalog, tmp_path_factory.mktemp("cache"),
                                shard_size=3, progress=False)
 
 
@@ -95,7 +96,7 @@ def catalog_copy(coordinate_catalog, tmp_path):
     rows = []
     for row in coordinate_catalog.to_dict("records"):
         copied = {"id": row["id"]}
-        for column in views.SOURCES:
+        for column in decode.SOURCES:
             target = tmp_path / "_dataset" / f"{row['id']}_{column}.png"
             target.parent.mkdir(exist_ok=True)
             shutil.copy(row[column], target)
@@ -109,7 +110,7 @@ def catalog_copy(coordinate_catalog, tmp_path):
 def test_sixteen_bit_height_png_round_trips_exactly(tmp_path):
     height = np.random.default_rng(0).integers(0, 65536, size=(9, 11), dtype=np.uint16)
     Image.fromarray(height).save(tmp_path / "h.png")
-    raw = views.decode_sample(height=str(tmp_path / "h.png"))
+    raw = decode.decode_sample(height=str(tmp_path / "h.png"))
     assert set(raw) == {"height"}
     assert raw["height"].dtype == tf.uint16 and raw["height"].shape == (9, 11, 1)
     np.testing.assert_array_equal(raw["height"].numpy()[..., 0], height)
@@ -117,13 +118,13 @@ def test_sixteen_bit_height_png_round_trips_exactly(tmp_path):
 
 def test_decode_sample_decodes_only_given_paths(coordinate_catalog):
     row = coordinate_catalog.iloc[2]
-    raw = views.decode_sample(terrain=row["terrain"], segmentation=row["segmentation"])
+    raw = decode.decode_sample(terrain=row["terrain"], segmentation=row["segmentation"])
     assert set(raw) == {"terrain", "segmentation"}
     terrain, _, segmentation = coordinate_images(2)
     np.testing.assert_array_equal(raw["terrain"].numpy(), terrain)
     np.testing.assert_array_equal(raw["segmentation"].numpy()[..., 0], nearest_class(segmentation))
     with pytest.raises(ValueError, match="at least one"):
-        views.decode_sample()
+        decode.decode_sample()
 
 
 def test_nearest_palette_class_matches_numpy_on_off_palette_colours():
@@ -136,7 +137,7 @@ def test_nearest_palette_class_matches_numpy_on_off_palette_colours():
     assert len(ties) > 20
     colours = np.concatenate([np.clip(noisy, 0, 255), rng.integers(0, 256, (3997, 3)), PALETTE])
     colours = np.concatenate([colours, ties]).astype(np.uint8).reshape(1, -1, 3)
-    got = views.nearest_palette_class(tf.constant(colours)).numpy()
+    got = decode.nearest_palette_class(tf.constant(colours)).numpy()
     np.testing.assert_array_equal(got, nearest_class(colours))
     assert got.dtype == np.uint8
 
@@ -473,7 +474,7 @@ def test_missing_cache_names_the_fix(coordinate_catalog, tmp_path):
 
 
 def test_prepare_is_idempotent_and_resumes(coordinate_catalog, tmp_path, monkeypatch):
-    cache = views.prepare_cache(coordinate_catalog, tmp_path / "cache", shard_size=3,
+    cache = shard_cache.prepare_cache(coordinate_catalog, tmp_path / "cache", shard_size=3,
                                 progress=False)
     manifest = (cache / "manifest.json").read_text()
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*/*.npy")}
@@ -482,8 +483,8 @@ def test_prepare_is_idempotent_and_resumes(coordinate_catalog, tmp_path, monkeyp
         raise AssertionError(f"prepare_cache decoded again: {paths}")
 
     with monkeypatch.context() as patch:
-        patch.setattr(views, "decode_sample", must_not_decode)
-        views.prepare_cache(coordinate_catalog, cache, shard_size=3, progress=False)
+        patch.setattr(shard_cache, "decode_sample", must_not_decode)
+        shard_cache.prepare_cache(coordinate_catalog, cache, shard_size=3, progress=False)
     assert (cache / "manifest.json").read_text() == manifest
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*/*.npy")} == stamps
 
@@ -491,7 +492,7 @@ def test_prepare_is_idempotent_and_resumes(coordinate_catalog, tmp_path, monkeyp
     untouched = (cache / "shard-00000" / "terrain.npy").stat().st_mtime_ns
     shutil.rmtree(cache / "shard-00001")
     (cache / ".shard-00001.tmp-12345").mkdir()
-    views.prepare_cache(coordinate_catalog, cache, shard_size=3, progress=False)
+    shard_cache.prepare_cache(coordinate_catalog, cache, shard_size=3, progress=False)
     assert (cache / "shard-00000" / "terrain.npy").stat().st_mtime_ns == untouched
     assert (cache / "shard-00001" / "terrain.npy").exists()
     assert not list(cache.glob(".shard-*"))
@@ -502,7 +503,7 @@ def test_prepare_from_a_folder(coordinate_catalog, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(__import__("pathlib").Path(coordinate_catalog["terrain"][0]).parent,
                     root / "_dataset")
-    cache = views.prepare_cache(root, tmp_path / "cache", progress=False)
+    cache = shard_cache.prepare_cache(root, tmp_path / "cache", progress=False)
     manifest = json.loads((cache / "manifest.json").read_text())
     assert [i for s in manifest["shards"] for i in s["ids"]] == list(coordinate_catalog["id"])
 
@@ -510,7 +511,7 @@ def test_prepare_from_a_folder(coordinate_catalog, tmp_path):
 def test_cache_skips_samples_unreadable_at_prepare_time(catalog_copy, tmp_path):
     with open(catalog_copy["terrain"].iloc[4], "wb") as handle:
         handle.write(b"garbage")
-    cache = views.prepare_cache(catalog_copy, tmp_path / "cache", shard_size=3, progress=False)
+    cache = shard_cache.prepare_cache(catalog_copy, tmp_path / "cache", shard_size=3, progress=False)
     counters = views.SkippedCounter(), views.SkippedCounter()
     from_png = batches(make_training(catalog_copy, batch_size=3, skipped_counter=counters[0]))
     from_cache = batches(make_training(catalog_copy, batch_size=3, cache=cache,
@@ -538,10 +539,10 @@ def test_sample_with_mismatched_image_sizes_is_skipped_not_misaligned(catalog_co
 
 
 def test_prepare_rejects_a_sample_of_another_size(catalog_copy, tmp_path):
-    for column in views.SOURCES:
+    for column in decode.SOURCES:
         image = Image.open(catalog_copy[column].iloc[5])
         image.resize((SIZE // 2, SIZE // 2)).save(catalog_copy[column].iloc[5])
     with pytest.raises(DataError, match="one size") as info:
-        views.prepare_cache(catalog_copy, tmp_path / "cache", shard_size=3, progress=False)
+        shard_cache.prepare_cache(catalog_copy, tmp_path / "cache", shard_size=3, progress=False)
     assert catalog_copy["id"].iloc[5] in str(info.value)
     assert not list((tmp_path / "cache").glob(".shard-*"))  # no half-written shard left

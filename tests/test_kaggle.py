@@ -1,4 +1,5 @@
-"""Kaggle download and attached-input discovery, with fake API objects (never the network)."""
+"""Kaggle download, attached-input discovery and previous notebook outputs, with fake API objects
+(never the network)."""
 
 import os
 import sys
@@ -7,11 +8,11 @@ import zipfile
 
 import pytest
 
-from cmc_kit import cli, data, synth
+from cmc_kit import cli, data, kaggle, synth
 from cmc_kit.errors import CredentialsError, DataError
 
 SECRET = "s3cr3t-kaggle-key-0123456789"
-OWNER, SLUG = data.KAGGLE_DATASET.split("/")
+OWNER, SLUG = kaggle.KAGGLE_DATASET.split("/")
 
 
 @pytest.fixture(scope="module")
@@ -61,36 +62,36 @@ def no_credentials(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
-    monkeypatch.setattr(data, "on_kaggle", lambda: False)
+    monkeypatch.setattr(kaggle, "on_kaggle", lambda: False)
     monkeypatch.setitem(sys.modules, "kaggle", None)  # importing it now raises ImportError
     return tmp_path
 
 
 def test_download_unzips_returns_root_and_marks_complete(tmp_path, dataset_zip, no_credentials):
     api = FakeApi(dataset_zip)
-    root = data.download(tmp_path / "terrain", api=api)
+    root = kaggle.download(tmp_path / "terrain", api=api)
     assert root == tmp_path / "terrain"
-    assert api.calls == ["authenticate", ("download", data.KAGGLE_DATASET, False)]
+    assert api.calls == ["authenticate", ("download", kaggle.KAGGLE_DATASET, False)]
     assert list(data.discover(root)["id"]) == ["0001", "0002", "0003"]
-    assert (root / data.COMPLETE_MARKER).is_file()
-    leftovers = [p.name for p in root.iterdir() if p.name not in ("_dataset", data.COMPLETE_MARKER)]
+    assert (root / kaggle.COMPLETE_MARKER).is_file()
+    leftovers = [p.name for p in root.iterdir() if p.name not in ("_dataset", kaggle.COMPLETE_MARKER)]
     assert leftovers == []  # zip and staging folders are gone
 
 
 def test_second_download_is_cached_without_touching_the_api(tmp_path, dataset_zip, no_credentials):
-    data.download(tmp_path / "terrain", api=FakeApi(dataset_zip))
-    assert data.download(tmp_path / "terrain", api=ExplodingApi()) == tmp_path / "terrain"
-    assert data.download(tmp_path / "terrain") == tmp_path / "terrain"  # no credentials needed
+    kaggle.download(tmp_path / "terrain", api=FakeApi(dataset_zip))
+    assert kaggle.download(tmp_path / "terrain", api=ExplodingApi()) == tmp_path / "terrain"
+    assert kaggle.download(tmp_path / "terrain") == tmp_path / "terrain"  # no credentials needed
     again = FakeApi(dataset_zip)
-    data.download(tmp_path / "terrain", api=again, force=True)
-    assert ("download", data.KAGGLE_DATASET, False) in again.calls
+    kaggle.download(tmp_path / "terrain", api=again, force=True)
+    assert ("download", kaggle.KAGGLE_DATASET, False) in again.calls
 
 
 def test_missing_credentials_message_lists_every_way_and_leaks_no_key(
         tmp_path, no_credentials, monkeypatch, capsys):
     monkeypatch.setenv("KAGGLE_KEY", SECRET)  # a key without a username is not enough
     with pytest.raises(CredentialsError) as err:
-        data.download(tmp_path / "terrain")  # would raise ImportError had it imported kaggle
+        kaggle.download(tmp_path / "terrain")  # would raise ImportError had it imported kaggle
     message = str(err.value)
     for needle in ("KAGGLE_USERNAME", "KAGGLE_KEY", "kaggle.json", "chmod 600", "KAGGLE_CONFIG_DIR",
                    str(tmp_path / "kaggle-config" / "kaggle.json"), "KAGGLE_API_TOKEN", "Secrets",
@@ -105,10 +106,10 @@ def test_missing_credentials_message_lists_every_way_and_leaks_no_key(
 def test_failed_authentication_becomes_credentials_error_without_kaggle_output(
         tmp_path, dataset_zip, no_credentials, capsys):
     with pytest.raises(CredentialsError) as err:
-        data.download(tmp_path / "terrain", api=FakeApi(dataset_zip, fail_auth=True))
+        kaggle.download(tmp_path / "terrain", api=FakeApi(dataset_zip, fail_auth=True))
     assert SECRET not in str(err.value) and err.value.__cause__ is None
     assert SECRET not in capsys.readouterr().out
-    assert not (tmp_path / "terrain" / data.COMPLETE_MARKER).exists()
+    assert not (tmp_path / "terrain" / kaggle.COMPLETE_MARKER).exists()
 
 
 def _fake_kaggle_modules(monkeypatch, api_class):
@@ -128,7 +129,7 @@ def test_kaggle_json_is_found_and_a_readable_one_warns(tmp_path, dataset_zip, no
     os.chmod(config / "kaggle.json", 0o644)
     _fake_kaggle_modules(monkeypatch, lambda: FakeApi(dataset_zip))
     with pytest.warns(UserWarning, match=r"chmod 600") as caught:
-        root = data.download(tmp_path / "terrain")
+        root = kaggle.download(tmp_path / "terrain")
     assert all(SECRET not in str(w.message) for w in caught)
     assert len(data.discover(root)) == 3
 
@@ -145,7 +146,7 @@ def test_kaggle_import_that_exits_becomes_credentials_error(tmp_path, no_credent
     monkeypatch.setitem(sys.modules, "kaggle.api", types.ModuleType("kaggle.api"))
     monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", ExitingModule("x"))
     with pytest.raises(CredentialsError) as err:
-        data.download(tmp_path / "terrain")
+        kaggle.download(tmp_path / "terrain")
     assert SECRET not in str(err.value)
 
 
@@ -153,7 +154,7 @@ def test_kaggle_import_that_exits_becomes_credentials_error(tmp_path, no_credent
 def test_zip_entries_outside_dest_are_rejected_and_nothing_is_left(tmp_path, dataset_zip, no_credentials, evil):
     dest = tmp_path / "terrain"
     with pytest.raises(DataError) as err:
-        data.download(dest, api=FakeApi(dataset_zip, extra_entries=[evil]))
+        kaggle.download(dest, api=FakeApi(dataset_zip, extra_entries=[evil]))
     assert repr(evil) in str(err.value)
     assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/tmp/cmc_kit_abs_evil.txt")
     assert list(dest.iterdir()) == []  # no partial extraction, no zip, no marker
@@ -165,7 +166,7 @@ def test_failed_download_is_a_data_error_naming_the_dataset(tmp_path, no_credent
             raise ConnectionError("network unreachable")
 
     with pytest.raises(DataError, match=r"earth-terrain.*network unreachable.*retry"):
-        data.download(tmp_path / "terrain", api=OfflineApi())
+        kaggle.download(tmp_path / "terrain", api=OfflineApi())
 
 
 @pytest.mark.parametrize("layout", [(SLUG,), ("datasets", OWNER, SLUG), ("terrain-copy-v2",)])
@@ -174,7 +175,7 @@ def test_kaggle_input_is_found_in_both_mount_layouts_without_download(tmp_path, 
     (input_root / "some-other-dataset").mkdir(parents=True)
     (input_root / "some-other-dataset" / "readme.txt").write_text("unrelated")
     synth.generate(input_root.joinpath(*layout), n=2, size=24, seed=0, progress=False)
-    root = data.download(kaggle_input=input_root, api=ExplodingApi())
+    root = kaggle.download(kaggle_input=input_root, api=ExplodingApi())
     assert root == input_root.joinpath(*layout)
     assert list(data.discover(root)["id"]) == ["0001", "0002"]
 
@@ -182,4 +183,44 @@ def test_kaggle_input_is_found_in_both_mount_layouts_without_download(tmp_path, 
 def test_kaggle_input_without_the_dataset_explains_how_to_attach(tmp_path):
     (tmp_path / "input" / "other").mkdir(parents=True)
     with pytest.raises(DataError, match=r"Add Input.*" + OWNER):
-        data.download(kaggle_input=tmp_path / "input", api=ExplodingApi())
+        kaggle.download(kaggle_input=tmp_path / "input", api=ExplodingApi())
+
+
+# -- previous notebook versions ---------------------------------------------------------------
+
+def _a_run(folder):
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def _is_run(folder):
+    return (folder / "config.json").is_file() and (folder / "checkpoints").is_dir()
+
+
+def test_previous_output_is_the_first_attached_run_of_the_same_name(tmp_path, capsys):
+    inputs = tmp_path / "input"
+    (inputs / "cmc-train-v0" / "runs" / "terrain-cmc").mkdir(parents=True)  # no run in it
+    _a_run(inputs / "other-run" / "runs" / "demo")                          # another name
+    found = _a_run(inputs / "cmc-train-v1" / "runs" / "terrain-cmc")
+    _a_run(inputs / "cmc-train-v2" / "runs" / "terrain-cmc")
+    (inputs / "notes" / "terrain-cmc").parent.mkdir(parents=True)
+    (inputs / "notes" / "terrain-cmc").write_text("a file, not a run")
+    assert kaggle.find_previous_output(tmp_path / "work" / "terrain-cmc", inputs,
+                                       is_run=_is_run) == found
+    assert f"previous notebook output {found}" in capsys.readouterr().out
+    assert kaggle.find_previous_output("terrain-cmc", inputs, is_run=_is_run) == found
+    assert kaggle.find_previous_output("missing", inputs, is_run=_is_run) is None
+    assert kaggle.find_previous_output("terrain-cmc", tmp_path / "nowhere", is_run=_is_run) is None
+    _a_run(inputs / "x" / "run[1]")
+    assert kaggle.find_previous_output("run[1]", inputs, is_run=_is_run) == inputs / "x" / "run[1]"
+
+
+def test_previous_output_looks_in_kaggle_input_only_on_kaggle(tmp_path, monkeypatch):
+    inputs = tmp_path / "input"
+    found = _a_run(inputs / "v1" / "terrain-cmc")
+    monkeypatch.setattr(kaggle, "default_paths", lambda: {"input": inputs})
+    monkeypatch.setattr(kaggle, "on_kaggle", lambda: False)
+    assert kaggle.find_previous_output("terrain-cmc", is_run=_is_run) is None
+    monkeypatch.setattr(kaggle, "on_kaggle", lambda: True)
+    assert kaggle.find_previous_output("terrain-cmc", is_run=_is_run) == found
