@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,14 +20,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from cmc_kit import layout
 from cmc_kit.errors import DataError
 from cmc_kit.palette import PALETTE, palette_distance
 from cmc_kit.progress import ProgressLine
 
 CATALOG_COLUMNS = ("id", "terrain", "height", "segmentation")
-VIEW_SUFFIXES = {"terrain": "t", "height": "h", "segmentation": "i2"}
-_FILE_PATTERN = re.compile(r"^(?P<id>.+)_(?P<suffix>t|h|i2)\.png$", re.IGNORECASE)
-_SUFFIX_TO_VIEW = {suffix: view for view, suffix in VIEW_SUFFIXES.items()}
 
 # A segmentation is "off palette" when more than this fraction of its pixels lie farther than
 # this RGB distance from every palette colour. JPEG-like noise stays well inside 40; the
@@ -61,11 +58,11 @@ def discover(root: str | os.PathLike, *, include_incomplete: bool = False) -> pd
     if not root.is_dir():
         raise DataError(f"Dataset folder {root} does not exist or is not a folder. {_HINT_NO_DATA}")
     found: dict[str, dict[str, str]] = {}
-    for path in walk_pngs(root):
-        match = _FILE_PATTERN.match(path.name)
-        if not match:
+    for path in layout.walk_pngs(root):
+        found_file = layout.sample_file(path.name)
+        if found_file is None:
             continue
-        sample_id, view = match.group("id"), _SUFFIX_TO_VIEW[match.group("suffix").lower()]
+        sample_id, view = found_file
         files = found.setdefault(sample_id, {})
         if view in files:
             first, second = sorted([files[view], str(path)])
@@ -74,9 +71,9 @@ def discover(root: str | os.PathLike, *, include_incomplete: bool = False) -> pd
                 f"Keep one copy (delete or move the other folder) or point to a folder that "
                 f"holds a single copy of the dataset.")
         files[view] = str(path)
-    rows = [{"id": sample_id, **{view: files.get(view) for view in VIEW_SUFFIXES}}
+    rows = [{"id": sample_id, **{view: files.get(view) for view in layout.VIEW_SUFFIXES}}
             for sample_id, files in found.items()
-            if include_incomplete or len(files) == len(VIEW_SUFFIXES)]
+            if include_incomplete or len(files) == len(layout.VIEW_SUFFIXES)]
     if not rows:
         what = "no sample files" if not found else f"only incomplete samples ({len(found)})"
         raise DataError(f"Dataset folder {root} holds {what}: expected <id>_t.png, <id>_h.png and "
@@ -85,21 +82,6 @@ def discover(root: str | os.PathLike, *, include_incomplete: bool = False) -> pd
     catalog = pd.DataFrame(rows, columns=list(CATALOG_COLUMNS), dtype=object)
     order = sorted(range(len(catalog)), key=lambda i: id_sort_key(catalog.at[i, "id"]))
     return catalog.iloc[order].reset_index(drop=True)
-
-
-def walk_pngs(root: Path):
-    """Yields PNG paths under root, following symlinked folders but never the same folder twice."""
-    seen: set[str] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        subfolders.sort()
-        for name in sorted(files):
-            if name.lower().endswith(".png"):
-                yield Path(folder) / name
 
 
 def id_sort_key(sample_id: str) -> tuple:
@@ -168,32 +150,6 @@ def _hash_unit(seed: int, sample_id: str) -> float:
 
 # -- metadata and the dataset as a whole -------------------------------------------------------
 
-METADATA_FILENAME = "metadata.csv"
-
-
-def find_metadata_csv(root: str | os.PathLike) -> Path | None:
-    """`metadata.csv` at the data root (or beside a `_dataset` folder given as the root)."""
-    root = Path(root)
-    if (root / METADATA_FILENAME).is_file():
-        return root / METADATA_FILENAME
-    if root.name == "_dataset" and (root.parent / METADATA_FILENAME).is_file():
-        return root.parent / METADATA_FILENAME
-    return None
-
-
-def read_metadata(path: str | os.PathLike) -> pd.DataFrame:
-    """A metadata.csv with its `id` column as strings."""
-    path = Path(path)
-    try:
-        metadata = pd.read_csv(path, dtype={"id": str})
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"Cannot read metadata file {path}: {err}. Fix or delete it.") from err
-    if "id" not in metadata.columns:
-        raise DataError(f"Metadata file {path} has no 'id' column (columns: "
-                        f"{', '.join(metadata.columns)}). Add one or delete the file.")
-    return metadata
-
-
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """A dataset folder, found once: its catalog (`discover`) and its metadata.csv (or None).
@@ -207,7 +163,7 @@ class Dataset:
 
     @classmethod
     def find(cls, root: str | os.PathLike) -> "Dataset":
-        return cls(Path(root), discover(root), find_metadata_csv(root))
+        return cls(Path(root), discover(root), layout.find_metadata_csv(root))
 
 
 def as_dataset(data: str | os.PathLike | None, dataset: Dataset | None) -> Dataset:
@@ -349,13 +305,14 @@ def _check_sample(record: dict[str, Any], check_pixels: bool
                   ) -> tuple[list[Problem], tuple[int, int] | None]:
     """The sample's problems, and its image size when its three images agree."""
     sample_id = record["id"]
-    present = {view: record[view] for view in VIEW_SUFFIXES if isinstance(record[view], str)}
-    if len(present) < len(VIEW_SUFFIXES):
+    present = {view: record[view] for view in layout.VIEW_SUFFIXES
+               if isinstance(record[view], str)}
+    if len(present) < len(layout.VIEW_SUFFIXES):
         folder = Path(next(iter(present.values()))).parent
         return [Problem(sample_id, str(folder / f"{sample_id}_{suffix}.png"), "missing",
                         f"{view} file is missing; the sample is skipped. Restore it or remove the "
                         f"sample's other files.")
-                for view, suffix in VIEW_SUFFIXES.items() if view not in present], None
+                for view, suffix in layout.VIEW_SUFFIXES.items() if view not in present], None
     problems: list[Problem] = []
     sizes = {}
     for view, path in present.items():
@@ -374,7 +331,7 @@ def _check_sample(record: dict[str, Any], check_pixels: bool
                               "`cmc_kit.kaggle.download(force=True)`).")
         if problem is not None:
             problems.append(problem)
-    if len(sizes) == len(VIEW_SUFFIXES):
+    if len(sizes) == len(layout.VIEW_SUFFIXES):
         distinct = set(sizes.values())
         if len(distinct) > 1:
             detail = ", ".join(f"{view} {w}x{h}" for view, (w, h) in sizes.items())
@@ -386,7 +343,8 @@ def _check_sample(record: dict[str, Any], check_pixels: bool
                                     f"images are {size[0]}x{size[1]}, not square. Crop or resize "
                                     "all three to the same square size, or remove the sample."))
     agreed = set(sizes.values())
-    return problems, (agreed.pop() if len(sizes) == len(VIEW_SUFFIXES) and len(agreed) == 1 else None)
+    complete = len(sizes) == len(layout.VIEW_SUFFIXES)
+    return problems, (agreed.pop() if complete and len(agreed) == 1 else None)
 
 
 def _check_mode(sample_id: str, view: str, path: str, mode: str) -> Problem | None:

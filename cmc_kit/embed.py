@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cmc_kit import data as data_module
-from cmc_kit import probes, runs
+from cmc_kit import layout, probes, runs
 from cmc_kit.config import ALL_VIEWS
 from cmc_kit.errors import CmcKitError, DataError
 from cmc_kit.fileio import atomic_path
@@ -124,7 +124,7 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
     table["height_mean"] = np.concatenate(height_means).astype(np.float32)
     table["height_std"] = np.concatenate(height_stds).astype(np.float32)
     if metadata_csv is not None:
-        table = join_metadata(table, data_module.read_metadata(metadata_csv))
+        table = join_metadata(table, layout.read_metadata(metadata_csv))
     table.attrs.update({"source": source, "view": view, "crop_size": int(crop_size)})
     return table
 

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cmc_kit.config import default_paths, on_kaggle
-from cmc_kit.data import discover, walk_pngs
+from cmc_kit.layout import holds_samples
 from cmc_kit.errors import CredentialsError, DataError
 
 KAGGLE_DATASET = "tpapp157/earth-terrain-height-and-segmentation-map-images"
@@ -74,7 +74,10 @@ def download(
     dest.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     _download_and_unzip(api, dest)
-    discover(dest)  # fails clearly if the archive held no triplets
+    if not holds_samples(dest, complete=True):
+        raise DataError(f"The archive of {KAGGLE_DATASET} unpacked into {dest} holds no complete "
+                        "<id>_t.png, <id>_h.png, <id>_i2.png sample. Delete the folder and run "
+                        "`cmc-kit download --force` again.")
     marker.write_text(json.dumps({"dataset": KAGGLE_DATASET}) + "\n")
     return dest
 
@@ -118,7 +121,7 @@ def find_attached_dataset(input_root: str | os.PathLike) -> Path | None:
     input_root = Path(input_root)
     owner, slug = KAGGLE_DATASET.split("/")
     for candidate in (input_root / slug, input_root / "datasets" / owner / slug):
-        if _holds_triplet_file(candidate):
+        if holds_samples(candidate):
             return candidate
     if not input_root.is_dir():
         return None
@@ -127,13 +130,7 @@ def find_attached_dataset(input_root: str | os.PathLike) -> Path | None:
     datasets = input_root / "datasets"
     if datasets.is_dir():
         children += sorted(q for p in datasets.iterdir() if p.is_dir() for q in p.iterdir() if q.is_dir())
-    return next((child for child in children if _holds_triplet_file(child)), None)
-
-
-def _holds_triplet_file(folder: Path) -> bool:
-    if not folder.is_dir():
-        return False
-    return any(path.name.lower().endswith("_i2.png") for path in walk_pngs(folder))
+    return next((child for child in children if holds_samples(child)), None)
 
 
 def safe_unzip(archive: str | os.PathLike, dest: str | os.PathLike) -> None:

@@ -24,7 +24,6 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression, RidgeCV
-from sklearn.metrics import r2_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler

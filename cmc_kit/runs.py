@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cmc_kit import layout
 from cmc_kit.config import Config, preset
 from cmc_kit.errors import CheckpointError
 from cmc_kit.fileio import atomic_write_text
@@ -240,10 +241,11 @@ def keep_lost_training_samples(catalog: pd.DataFrame, split: dict, data: str | o
     rows = []
     for sample_id in lost:
         row = {"id": sample_id}
-        for view, suffix in data_module.VIEW_SUFFIXES.items():
+        for view in layout.VIEW_SUFFIXES:
             path = found.at[sample_id, view] if sample_id in found.index else None
             # A sample deleted outright: its expected name at the dataset root.
-            row[view] = path if isinstance(path, str) else str(Path(data) / f"{sample_id}_{suffix}.png")
+            row[view] = (path if isinstance(path, str)
+                         else str(Path(data) / layout.sample_file_name(sample_id, view)))
         rows.append(row)
     shown = f"{', '.join(map(str, lost[:5]))}{', ...' if len(lost) > 5 else ''}"
     if cache:

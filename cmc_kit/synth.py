@@ -21,7 +21,6 @@ Pure NumPy + Pillow (no TensorFlow); deterministic for a seed.
 from __future__ import annotations
 
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cmc_kit.data import METADATA_FILENAME, read_metadata
+from cmc_kit.layout import DATASET_FOLDER, METADATA_FILENAME, SAMPLE_FILE, read_metadata
 from cmc_kit.fileio import atomic_write_text
 from cmc_kit.progress import ProgressLine
 from cmc_kit.errors import DataError
@@ -49,7 +48,6 @@ HEIGHT_SEA_LEVEL = int(HEIGHT_OFFSET_M * HEIGHT_UNITS_PER_M)
 PATCH_WIDTH_M = 512_000.0
 _LAPSE_RATE_C_PER_M = 6.5e-3
 _PNG_COMPRESS_LEVEL = 3  # level 6 (default) is ~2x slower for ~10% smaller files
-_FILE_PATTERN = re.compile(r"^(\d+)_(t|h|i2)\.png$")
 
 # Satellite-like colours per class, (dry or deep end, wet or shallow end), RGB in [0, 255].
 _CLASS_COLOURS = np.array([
@@ -145,7 +143,7 @@ def generate(
         raise ValueError(f"n must be a positive integer. Received: n={n!r}")
     _check_size(size)  # before anything is created
     out = Path(out)
-    folder = out / "_dataset"
+    folder = out / DATASET_FOLDER
     width = max(4, len(str(n)))
     ids = [f"{i:0{width}d}" for i in range(1, n + 1)]
     _refuse_foreign_files(folder, set(ids))
@@ -338,7 +336,7 @@ def _refuse_foreign_files(folder: Path, ids: set[str]) -> None:
     if not folder.is_dir():
         return
     foreign = sorted(p.name for p in folder.iterdir()
-                     if (m := _FILE_PATTERN.match(p.name)) and m.group(1) not in ids)
+                     if (m := SAMPLE_FILE.match(p.name)) and m.group("id") not in ids)
     if foreign:
         raise DataError(
             f"{folder} already holds {len(foreign)} sample file(s) this run would not overwrite "

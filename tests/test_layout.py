@@ -22,7 +22,7 @@ FLOORS = [
 ]
 ENVIRONMENT_READERS = {"config", "kaggle"}
 MAX_MODULE_LINES = 520
-MAX_FUNCTION_LINES = 80
+MAX_FUNCTION_LINES = 80  # lines of code, docstring not counted
 
 
 def _modules() -> dict[str, Path]:
@@ -141,7 +141,12 @@ def test_no_module_or_function_outgrows_its_room():
             too_long.append(f"cmc_kit/{path.relative_to(PACKAGE)}: {len(lines)} lines")
         for node in ast.walk(ast.parse("\n".join(lines))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                # Code lines: a long docstring documents, it does not make a room crowded.
                 length = node.end_lineno - node.lineno + 1
+                first = node.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                        and isinstance(first.value.value, str):
+                    length -= first.end_lineno - first.lineno + 1
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{name}.{node.name}: {length} lines")
     assert not too_long, "\n".join(too_long)

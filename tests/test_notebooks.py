@@ -514,7 +514,7 @@ def test_live_plot_redraws_one_display_in_place(monkeypatch):
         shown.append(("display", obj, kwargs))
         return Handle()
 
-    monkeypatch.setattr(notebook, "in_kernel", lambda: True)
+    monkeypatch.setattr(notebook.figures, "in_kernel", lambda: True)
     monkeypatch.setattr(IPython.display, "display", fake_display)
     plot = notebook.LiveLossPlot(update_every=2)
     plot.on_train_begin({"step": 0, "resumed": False})

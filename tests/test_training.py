@@ -223,7 +223,7 @@ def _run_training(script, data, run, config_path, mode):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill_matches_a_straight_run(train_root, tmp_path):
-    from cmc_kit import runs, training
+    from cmc_kit import runs
 
     config = tiny_config(**{"train.epochs": 2, "train.checkpoint_every_steps": 2,
                             "train.deterministic": True, "train.eval_subset": 0})

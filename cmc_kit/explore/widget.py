@@ -20,6 +20,7 @@ import pandas as pd
 from cmc_kit import data as data_module
 from cmc_kit import embed
 from cmc_kit.errors import CmcKitError, DataError
+from cmc_kit.layout import find_metadata_csv
 from cmc_kit.explore.scatter import (DOMINANT, check_layout, colour_options, marker_colours,
                                      marker_size, marker_update, scatter_trace)
 from cmc_kit.explore.thumbnails import THUMBNAIL_KINDS, catalog_by_id, sample_thumbnails
@@ -73,7 +74,7 @@ class Explorer:
         self.run, self.data = run, data
         # What re-embedding reads: the data as found once (its catalog is the one given).
         self.dataset = (None if data is None else
-                        data_module.Dataset(Path(data), catalog, data_module.find_metadata_csv(data)))
+                        data_module.Dataset(Path(data), catalog, find_metadata_csv(data)))
         self.cache_dir = cache_dir
         self.thumb_size, self.grid_thumb, self.max_grid = thumb_size, grid_thumb, max_grid
         self.umap_settings = {"n_neighbors": int(n_neighbors), "min_dist": float(min_dist),

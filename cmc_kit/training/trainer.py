@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cmc_kit import models, objectives, runs, views
+from cmc_kit import layout, models, objectives, runs, views
 from cmc_kit.config import Config, parse_duration
 from cmc_kit.errors import ConfigError, TrainingError
 from cmc_kit.fileio import atomic_write_text
@@ -469,14 +469,12 @@ def train(data=None, run=None, config: Config | None = None, *,
 def _trainer_for(data, catalog, run_dir: Path, config: Config, **trainer_options):
     """The run's catalog and split (new, or saved), and a Trainer built on them: building it
     checks every setting (strategy, pairs, crop size...) before anything is written."""
-    from cmc_kit import data as data_module
-
     split_path = run_dir / runs.SPLIT_FILE
     resuming = split_path.exists()
     metadata_csv = None
     if catalog is None:
         catalog = runs.usable_catalog(data, check_pixels=not resuming)
-        metadata_csv = data_module.find_metadata_csv(data)
+        metadata_csv = layout.find_metadata_csv(data)
     if resuming:
         split_ids = runs.read_json(split_path)
         if data is not None:
