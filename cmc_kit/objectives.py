@@ -144,6 +144,37 @@ def contrastive_accuracy(query, key, queue=None, *, key_offset=None):
     return ops.mean(correct)
 
 
+# -- collapse diagnostics ------------------------------------------------------------------------
+
+def embedding_spread(x):
+    """Standard deviation over the batch of L2-normalised embeddings, averaged over dimensions.
+
+    x: [B, D]. About 1/sqrt(D) when the embeddings spread over the sphere, 0 when they collapse
+    to one point (the signal SimSiam and BYOL monitor). float32 scalar.
+    """
+    x = _l2_normalize(_as_float32(x))
+    return ops.mean(ops.std(x, axis=0))
+
+
+def alignment(query, key, alpha=2):
+    """Wang & Isola (2020): mean ||q - k||^alpha over positive pairs of L2-normalised
+    embeddings [B, D]; 0 when every pair coincides, 4 (alpha 2) when they point apart."""
+    q, k = _check_pair(query, key, "query", "key")
+    distance = ops.norm(_l2_normalize(q) - _l2_normalize(k), axis=1)  # [B]
+    return ops.mean(distance ** alpha)
+
+
+def uniformity(x, t=2.0):
+    """Wang & Isola (2020): log mean over pairs i != j of exp(-t ||x_i - x_j||^2) of
+    L2-normalised embeddings [B, D]; 0 when all coincide, more negative the more uniform."""
+    x = _l2_normalize(_as_float32(x))
+    batch = ops.shape(x)[0]
+    squared = ops.maximum(2.0 - 2.0 * ops.einsum("nc,mc->nm", x, x), 0.0)   # [B, B]
+    off_diagonal = 1.0 - ops.eye(batch, dtype="float32")
+    pairs = ops.sum(off_diagonal)
+    return ops.log(ops.sum(ops.exp(-t * squared) * off_diagonal) / pairs)
+
+
 def _intra_batch_loss_with_offset(query, key, key_offset, temperature, kind):
     """`intra_batch_loss` of B local queries against N global keys (positive at key_offset + b)."""
     q, k, positive_columns = _check_offset_pair(query, key, key_offset)
@@ -341,8 +372,11 @@ def _parse_pair_item(item, spec) -> tuple[str, str]:
 __all__ = [
     "LOSS_KINDS",
     "ORIGINAL_PAIRS",
+    "alignment",
     "contrastive_accuracy",
+    "embedding_spread",
     "inter_batch_loss",
     "intra_batch_loss",
     "resolve_pairs",
+    "uniformity",
 ]

@@ -316,3 +316,40 @@ def test_explicit_pairs():
 def test_bad_pair_specs(spec, message):
     with pytest.raises(ConfigError, match=message):
         resolve_pairs(spec, ("terrain", "height"))
+
+
+# -- collapse diagnostics ------------------------------------------------------------------------
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_embedding_spread_is_zero_when_collapsed_and_about_one_over_sqrt_d_when_spread():
+    from cmc_kit.objectives import embedding_spread
+
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(4096, 64)).astype(np.float32)
+    assert float(embedding_spread(spread)) == pytest.approx(1 / np.sqrt(64), rel=0.02)
+    collapsed = np.tile(rng.normal(size=(1, 64)), (32, 1)).astype(np.float32) \
+        + 1e-6 * rng.normal(size=(32, 64)).astype(np.float32)
+    assert float(embedding_spread(collapsed)) < 1e-5
+    x = rng.normal(size=(16, 8)).astype(np.float32)
+    np.testing.assert_allclose(float(embedding_spread(x)), np.std(_unit(x), axis=0).mean(),
+                               rtol=1e-5)
+
+
+def test_alignment_and_uniformity_match_the_papers_definitions():
+    from cmc_kit.objectives import alignment, uniformity
+
+    rng = np.random.default_rng(1)
+    q, k = rng.normal(size=(12, 5)).astype(np.float32), rng.normal(size=(12, 5)).astype(np.float32)
+    qn, kn = _unit(q), _unit(k)
+    np.testing.assert_allclose(float(alignment(q, k)), np.mean(np.sum((qn - kn) ** 2, axis=1)),
+                               rtol=1e-5)
+    assert float(alignment(q, 3 * q)) == pytest.approx(0.0, abs=1e-6)
+    squared = np.sum((qn[:, None] - qn[None]) ** 2, axis=-1)
+    mask = ~np.eye(12, dtype=bool)
+    np.testing.assert_allclose(float(uniformity(q)), np.log(np.mean(np.exp(-2 * squared[mask]))),
+                               rtol=1e-4)
+    same = np.tile(q[:1], (12, 1))
+    assert float(uniformity(same)) == pytest.approx(0.0, abs=1e-5)  # all points coincide

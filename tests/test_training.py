@@ -475,3 +475,37 @@ def test_progress_bar_shows_the_loss_terms(train_root, tmp_path, capsys):
     assert shown == pytest.approx(logged, abs=1e-3)
 
 
+
+
+def test_a_collapsed_encoder_shows_in_the_log_and_warns_once(train_root, tmp_path):
+    """Inputs made identical across the batch (every sample replaced by the batch's first) give
+    every sample the same embedding: the spread columns read ~0 and the trainer warns once;
+    real inputs do not."""
+    import tensorflow as tf
+
+    from cmc_kit import training
+
+    def identical_inputs(dataset):
+        def first_everywhere(v):
+            return tf.repeat(v[:1], tf.shape(v)[0], axis=0)   # [B, ...] all the first sample
+        return dataset.map(lambda batch: {k: first_everywhere(v) if v.dtype.is_floating else v
+                                          for k, v in batch.items()})
+
+    config = tiny_config(**{"train.epochs": 2, "train.eval_subset": 0})
+    with pytest.warns(UserWarning, match=r"nearly collapsed.*embedding_spread 0\.0") as caught:
+        training.train(train_root, tmp_path / "collapsed", config, verbose=0,
+                       dataset_transform=identical_inputs)
+    assert sum("nearly collapsed" in str(w.message) for w in caught) == 1  # once, not per epoch
+    log = pd.read_csv(tmp_path / "collapsed" / "log.csv")
+    for view in ("terrain", "height", "segmentation"):
+        assert (log[f"spread_{view}"] < 1e-4).all()
+    assert (log["embedding_spread"] < 0.01).all()
+    assert (log["uniformity"] > -1e-3).all()          # all points coincide: log(1) = 0
+    assert (log["alignment"] >= 0).all()
+
+    # The same run on real inputs: its first epoch's embeddings are spread out.
+    training.train(train_root, tmp_path / "real", config.with_overrides({"train.epochs": 1}),
+                   verbose=0)
+    real_log = pd.read_csv(tmp_path / "real" / "log.csv")
+    assert real_log["embedding_spread"].iloc[0] > 100 * log["embedding_spread"].iloc[0] + 0.05
+    assert real_log["uniformity"].iloc[0] < -0.1

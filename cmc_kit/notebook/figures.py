@@ -146,7 +146,8 @@ def loss_figure(epoch_rows: pd.DataFrame, *, steps: Sequence[int] = (),
                 step_losses: Sequence[float] = (), resumed_at_step: int | None = None,
                 title: str = "Training loss"):
     """Plotly figure: per-step loss (thin), per-epoch mean loss (markers, x = the epoch's last
-    step) and, when logged, the online kNN accuracy on a second axis."""
+    step) and, when logged, the online kNN accuracy and the embedding spread (~1 healthy, ~0
+    collapsed) on a second axis."""
     import plotly.graph_objects as go
 
     figure = go.Figure()
@@ -158,17 +159,20 @@ def loss_figure(epoch_rows: pd.DataFrame, *, steps: Sequence[int] = (),
             x=epoch_rows["step"], y=epoch_rows["loss"], mode="lines+markers",
             name="epoch mean loss", line=dict(color="#1f4e99"),
             text=[f"epoch {int(e)}" for e in epoch_rows["epoch"]]))
-        if "knn_accuracy" in epoch_rows and epoch_rows["knn_accuracy"].notna().any():
-            figure.add_trace(go.Scatter(x=epoch_rows["step"], y=epoch_rows["knn_accuracy"],
-                                        mode="lines+markers", name="kNN accuracy (held out)",
-                                        yaxis="y2", line=dict(color="#d9822b", dash="dot")))
+        for column, name, colour in (("knn_accuracy", "kNN accuracy (held out)", "#d9822b"),
+                                     ("embedding_spread", "embedding spread (0: collapsed)",
+                                      "#3a9a5b")):
+            if column in epoch_rows and epoch_rows[column].notna().any():
+                figure.add_trace(go.Scatter(x=epoch_rows["step"], y=epoch_rows[column],
+                                            mode="lines+markers", name=name, yaxis="y2",
+                                            line=dict(color=colour, dash="dot")))
     if resumed_at_step is not None:
         figure.add_vline(x=resumed_at_step, line=dict(color="grey", dash="dash"),
                          annotation_text=f"resumed at step {resumed_at_step}")
     figure.update_layout(
         title=title, template="plotly_white", height=380, width=760,
         margin=dict(l=50, r=50, t=50, b=40), xaxis_title="step", yaxis_title="loss",
-        yaxis2=dict(title="kNN accuracy", overlaying="y", side="right", range=[0, 1],
+        yaxis2=dict(title="kNN accuracy, spread", overlaying="y", side="right", range=[0, 1.2],
                     tickmode="linear", tick0=0, dtick=0.2, showgrid=False),
         legend=dict(orientation="h", y=-0.2))
     return figure

@@ -17,16 +17,17 @@ LOSS_SCALE = "loss_scale"  # checkpoint key of mixed_float16's dynamic loss scal
 GEOMETRY_FIELDS = ("training samples", "steps per epoch", "queue size", "global batch",
                    "data-order seed")
 # Entries that checkpoints written by older versions lack.
-OPTIONAL_ENTRIES = ("epoch_position", LOSS_SCALE)
+OPTIONAL_ENTRIES = ("epoch_position", LOSS_SCALE, "epoch_signal_sums")
 
 
 @dataclasses.dataclass
 class EpochTally:
     """Running sums of one epoch's logged values, so a resumed epoch logs the same means.
 
-    Kept in the checkpoint as one float64 vector [len(keys) + 3]: the sums of `keys` over the
-    steps with a finite loss, then `counted` (those steps), `skipped_steps` (updates skipped)
-    and `skipped_samples` (unreadable samples the epoch passed).
+    As a float64 vector [len(keys) + 3]: the sums of `keys` over the steps with a finite loss,
+    then `counted` (those steps), `skipped_steps` (updates skipped) and `skipped_samples`
+    (unreadable samples the epoch passed). The checkpoint keeps it in two variables (see
+    `TrainState`).
     """
 
     keys: tuple[str, ...]
@@ -68,9 +69,13 @@ class TrainState(tf.Module):
     what the data order depends on (`GEOMETRY_FIELDS`). Build it inside the strategy's scope.
     """
 
-    def __init__(self, tally_keys, geometry: list[int]):
+    def __init__(self, tally_keys, geometry: list[int], signal_keys=()):
         super().__init__(name="train_state")
+        # The epoch's sums: `tally_keys` (losses, accuracy, momentum) and the three counts in
+        # `epoch_sums`, as checkpoints have always kept them; the collapse signals, added later,
+        # in `epoch_signal_sums`, which older checkpoints lack (they resume with zeros there).
         self.tally_keys = tuple(tally_keys)
+        self.signal_keys = tuple(signal_keys)
         agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
 
         def counter(name, value=0, dtype=tf.int64):
@@ -85,19 +90,28 @@ class TrainState(tf.Module):
         self.epoch_position = counter("epoch_position")
         self.epoch_sums = counter("epoch_sums", tf.zeros([len(self.tally_keys) + 3], tf.float64),
                                   tf.float64)
+        self.epoch_signal_sums = counter("epoch_signal_sums",
+                                         tf.zeros([len(self.signal_keys)], tf.float64), tf.float64)
         self.geometry = counter("geometry", geometry)
 
     def entries(self) -> dict:
         """Checkpoint entries, by the names checkpoints have always used."""
         return dict(step=self.step, epoch=self.epoch, skipped=self.skipped,
                     batch_in_epoch=self.batch_in_epoch, epoch_position=self.epoch_position,
-                    epoch_sums=self.epoch_sums, geometry=self.geometry)
+                    epoch_sums=self.epoch_sums, epoch_signal_sums=self.epoch_signal_sums,
+                    geometry=self.geometry)
 
     def tally(self) -> EpochTally:
-        return EpochTally.from_vector(self.tally_keys, self.epoch_sums.numpy())
+        """The epoch's running sums, over `tally_keys` then `signal_keys`."""
+        core, counts = np.split(self.epoch_sums.numpy(), [len(self.tally_keys)])
+        vector = np.concatenate([core, self.epoch_signal_sums.numpy(), counts])
+        return EpochTally.from_vector(self.tally_keys + self.signal_keys, vector)
 
     def store_tally(self, tally: EpochTally) -> None:
-        self.epoch_sums.assign(tally.to_vector())
+        vector = tally.to_vector()
+        core, signals, counts = np.split(vector, [len(self.tally_keys), len(tally.keys)])
+        self.epoch_sums.assign(np.concatenate([core, counts]))
+        self.epoch_signal_sums.assign(signals)
 
     def record_step(self, skipped) -> None:
         """After a train step: one more step in the run and in the epoch."""
@@ -110,6 +124,7 @@ class TrainState(tf.Module):
         self.batch_in_epoch.assign(0)
         self.epoch_position.assign(0)
         self.epoch_sums.assign(tf.zeros_like(self.epoch_sums))
+        self.epoch_signal_sums.assign(tf.zeros_like(self.epoch_signal_sums))
 
     def check_geometry(self, checkpoint_path: str, run_dir) -> None:
         """Refuses to resume when what the data order and queue depend on has changed."""

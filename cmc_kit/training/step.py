@@ -94,6 +94,19 @@ def intra_term(query, positive, global_keys, offset, ctx, *, online_positive: bo
                                        key_offset=offset)
 
 
+def collapse_signals(queries: dict, keys: dict, pair: tuple[str, str]) -> dict:
+    """How spread out the embeddings are, to see a collapse coming: `spread_<view>`, the std of
+    each view's L2-normalised online embeddings [b, D] over the batch (~1/sqrt(D) healthy, ~0
+    collapsed), and for the first pair the alignment and uniformity of Wang & Isola (2020)."""
+    query_view, key_view = pair
+    signals = {f"spread_{view}": objectives.embedding_spread(tf.stop_gradient(q))
+               for view, q in sorted(queries.items())}
+    signals["alignment"] = objectives.alignment(tf.stop_gradient(queries[query_view]),
+                                                keys[key_view])
+    signals["uniformity"] = objectives.uniformity(tf.stop_gradient(queries[query_view]))
+    return signals
+
+
 def _replica_functions(online, momentum_net, optimizer, queues, s: StepSettings, mode: str):
     """The per-replica pieces: momentum keys, and losses with their gradients."""
 
@@ -133,7 +146,8 @@ def _replica_functions(online, momentum_net, optimizer, queues, s: StepSettings,
         else:
             accuracy = objectives.contrastive_accuracy(
                 queries[first[0]], global_keys[first[1]], key_offset=offset)
-        return total, terms, grads, accuracy, [g for g in query_grads if g is not None]
+        health = collapse_signals(queries, keys, first)
+        return total, terms, grads, accuracy, health, [g for g in query_grads if g is not None]
 
     if mode == "replica":
         encode_keys = tf.function(encode_keys, jit_compile=True)
@@ -155,8 +169,8 @@ def _replica_step_function(online, momentum_net, optimizer, queues, s: StepSetti
         global_keys = {v: ctx.all_gather(keys[v], axis=0) for v in s.key_views}  # {v: [R*b, D]}
         local_batch = tf.shape(keys[s.key_views[0]])[0]
         offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * local_batch
-        total, terms, grads, accuracy, query_grads = losses_and_grads(batch, keys, global_keys,
-                                                                     offset)
+        total, terms, grads, accuracy, health, query_grads = losses_and_grads(
+            batch, keys, global_keys, offset)
         if s.replicas > 1:
             grads = global_clipped_shares(grads, ctx, optimizer, s.clipnorm, s.replicas,
                                           s.loss_scaled)
@@ -171,7 +185,7 @@ def _replica_step_function(online, momentum_net, optimizer, queues, s: StepSetti
         # Every replica decides together: [bad losses, bad gradients] summed over replicas.
         bad = ctx.all_reduce("sum", tf.stack([1.0 - tf.cast(loss_finite, tf.float32),
                                               1.0 - tf.cast(grads_finite, tf.float32)]))
-        return total, terms, accuracy, bad[0] < 0.5, bad[1] < 0.5, global_keys, grads
+        return total, {**terms, **health}, accuracy, bad[0] < 0.5, bad[1] < 0.5, global_keys, grads
 
     return replica_step
 
@@ -180,9 +194,10 @@ def build_train_step(strategy, online, momentum_net, optimizer, queues, settings
                      mode: str = "off"):
     """`train_step(batch, step) -> logs` for a distributed batch and the global step before it.
 
-    logs: loss, accuracy, momentum and every pair's inter_/intra_ term (means over the global
-    batch), skipped (1: no EMA or queue update) and nonfinite (1: a real problem, unlike a
-    float16 overflow under loss scaling, which only skips).
+    logs: loss, accuracy, momentum, every pair's inter_/intra_ term and the collapse signals of
+    `collapse_signals` (means over the replicas' batches), skipped (1: no EMA or queue update)
+    and nonfinite (1: a real problem, unlike a float16 overflow under loss scaling, which only
+    skips).
     """
     s = settings
     replica_step = _replica_step_function(online, momentum_net, optimizer, queues, s, mode)

@@ -34,6 +34,11 @@ from cmc_kit.training.state import (Checkpointer, EpochTally, TrainState, saved_
 from cmc_kit.training.step import StepSettings, build_train_step, jit_mode
 
 
+# Below this `embedding_spread` (std of normalised embeddings x sqrt(D); ~1 healthy) an epoch's
+# embeddings count as collapsed and the trainer warns.
+COLLAPSE_SPREAD = 0.2
+
+
 @dataclasses.dataclass
 class TrainResult:
     status: str            # "completed", "time_limit"
@@ -138,6 +143,7 @@ class Trainer:
         self.skipped_samples = views.SkippedCounter()  # files unreadable since validation
         self.log = RunLog(self.run_dir)
         self._epoch_end_seconds = 0.0  # measured cost of the epoch-end work, for the time limit
+        self._warned_collapse = False
         self.callbacks = list(callbacks or [])
         for callback in self.callbacks:
             if hasattr(callback, "set_trainer"):
@@ -162,9 +168,11 @@ class Trainer:
             self.queues = MemoryQueues(self.key_views, self.queue_size, mc.embedding_dim)
             tally_keys = ["loss", "accuracy", "momentum"] + [
                 f"{kind}_{q}-{k}" for q, k in self.pairs for kind in ("inter", "intra")]
+            self.signal_keys = [f"spread_{v}" for v in sorted(mc.views)] + ["alignment",
+                                                                            "uniformity"]
             self.state = TrainState(tally_keys, [
                 len(self.train_catalog), self.steps_per_epoch, self.queue_size, self.global_batch,
-                tc.seed])
+                tc.seed], signal_keys=self.signal_keys)
         self.checkpointer = Checkpointer(
             self.run_dir, online=self.online, momentum=self.momentum, optimizer=self.optimizer,
             queues=self.queues, state=self.state, keep=tc.keep_checkpoints)
@@ -370,6 +378,9 @@ class Trainer:
                "skipped_samples": run.tally.skipped_samples, "seconds": round(seconds, 3),
                "samples_per_s": round((in_epoch - run.done_before) * self.global_batch
                                       / max(seconds, 1e-9), 2)}
+        if means:
+            row["embedding_spread"] = round(self.embedding_spread(means), 4)
+            self._watch_for_collapse(run.epoch, row["embedding_spread"])
         self.state.next_epoch()
         self._notify("on_epoch_end", run.epoch, row)  # may add values to the row
         self.log.epoch_row(row)
@@ -385,12 +396,31 @@ class Trainer:
         inter = sum(v for k, v in logs.items() if k.startswith("inter_"))
         intra = sum(v for k, v in logs.items() if k.startswith("intra_"))
         values = [("loss", logs["loss"]), ("inter", inter), ("intra", intra),
-                  ("acc", logs["accuracy"])]
+                  ("acc", logs["accuracy"]), ("spread", self.embedding_spread(logs)),
+                  ("unif", logs["uniformity"])]
         if self.verbose >= 2:  # every pair's terms
             values += [(name, logs[name]) for name in self.term_names]
         if step_seconds is None:  # no step ran in this session
             return values
         return values + [("samples/s", self.global_batch / max(step_seconds, 1e-9))]
+
+    def embedding_spread(self, logs: dict) -> float:
+        """The least spread-out view's embedding std, times sqrt(D): ~1 when the embeddings
+        cover the sphere, ~0 when they collapse to a point."""
+        spreads = [logs[f"spread_{view}"] for view in self.config.model.views]
+        return float(min(spreads) * np.sqrt(self.config.model.embedding_dim))
+
+    def _watch_for_collapse(self, epoch: int, spread: float) -> None:
+        """Warns once per session when an epoch's embeddings have (nearly) collapsed."""
+        if spread >= COLLAPSE_SPREAD or self._warned_collapse:
+            return
+        self._warned_collapse = True
+        warnings.warn(
+            f"Epoch {epoch + 1} of {self.run_dir}: the embeddings have nearly collapsed "
+            f"(embedding_spread {spread:.3f}, below {COLLAPSE_SPREAD}; ~1 is healthy), so they "
+            "tell samples apart poorly. Lower train.learning_rate, raise train.warmup_steps or "
+            "train.momentum, or check log.csv's spread_<view> columns for the view that "
+            "collapsed.", stacklevel=3)
 
     def _notify(self, hook: str, *args) -> None:
         for callback in self.callbacks:
