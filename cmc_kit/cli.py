@@ -19,7 +19,7 @@ from pathlib import Path
 from cmc_kit import runs
 from cmc_kit.config import (default_paths, parse_duration, quiet_tensorflow_by_default,
                             tensorflow_log_level)
-from cmc_kit.fileio import check_folder_path, output_file_path
+from cmc_kit.fileio import check_folder_path
 
 # Commands that import TensorFlow (through views, models or training).
 _TENSORFLOW_COMMANDS = {"prepare", "train", "embed", "explore", "evaluate", "demo"}
@@ -60,6 +60,12 @@ RUN_HELP = "run directory (config, checkpoints, logs), as written by `cmc-kit tr
 DATA_HELP = "dataset folder holding <id>_t.png, <id>_h.png, <id>_i2.png (any depth)"
 FEATURES_HELP = ("features: trunk (last stage, mean-pooled), stages (every stage, mean and std "
                  "per channel), stage<N> (stage N alone, e.g. stage1) or head")
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out file that is not this command's own earlier "
+                        "output (the run's training files are never replaced)")
 
 
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,6 +130,7 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
                    help="online network or its momentum (EMA) twin (default: online)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint, e.g. RUN/checkpoints/ckpt-3 or ckpt-3 (default: latest)")
+    _add_force(p)
 
 
 def _explore_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,6 +143,7 @@ def _explore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--over-epochs", type=Path, default=None, metavar="HTML",
                    help="also write an animated page of the held-out subset's UMAP after each "
                         "epoch (from RUN/embeddings/epoch_NNN.parquet)")
+    _add_force(p)
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,6 +158,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help=FEATURES_HELP + "; the random-init baseline uses the same (default: trunk)")
     p.add_argument("--per-target", action="store_true",
                    help="also one row per class fraction")
+    _add_force(p)
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -415,7 +424,10 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
     else:
         for key, value in info.items():
-            if key != "config":
+            if key == "damaged_checkpoints":
+                for path, problem in value.items():
+                    print(f"{'damaged':>18}: {path}: {problem}")
+            elif key != "config":
                 print(f"{key:>18}: {value}")
     return 0
 
@@ -423,9 +435,11 @@ def _info(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from cmc_kit import embed
 
-    out = (output_file_path(args.out, "--out", runs.EMBEDDINGS_TABLE, (".parquet", ".csv"))
-           if args.out is not None
-           else Path(args.run) / runs.EMBEDDINGS_DIR / runs.EMBEDDINGS_TABLE)
+    out = runs.output_path(
+        args.out if args.out is not None else Path(args.run) / runs.EMBEDDINGS_DIR,
+        run=args.run, what="--out", default_name=runs.EMBEDDINGS_TABLE,
+        suffixes=(".parquet", ".csv"), kind="an embeddings table",
+        looks_like_ours=embed.is_embeddings_table, force=args.force)
     table = embed.embed_run(args.run, args.data, split=args.split, source=args.source,
                             view=args.view, network=args.network, checkpoint=args.checkpoint)
     embed.save_table(table, out)
@@ -436,9 +450,12 @@ def _embed(args: argparse.Namespace) -> int:
 def _explore(args: argparse.Namespace) -> int:
     from cmc_kit import explore
 
-    out = output_file_path(args.out, "--out", runs.EXPLORER_FILE)
+    page = dict(run=args.run, suffixes=(".html", ".htm"), kind="a page",
+                looks_like_ours=explore.is_cmc_kit_page, force=args.force)
+    out = runs.output_path(args.out, what="--out", default_name=runs.EXPLORER_FILE, **page)
     epochs_out = (None if args.over_epochs is None else
-                  output_file_path(args.over_epochs, "--over-epochs", runs.EPOCHS_PAGE_FILE))
+                  runs.output_path(args.over_epochs, what="--over-epochs",
+                                   default_name=runs.EPOCHS_PAGE_FILE, **page))
     print(f"Wrote {explore.export_html(args.run, args.data, out, split=args.split)}")
     if epochs_out is not None:
         print(f"Wrote {explore.write_epochs_html(args.run, epochs_out)}")
@@ -448,7 +465,8 @@ def _explore(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from cmc_kit import evaluate
 
-    out = evaluate.resolve_output(args.out)  # before the probes: minutes of work
+    # Before the probes, which take minutes.
+    out = evaluate.resolve_output(args.out, args.run[0], force=args.force)
     options = dict(out=out, features=args.features, per_target=args.per_target)
     if len(args.run) == 1:
         table = evaluate.evaluate_run(args.run[0], args.data, **options)

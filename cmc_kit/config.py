@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class DataConfig:
     split_seed: int = 0
     augment: bool = False             # aligned flips / 90-degree rotations of the crops
     cache: str = ""                   # path of a `cmc-kit prepare` cache; "" reads the PNGs
+    allow_changed_data: bool = False  # resume although the dataset's images changed size
 
     def __post_init__(self):
         _check(self.crop_size >= 8, "data.crop_size", self.crop_size, "an integer >= 8")
@@ -65,8 +67,12 @@ class ModelConfig:
                "model.views", views, f"two or more distinct names from {ALL_VIEWS}")
         _check(self.trunk in TRUNK_NAMES, "model.trunk", self.trunk, f"one of {TRUNK_NAMES}")
         _check(self.head in ("mlp", "attention"), "model.head", self.head, "'mlp' or 'attention'")
-        _check(self.width > 0, "model.width", self.width, "a positive number")
+        _check(_positive(self.width), "model.width", self.width, "a positive number")
         _check(self.embedding_dim >= 2, "model.embedding_dim", self.embedding_dim, ">= 2")
+        _check(self.attention_heads >= 1, "model.attention_heads", self.attention_heads,
+               "an integer >= 1")
+        _check(self.attention_dim >= 1, "model.attention_dim", self.attention_dim,
+               "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -100,18 +106,21 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number")
+        _check(_positive(self.learning_rate), "train.learning_rate", self.learning_rate,
+               "a positive number")
         _check(0.0 <= self.beta_1 < 1.0, "train.beta_1", self.beta_1, "a value in [0, 1)")
-        _check(self.clipnorm > 0, "train.clipnorm", self.clipnorm, "a positive number")
+        _check(_positive(self.clipnorm), "train.clipnorm", self.clipnorm, "a positive number")
         _check(self.inter_weight >= 0 and self.intra_weight >= 0
-               and self.inter_weight + self.intra_weight > 0, "train.inter_weight/intra_weight",
+               and _positive(self.inter_weight + self.intra_weight),
+               "train.inter_weight/intra_weight",
                (self.inter_weight, self.intra_weight), "non-negative, not both zero")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, ">= 1")
         _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
                self.max_nonfinite_steps, ">= 1")
         for name in ("warmup_steps", "checkpoint_every_steps", "log_every_steps", "eval_subset"):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
-        _check(self.temperature > 0, "train.temperature", self.temperature, "a positive number")
+        _check(_positive(self.temperature), "train.temperature", self.temperature,
+               "a positive number")
         _check(0.0 <= self.momentum <= 1.0, "train.momentum", self.momentum, "a value in [0, 1]")
         _check(self.loss in ("infonce", "nce"), "train.loss", self.loss, "'infonce' or 'nce'")
         _check(self.positive in ("momentum", "online"), "train.positive", self.positive,
@@ -199,23 +208,27 @@ class Config:
             raw[section][key] = _coerce(dotted, value, _field_type(section, key))
         return Config.from_dict(raw)
 
-    def model_differences(self, other: "Config") -> list[str]:
-        """Settings that must not change on resume: the model, batch size, queue multiplier,
-        view pairs and seed (they fix the weights' shapes, the queue and the data order)."""
+    def resume_differences(self, other: "Config") -> list[str]:
+        """Settings of `other` (a saved run's) that this config changes but a resume cannot:
+        the model (the weights' shapes), the batch size, queue multiplier, view pairs and seed
+        (the queue and the data order) and the split's fraction and seed (split.json is fixed
+        when the run is created). Every other setting is applied on resume."""
         diffs = []
-        mine, theirs = dataclasses.asdict(self.model), dataclasses.asdict(other.model)
-        for key in mine:
-            if _normalise(mine[key]) != _normalise(theirs[key]):
-                diffs.append(f"model.{key}: saved {theirs[key]!r}, requested {mine[key]!r}")
-        for key in ("batch_size",):
-            if getattr(self.data, key) != getattr(other.data, key):
-                diffs.append(f"data.{key}: saved {getattr(other.data, key)!r}, "
-                             f"requested {getattr(self.data, key)!r}")
-        for key in ("queue_multiplier", "pairs", "seed"):
-            if getattr(self.train, key) != getattr(other.train, key):
-                diffs.append(f"train.{key}: saved {getattr(other.train, key)!r}, "
-                             f"requested {getattr(self.train, key)!r}")
+        for section, key in self._fixed_settings():
+            mine, theirs = getattr(getattr(self, section), key), getattr(getattr(other, section), key)
+            if _normalise(mine) != _normalise(theirs):
+                diffs.append(f"{section}.{key}: saved {theirs!r}, requested {mine!r}")
         return diffs
+
+    @staticmethod
+    def _fixed_settings() -> list[tuple[str, str]]:
+        model = [("model", f.name) for f in dataclasses.fields(ModelConfig)]
+        return model + [(s, k) for s, k in (key.split(".") for key in FIXED_ON_RESUME)]
+
+
+# Besides every model.* setting, these cannot change once a run exists (see resume_differences).
+FIXED_ON_RESUME = ("data.batch_size", "data.validation_fraction", "data.split_seed",
+                   "train.queue_multiplier", "train.pairs", "train.seed")
 
 
 def _normalise(value: Any) -> Any:
@@ -320,10 +333,15 @@ def parse_duration(text: str | float | int | None, setting: str = "--time-limit"
                        else float(cleaned))
         except ValueError:
             seconds = -1.0
-    if seconds <= 0:
-        raise ConfigError(f"{setting} expects a positive duration like 11.5h, 90m or 600s. "
-                          f"Received: {text!r}")
+    if not _positive(seconds):
+        raise ConfigError(f"{setting} expects a positive duration like 11.5h, 90m or 600s (leave "
+                          f"it out for no limit). Received: {text!r}")
     return seconds
+
+
+def _positive(value: float) -> bool:
+    """A positive finite number (inf and NaN are not settings anyone means)."""
+    return math.isfinite(value) and value > 0
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

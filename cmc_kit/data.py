@@ -35,7 +35,11 @@ OFF_PALETTE_MAX_FRACTION = 0.05
 
 _PACKED_PALETTE = [(int(r) << 16) | (int(g) << 8) | int(b) for r, g, b in PALETTE]
 
-PROBLEM_KINDS = ("missing", "unreadable", "wrong_size", "wrong_mode", "height_8bit", "off_palette")
+PROBLEM_KINDS = ("missing", "unreadable", "wrong_size", "wrong_mode", "height_8bit", "off_palette",
+                 "too_large", "bad_name")
+# Larger images are not decoded: a header claiming more is a decompression bomb or the wrong
+# file (the Kaggle set is 512 px; a 8192 px RGB image already decodes to 200 MB).
+MAX_IMAGE_SIDE = 8192
 _HINT_NO_DATA = ("Create a synthetic dataset with `cmc-kit synth DIR` or get the real one with "
                  "`cmc-kit download`, then point to that folder.")
 
@@ -316,6 +320,10 @@ def _check_sample(record: dict[str, Any], check_pixels: bool
     problems: list[Problem] = []
     sizes = {}
     for view, path in present.items():
+        refused = _refuse_before_decoding(sample_id, view, path)
+        if refused is not None:
+            problems.append(refused)
+            continue
         try:
             with Image.open(path) as image:
                 if image.format != "PNG":
@@ -324,6 +332,8 @@ def _check_sample(record: dict[str, Any], check_pixels: bool
                 problem = _check_mode(sample_id, view, path, image.mode)
                 if problem is None and check_pixels:
                     problem = _check_pixels(sample_id, view, path, image)
+        except Image.DecompressionBombError as err:
+            problem = Problem(sample_id, path, "too_large", f"{err} Remove or resize the file.")
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
             problem = Problem(sample_id, path, "unreadable",
                               f"cannot decode the PNG ({err}). Replace the file, e.g. re-download "
@@ -345,6 +355,30 @@ def _check_sample(record: dict[str, Any], check_pixels: bool
     agreed = set(sizes.values())
     complete = len(sizes) == len(layout.VIEW_SUFFIXES)
     return problems, (agreed.pop() if complete and len(agreed) == 1 else None)
+
+
+def _refuse_before_decoding(sample_id: str, view: str, path: str) -> Problem | None:
+    """A file not to open at all: a name that is not valid UTF-8 (TensorFlow, pandas and
+    Parquet cannot carry it) or a header claiming an enormous image."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return Problem(printable(sample_id), printable(path), "bad_name",
+                       f"the {view} file's name is not valid UTF-8; the sample is skipped. "
+                       "Rename the sample's three files (e.g. with `convmv` or by hand).")
+    size = layout.png_size(path)
+    if size is not None and max(size) > MAX_IMAGE_SIDE:
+        return Problem(sample_id, path, "too_large",
+                       f"the {view} PNG's header claims {size[1]}x{size[0]} pixels, more than the "
+                       f"{MAX_IMAGE_SIDE} px cmc_kit decodes (a decompression bomb, or not a "
+                       "Terrain Map tile); the sample is skipped. Resize the sample's three files "
+                       "to the dataset's size or remove them.")
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes of a name that is not valid UTF-8 shown as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _check_mode(sample_id: str, view: str, path: str, mode: str) -> Problem | None:

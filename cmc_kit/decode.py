@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import tensorflow as tf
 
+from cmc_kit.layout import png_size
 from cmc_kit.palette import NUM_CLASSES, PALETTE
 
 SOURCES = ("terrain", "height", "segmentation")
@@ -76,13 +77,4 @@ def decode_sample(*, terrain=None, height=None, segmentation=None) -> dict[str, 
 
 def first_png_size(paths: pd.Series) -> tuple[int, int] | None:
     """(height, width) from the header of the first readable PNG, without decoding it."""
-    for path in paths.head(8):
-        try:
-            with open(path, "rb") as handle:
-                header = handle.read(24)
-        except OSError:
-            continue
-        if header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR":
-            width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
-            return height, width
-    return None
+    return next((size for size in map(png_size, paths.head(8)) if size is not None), None)

@@ -114,6 +114,12 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
     if matrix.ndim != 2:
         raise CmcKitError(f"The encoder's {source} output for view {view!r} has shape "
                           f"{matrix.shape}; expected [batch, features]. Check the encoder.")
+    broken = ~np.all(np.isfinite(matrix), axis=1)
+    if broken.any():
+        raise CmcKitError(f"{int(broken.sum())} of {len(matrix)} embeddings are not finite (NaN "
+                          f"or inf), e.g. sample {np.asarray(ids)[broken][0]}: the encoder's "
+                          "weights are damaged. Use an earlier checkpoint (--checkpoint) or "
+                          "train again.")
     table = embeddings_frame(ids, matrix)
     fraction_matrix = np.concatenate(fractions, axis=0)  # [N, 7]
     for class_id, column in enumerate(FRACTION_COLUMNS):
@@ -311,6 +317,22 @@ def save_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
         else:
             table.to_csv(tmp, index=False)
     return path
+
+
+def is_embeddings_table(path: str | os.PathLike) -> bool:
+    """True when `path` is an embeddings table that `save_table` wrote (id and emb_ columns)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(path).names
+        else:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                columns = handle.readline().strip().split(",")
+    except (OSError, ValueError):
+        return False
+    return "id" in columns and f"{EMBEDDING_PREFIX}0" in columns
 
 
 def load_table(path: str | os.PathLike) -> pd.DataFrame:

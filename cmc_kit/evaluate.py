@@ -29,7 +29,7 @@ import pandas as pd
 from cmc_kit import data as data_module
 from cmc_kit import probes, runs, synth
 from cmc_kit.errors import CmcKitError, DataError
-from cmc_kit.fileio import atomic_write_text, output_file_path
+from cmc_kit.fileio import atomic_write_text
 from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS
 
 RAW_PIXEL_SIDE = 8
@@ -38,13 +38,28 @@ BASELINES = ("random_init", "raw_pixels", "mean_colour")
 ROUGH_BELOW = 50
 
 
-def resolve_output(out: str | os.PathLike | None) -> Path | None:
+def resolve_output(out: str | os.PathLike | None, run: str | os.PathLike | None = None, *,
+                   force: bool = False) -> Path | None:
     """Where `evaluate_run(out=...)` writes: an existing folder gets `evaluation.csv` inside it.
 
-    Checked before any work, so a bad path fails in a second, not after minutes of probes.
-    Raises CmcKitError when the path (or a folder above it) is an existing file that is in the way.
+    Checked before any work, so a bad path fails in a second, not after minutes of probes:
+    a .csv name, not one of the run's own training files, and not an existing file other than
+    an evaluation table (unless `force`). Raises CheckpointError / CmcKitError saying which.
     """
-    return None if out is None else output_file_path(out, "--out", runs.EVALUATION_FILE)
+    if out is None:
+        return None
+    return runs.output_path(out, run=run, what="--out", default_name=runs.EVALUATION_FILE,
+                            suffixes=(".csv",), kind="an evaluation table",
+                            looks_like_ours=is_evaluation_table, force=force)
+
+
+def is_evaluation_table(path: str | os.PathLike) -> bool:
+    """True when `path` is a CSV that `write_table` wrote (it starts task,probe,metric)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.readline().startswith("task,probe,metric")
+    except OSError:
+        return False
 
 
 def raw_pixel_features(catalog: pd.DataFrame, crop_size: int, batch_size: int = 64,
@@ -127,14 +142,15 @@ def probe_features(train_x: np.ndarray, test_x: np.ndarray, train_table: pd.Data
 def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, *,
                  dataset: data_module.Dataset | None = None, out: str | os.PathLike | None = None,
                  checkpoints: str = "latest", features: str = "trunk", per_target: bool = False,
-                 seed: int = 0, progress: bool = False) -> pd.DataFrame:
+                 seed: int = 0, progress: bool = False, force: bool = False) -> pd.DataFrame:
     """Probes the run's features and the baselines on its held-out split.
 
     Args:
         data, dataset: the run's dataset, as a folder or as a `cmc_kit.data.Dataset` found
             already (one of the two).
         out: CSV file for the wide table; an existing folder gets `evaluation.csv` inside it.
-            Checked before any work (see `resolve_output`).
+            Checked before any work (see `resolve_output`; `force` replaces a file that is not
+            an evaluation table).
         checkpoints: "latest", or "all" to add a column per kept checkpoint (learning over epochs).
         features: the feature source of the trained and random-init encoders (`embed.SOURCES`).
         per_target: also one row per class fraction.
@@ -148,7 +164,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
         raise CmcKitError(f"checkpoints (CHECKPOINTS in 05_evaluate) must be 'latest' or 'all'. "
                           f"Received: {checkpoints!r}")
     embed.check_source(features)
-    out = resolve_output(out)
+    out = resolve_output(out, run, force=force)
     handle = runs.load_run(run)
     config = handle.config
     dataset = data_module.as_dataset(data, dataset)
@@ -228,7 +244,7 @@ def evaluate_runs(run_dirs, data: str | os.PathLike | None = None, *,
     if len(run_dirs) < 2:
         raise CmcKitError(f"evaluate_runs needs two or more runs (seeds) to give an interval "
                           f"over them; for one run use evaluate_run. Received: {run_dirs}")
-    out = resolve_output(out)
+    out = resolve_output(out, run_dirs[0], force=options.pop("force", False))
     dataset = data_module.as_dataset(data, dataset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # each run's rough note: summarised below

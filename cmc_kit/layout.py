@@ -74,6 +74,20 @@ def holds_samples(folder: str | os.PathLike, *, complete: bool = False) -> bool:
     return False
 
 
+def png_size(path) -> tuple[int, int] | None:
+    """(height, width) that a PNG's header claims, without decoding it; None when the file
+    cannot be read or is not a PNG."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(24)
+    except (OSError, ValueError, UnicodeError):
+        return None
+    if header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR":
+        width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+        return height, width
+    return None
+
+
 def find_metadata_csv(root: str | os.PathLike) -> Path | None:
     """`metadata.csv` at the data root (or beside a `_dataset` folder given as the root)."""
     root = Path(root)

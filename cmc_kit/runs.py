@@ -19,13 +19,14 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cmc_kit import layout
 from cmc_kit.config import Config, preset
 from cmc_kit.errors import CheckpointError
-from cmc_kit.fileio import atomic_write_text
+from cmc_kit.fileio import atomic_write_text, output_file_path
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `cmc-kit --help` needs none of it
     import pandas as pd
@@ -46,12 +47,43 @@ EXPLORER_FILE = "explorer.html"
 MOSAIC_FILE = "mosaic.png"
 EPOCHS_PAGE_FILE = "embedding_over_epochs.html"
 SET_ASIDE_DIR = ".before-fresh"
+DATASET_FILE = "dataset.json"  # what the run was created on: sample count, image size, checksums
 
 # What a fresh start replaces: the training's files and what was made from them (the demo and
 # notebooks 04/05 write the explorer, mosaic, evaluation and UMAP cache into the run).
 RUN_OUTPUTS = (CHECKPOINT_DIR, TENSORBOARD_DIR, EMBEDDINGS_DIR, STATE_FILE, LOG_FILE,
-               STEP_LOG_FILE, SPLIT_FILE, CONFIG_FILE, UMAP_CACHE_DIR, EVALUATION_FILE,
-               EXPLORER_FILE, MOSAIC_FILE, EPOCHS_PAGE_FILE)
+               STEP_LOG_FILE, SPLIT_FILE, CONFIG_FILE, DATASET_FILE, UMAP_CACHE_DIR,
+               EVALUATION_FILE, EXPLORER_FILE, MOSAIC_FILE, EPOCHS_PAGE_FILE)
+
+
+# What training owns in a run directory: no output of another command may replace these.
+TRAINING_FILES = (CONFIG_FILE, SPLIT_FILE, STATE_FILE, LOG_FILE, STEP_LOG_FILE, DATASET_FILE,
+                  CHECKPOINT_DIR, TENSORBOARD_DIR, SET_ASIDE_DIR)
+
+
+def output_path(out: str | os.PathLike, *, run: str | os.PathLike | None, what: str,
+                default_name: str, suffixes: tuple[str, ...], kind: str,
+                looks_like_ours: Callable[[Path], bool], force: bool = False) -> Path:
+    """Where a command may write its output file `out` (an existing folder gets
+    `default_name`), checked before any work: the suffix; not one of the run's own training
+    files; and an existing file only when it is this command's own earlier output (as
+    `looks_like_ours` tells) or `force`."""
+    path = output_file_path(out, what, default_name, suffixes)
+    if run is not None:
+        try:
+            inside = path.resolve().relative_to(Path(run).resolve())
+        except ValueError:
+            inside = None
+        if inside is not None and inside.parts and inside.parts[0] in TRAINING_FILES:
+            raise CheckpointError(
+                f"{what} {path} is {run}'s own {inside.parts[0]}, which training needs; "
+                f"writing there would destroy it. Give another file, e.g. "
+                f"{Path(run) / default_name}.")
+    if path.exists() and not force and not looks_like_ours(path):
+        raise CheckpointError(
+            f"{what} {path} already exists and is not {kind} that cmc_kit wrote, so it is not "
+            "replaced. Give another file name, or add --force to replace it.")
+    return path
 
 
 def epoch_table_path(run_dir: str | os.PathLike, epoch: int) -> Path:
@@ -81,30 +113,72 @@ def checkpoint_paths(run_dir: str | os.PathLike) -> list[str]:
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
+    indexes = sorted(folder.glob("*.index"), key=lambda p: (checkpoint_number(p.stem), p.stem))
+    return [str(path.with_suffix("")) for path in indexes]
 
-    def number(path: Path):
-        suffix = path.stem.rsplit("-", 1)[-1]
-        return (0, int(suffix), path.stem) if suffix.isdigit() else (1, 0, path.stem)
 
-    return [str(path.with_suffix("")) for path in sorted(folder.glob("*.index"), key=number)]
+COUNTERS = ("step", "epoch", "batch_in_epoch")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[dict]:
-    """Kept checkpoints, oldest first: {path, step, epoch, batch_in_epoch} read from each one."""
-    import tensorflow as tf
-
+    """Checkpoints in RUN/checkpoints, oldest first: {path, step, epoch, batch_in_epoch,
+    problem}; `problem` says why a checkpoint cannot be used (its counters are then None)."""
     out = []
     for path in checkpoint_paths(run_dir):
-        try:
-            reader = tf.train.load_checkpoint(path)
-            values = {name: int(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
-                      for name in ("step", "epoch", "batch_in_epoch")}
-        except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as err:
-            raise CheckpointError(f"Checkpoint {path} cannot be read ({str(err)[:200]}). Delete "
-                                  "it (and its entry in checkpoints/checkpoint) to use the "
-                                  "previous one, or start over with --fresh.") from err
-        out.append({"path": path, **values})
+        counters, problem = _read_counters(path)
+        out.append({"path": path, **counters, "problem": problem})
     return out
+
+
+def _read_counters(path: str) -> tuple[dict, str | None]:
+    """A checkpoint's counters, or Nones and the reason it is damaged: files missing or cut
+    short (the data shards hold fewer bytes than the index lists), or an unreadable index."""
+    import numpy as np
+    import tensorflow as tf
+
+    unreadable = {name: None for name in COUNTERS}
+    shards = sorted(Path(path).parent.glob(f"{Path(path).name}.data-*"))
+    if not shards:
+        return unreadable, "its .data file is missing"
+    try:
+        reader = tf.train.load_checkpoint(path)
+        shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+        expected = sum(int(np.prod(shape)) * dtypes[name].size for name, shape in shapes.items()
+                       if dtypes[name] != tf.string)
+        actual = sum(shard.stat().st_size for shard in shards)
+        if actual < expected:
+            return unreadable, f"it is cut short ({actual} of {expected} bytes)"
+        return {name: int(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+                for name in COUNTERS}, None
+    except (tf.errors.OpError, ValueError, OSError) as err:
+        return unreadable, f"it cannot be read ({' '.join(str(err).split())[:160]})"
+
+
+def newest_usable_checkpoint(run_dir: str | os.PathLike) -> dict | None:
+    """The newest checkpoint that is not damaged, with a warning naming any newer damaged one
+    it passes over; None when there is no checkpoint. Raises CheckpointError when there are
+    checkpoints but none can be used."""
+    entries = list_checkpoints(run_dir)
+    usable = [entry for entry in entries if entry["problem"] is None]
+    damaged_newer = [e for e in entries if e["problem"] is not None
+                     and (not usable or checkpoint_number(e["path"]) > checkpoint_number(usable[-1]["path"]))]
+    if entries and not usable:
+        raise CheckpointError(
+            f"No checkpoint of {run_dir} can be used: "
+            + "; ".join(f"{Path(e['path']).name}: {e['problem']}" for e in entries)
+            + ". Restore the files from a copy of the run, or start over with --fresh.")
+    if damaged_newer:
+        warnings.warn(
+            "Damaged checkpoint(s) passed over: "
+            + "; ".join(f"{e['path']} ({e['problem']})" for e in damaged_newer)
+            + f". Using {usable[-1]['path']} (step {usable[-1]['step']}) instead.", stacklevel=3)
+    return usable[-1] if usable else None
+
+
+def checkpoint_number(path: str | os.PathLike) -> int:
+    """N of RUN/checkpoints/ckpt-N (-1 for other names)."""
+    suffix = Path(path).name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def resolve_checkpoint(run: str | os.PathLike, checkpoint: str | os.PathLike | None) -> str | None:
@@ -158,9 +232,12 @@ def resolve_config(run_dir: str | os.PathLike, *, preset_name: str | None = None
                    fresh: bool = False) -> Config:
     """The config to train with: the saved one (resume) or a preset (new run), plus overrides.
 
-    On resume the settings `Config.model_differences` names must match the saved config
+    On resume the settings `Config.resume_differences` names must match the saved config
     (`check_resume_settings`); anything else (epochs, learning rate, time limit...) may change.
+    A run that an interrupted fresh start had set aside is put back first, so its own settings
+    are the saved ones.
     """
+    recover_set_aside(run_dir)
     config_path = Path(run_dir) / CONFIG_FILE
     saved = None if fresh or not config_path.exists() else Config.load(config_path)
     base = saved if saved is not None and preset_name is None else preset(preset_name or "cpu-demo")
@@ -175,7 +252,7 @@ def resolve_config(run_dir: str | os.PathLike, *, preset_name: str | None = None
 def check_resume_settings(config: Config, saved: Config, run_dir: str | os.PathLike) -> None:
     """Raises CheckpointError naming each setting that differs from the run's saved config but
     must not change on resume (the weights' shapes, the queue and the data order depend on it)."""
-    diffs = config.model_differences(saved)
+    diffs = config.resume_differences(saved)
     if diffs:
         raise CheckpointError(
             f"{run_dir} was trained with different settings ({'; '.join(diffs)}). Resume with "
@@ -259,6 +336,57 @@ def keep_lost_training_samples(catalog: pd.DataFrame, split: dict, data: str | o
     kept = pd.concat([catalog, pd.DataFrame(rows, columns=catalog.columns)], ignore_index=True)
     order = sorted(range(len(kept)), key=lambda i: data_module.id_sort_key(str(kept.at[i, "id"])))
     return kept.iloc[order].reset_index(drop=True)
+
+
+# -- the dataset a run was made on --------------------------------------------------------------
+
+def dataset_fingerprint(catalog: pd.DataFrame, split: dict, samples: int = 4) -> dict:
+    """What a later session checks the data against: the number of training samples, the
+    image size and a checksum of the first few training samples' terrain files."""
+    import hashlib
+
+    from cmc_kit import data as data_module
+
+    rows = catalog.set_index("id")
+    ids = [i for i in sorted(split["train"], key=data_module.id_sort_key) if i in rows.index]
+    checksums = {}
+    for sample_id in ids[:samples]:
+        try:
+            checksums[sample_id] = hashlib.sha256(Path(rows.at[sample_id, "terrain"])
+                                                  .read_bytes()).hexdigest()[:16]
+        except OSError:
+            continue
+    size = layout.png_size(rows.at[ids[0], "terrain"]) if ids else None
+    return {"training_samples": len(split["train"]), "image_size": list(size or []),
+            "checksums": checksums}
+
+
+def check_dataset(run_dir: str | os.PathLike, now: dict, *, allow_changed: bool) -> None:
+    """Compares the data a run resumes on with its fingerprint (RUN/dataset.json): images of
+    another size are refused unless `allow_changed` (data.allow_changed_data); other content
+    under the same ids is warned about."""
+    path = Path(run_dir) / DATASET_FILE
+    if not path.is_file():
+        return
+    saved = read_json(path)
+    size_then, size_now = saved.get("image_size"), now.get("image_size")
+    if size_then and size_now and size_then != size_now and not allow_changed:
+        raise CheckpointError(
+            f"{run_dir} was trained on {size_then[1]}x{size_then[0]} images; the data given now "
+            f"has {size_now[1]}x{size_now[0]} under the same sample ids. Point --data / DATA_DIR "
+            "at the run's dataset, or add --set data.allow_changed_data=true (OVERRIDES) to "
+            "resume on these images anyway.")
+    changed = sorted(i for i, digest in saved.get("checksums", {}).items()
+                     if i in now["checksums"] and now["checksums"][i] != digest)
+    if changed:
+        warnings.warn(f"The terrain files of sample(s) {', '.join(changed)} differ from the ones "
+                      f"{run_dir} was created on ({DATASET_FILE}): the dataset's content changed "
+                      "under the same ids. Resuming on it; point --data at the run's dataset if "
+                      "that was not meant.", stacklevel=3)
+
+
+def write_dataset_fingerprint(run_dir: str | os.PathLike, fingerprint: dict) -> None:
+    atomic_write_text(Path(run_dir) / DATASET_FILE, json.dumps(fingerprint, indent=2) + "\n")
 
 
 # -- a fresh start --------------------------------------------------------------------------------
@@ -345,6 +473,7 @@ def bring_in_previous_run(run: str | os.PathLike, resume_from: str | os.PathLike
     from cmc_kit import kaggle
 
     run = Path(run)
+    recover_set_aside(run)  # a run moved aside by an interrupted fresh start is not "empty"
     if has_checkpoint(run):
         if resume_from is not None:
             warnings.warn(
@@ -415,6 +544,12 @@ def _copy_run(previous: Path, run_dir: Path) -> None:
 def run_info(run: str | os.PathLike) -> dict:
     """Epoch, step, queue fill, skipped steps, checkpoints and config of a run directory."""
     run_dir = Path(run)
+    if not (run_dir / CONFIG_FILE).exists() and (run_dir / SET_ASIDE_DIR).is_dir():
+        raise CheckpointError(
+            f"{run_dir} holds a run that a fresh start moved to {run_dir / SET_ASIDE_DIR} and "
+            "was interrupted before its first checkpoint. Run `cmc-kit train --run "
+            f"{run_dir} --data DATA` (or notebook 03_resume) to put it back and continue it, "
+            "or add --fresh to start over.")
     if not (run_dir / CONFIG_FILE).exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG_FILE}). Train one with "
                               f"`cmc-kit train --data DATA --run {run_dir}` or notebook 02_train "
@@ -422,16 +557,21 @@ def run_info(run: str | os.PathLike) -> dict:
     config = Config.load(run_dir / CONFIG_FILE)
     state = read_json(run_dir / STATE_FILE) if (run_dir / STATE_FILE).exists() else {}
     checkpoints = list_checkpoints(run_dir)
+    usable = [c for c in checkpoints if c["problem"] is None]
+    # Where the run stands is what its newest usable checkpoint holds (state.json may name a
+    # newer, damaged one).
+    latest = usable[-1] if usable else {"path": None}
     return {
         "run": str(run_dir),
-        "epoch": state.get("epoch", 0),
+        "epoch": latest.get("epoch", state.get("epoch", 0)),
         "epochs": config.train.epochs,
-        "step": state.get("step", 0),
+        "step": latest.get("step", state.get("step", 0)),
         "queue_fill": state.get("queue_fill", 0),
         "queue_size": state.get("queue_size"),
         "skipped_steps": state.get("skipped_steps", 0),
-        "latest_checkpoint": checkpoints[-1]["path"] if checkpoints else None,
+        "latest_checkpoint": latest["path"],
         "checkpoints": [c["path"] for c in checkpoints],
+        "damaged_checkpoints": {c["path"]: c["problem"] for c in checkpoints if c["problem"]},
         "config": config.to_dict(),
     }
 
@@ -443,10 +583,17 @@ class RunHandle:
         self.run_dir = Path(run_dir)
         info = run_info(self.run_dir)
         self.config = Config.load(self.run_dir / CONFIG_FILE)
-        self.checkpoints = list_checkpoints(self.run_dir)
-        if checkpoint is None and not self.checkpoints:
-            raise CheckpointError(f"{self.run_dir} has no checkpoint yet. Train it first.")
-        self.checkpoint_path = checkpoint or self.checkpoints[-1]["path"]
+        self.checkpoints = [c for c in list_checkpoints(self.run_dir) if c["problem"] is None]
+        if checkpoint is None:
+            newest = newest_usable_checkpoint(self.run_dir)
+            if newest is None:
+                raise CheckpointError(f"{self.run_dir} has no checkpoint yet. Train it first.")
+            checkpoint = newest["path"]
+        elif str(checkpoint) in info["damaged_checkpoints"]:
+            raise CheckpointError(f"Checkpoint {checkpoint} is damaged: "
+                                  f"{info['damaged_checkpoints'][str(checkpoint)]}. Pick another "
+                                  "one (--checkpoint) or leave it out for the newest usable one.")
+        self.checkpoint_path = str(checkpoint)
         self.epoch, self.step = info["epoch"], info["step"]
         for entry in self.checkpoints:
             if entry["path"] == self.checkpoint_path:

@@ -32,3 +32,17 @@ def test_gpu_report_without_a_gpu_measures_nothing():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py")],
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0 and "No GPU: nothing to measure" in result.stdout
+
+
+@pytest.mark.slow
+def test_learning_benchmark_smoke_runs_and_prints_every_source(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--smoke",
+                             "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "mean +- sd over 2 seeds" in out
+    for column in ("trained", "random_init", "raw_pixels", "mean_colour", "trained - best baseline",
+                   "epoch2_accuracy"):
+        assert column in out, out
+    assert (tmp_path / "seed0" / "log.csv").is_file() and (tmp_path / "seed1" / "log.csv").is_file()

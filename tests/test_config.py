@@ -33,11 +33,15 @@ def test_bad_value_names_setting():
         preset("cpu-demo").with_overrides(["data.batch_size=many"])
 
 
-def test_model_differences_name_fields():
+def test_resume_differences_name_the_fixed_fields_only():
     a = preset("cpu-demo")
     b = a.with_overrides(["model.embedding_dim=32", "train.learning_rate=0.5"])
-    diffs = b.model_differences(a)
+    diffs = b.resume_differences(a)
     assert diffs == ["model.embedding_dim: saved 64, requested 32"]
+    # The split is fixed when the run is created: its fraction and seed cannot change either.
+    c = a.with_overrides(["data.validation_fraction=0.4", "data.split_seed=3", "train.epochs=30"])
+    assert c.resume_differences(a) == ["data.validation_fraction: saved 0.25, requested 0.4",
+                                       "data.split_seed: saved 0, requested 3"]
 
 
 def test_valid_keys_cover_every_section():

@@ -19,7 +19,7 @@ One module per job; this face re-exports their public names, so `cmc_kit.explore
 from cmc_kit.errors import CmcKitError, DataError
 from cmc_kit.explore.over_epochs import (align_layout, embedding_over_epochs, epoch_tables,
                                          write_epochs_html)
-from cmc_kit.explore.page import export_html, write_explorer_html
+from cmc_kit.explore.page import export_html, is_cmc_kit_page, write_explorer_html
 from cmc_kit.explore.pictures import FeatureMaps, displayable, feature_maps, mosaic, pca_rgb
 from cmc_kit.explore.scatter import DOMINANT, colour_options, marker_colours
 from cmc_kit.explore.thumbnails import (THUMBNAIL_KINDS, data_uri, encode_thumbnails,
@@ -32,7 +32,8 @@ __all__ = [
     "CmcKitError", "DOMINANT", "DataError", "Explorer", "FIGURE_WIDTH", "FeatureMaps",
     "THUMBNAIL_KINDS", "align_layout", "colour_options", "data_uri", "displayable",
     "embedding_over_epochs", "encode_thumbnails", "epoch_tables", "export_html", "feature_maps",
-    "figure_widget_available", "height_colour_map", "make_thumbnails", "marker_colours", "mosaic",
+    "figure_widget_available", "height_colour_map", "is_cmc_kit_page", "make_thumbnails",
+    "marker_colours", "mosaic",
     "pca_rgb", "read_sample", "sample_thumbnails", "thumbnail_images", "widgets_can_render",
     "write_epochs_html", "write_explorer_html",
 ]

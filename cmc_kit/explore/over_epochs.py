@@ -16,6 +16,7 @@ import pandas as pd
 
 from cmc_kit import embed
 from cmc_kit.errors import CmcKitError
+from cmc_kit.explore.page import GENERATOR_TAG
 from cmc_kit.explore.scatter import DOMINANT, marker_colours, marker_size, point_marker
 from cmc_kit.fileio import atomic_write_bytes
 
@@ -184,4 +185,5 @@ def write_epochs_html(run: str | os.PathLike, out: str | os.PathLike | None = No
     # Opens on the last epoch, still (auto_play would start the animation on load).
     page = figure.to_html(include_plotlyjs=True, full_html=True, div_id="epochs",
                           auto_play=False, config={"displaylogo": False})
+    page = page.replace("<head>", f"<head>{GENERATOR_TAG}", 1)  # marks it as ours (see page)
     return atomic_write_bytes(out, page.encode("utf-8"))

@@ -26,6 +26,26 @@ from cmc_kit.explore.thumbnails import THUMBNAIL_KINDS, check_one_source, data_u
 from cmc_kit.fileio import atomic_write_bytes
 
 
+# In the <head> of every page cmc_kit writes (page.html has it), so a later --out can tell its
+# own earlier page from a file it must not replace.
+GENERATOR_TAG = '<meta name="generator" content="cmc_kit explorer">'
+# What pages written before the tag existed hold: the explorer's data, the epochs plot's div.
+_OLDER_PAGE_MARKS = ('id="cmc-data"', '<div id="epochs"')
+
+
+def is_cmc_kit_page(path: str | os.PathLike) -> bool:
+    """True when `path` is an explorer or epochs page that cmc_kit wrote."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 12)
+            if GENERATOR_TAG.encode() in head:
+                return True
+            page = head + handle.read(64 << 20)  # older pages: the marks sit after plotly.js
+    except OSError:
+        return False
+    return any(mark.encode() in page for mark in _OLDER_PAGE_MARKS)
+
+
 @functools.cache
 def page_file(name: str) -> str:
     """The text of one of the page's package files: page.html, page.css or page.js."""

@@ -4,7 +4,9 @@ that holds them beside the networks, the optimizer and the queues."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -169,35 +171,77 @@ class Checkpointer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(run_dir / runs.CHECKPOINT_DIR), max_to_keep=keep,
             checkpoint_name=runs.CHECKPOINT_NAME)
+        self.verified: str | None = None  # the last checkpoint saved or restored and checked
 
     @property
     def latest(self) -> str | None:
         return self.manager.latest_checkpoint
 
+    def remove_unfinished_saves(self) -> list[str]:
+        """Deletes the `ckpt-N_temp` folders a save killed halfway leaves behind (TensorFlow
+        writes there, then renames); returns what was removed."""
+        folder = self.run_dir / runs.CHECKPOINT_DIR
+        leftovers = sorted(p for p in folder.glob("*_temp*") if p.is_dir()) if folder.is_dir() else []
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        return [str(p) for p in leftovers]
+
     def save(self) -> str:
         """Writes a checkpoint (refused when a weight or queue is non-finite) and returns it."""
         self._check_finite()
-        return self.manager.save()
+        self.verified = self.manager.save()
+        return self.verified
 
-    def _check_finite(self) -> None:
-        """Refuses to checkpoint non-finite weights or queues: the last good checkpoint stays latest."""
+    def _non_finite(self) -> list[str]:
         named = [(f"online/{w.path}", w) for w in self.online.weights]
         named += [(f"momentum/{w.path}", w) for w in self.momentum.weights]
         named += [(f"queue/{view}", queue) for view, queue in self.queues.queues.items()]
-        bad = [name for name, value in named if not np.all(np.isfinite(np.asarray(value)))]
+        return [name for name, value in named if not np.all(np.isfinite(np.asarray(value)))]
+
+    def _check_finite(self) -> None:
+        """Refuses to checkpoint non-finite weights or queues: the last good checkpoint stays latest."""
+        bad = self._non_finite()
         if bad:
-            kept = (f"The latest checkpoint, {self.latest}, is intact and training resumes from it."
-                    if self.latest else "No checkpoint was written; nothing was overwritten.")
+            # Only a checkpoint this session saved or restored and found finite is called intact.
+            kept = (f"The latest checkpoint, {self.verified}, is intact and training resumes "
+                    "from it." if self.verified else
+                    "Nothing was overwritten; no checkpoint of this session was checked.")
             raise TrainingError(
                 f"Not saving step {int(self.state.step.numpy())} of {self.run_dir}: non-finite "
                 f"values in {len(bad)} tensor(s) ({', '.join(bad[:3])}). {kept} Lower "
                 "train.learning_rate or check the data with `cmc-kit validate`.")
 
     def restore_latest(self) -> bool:
-        """Restores the latest checkpoint (True) or leaves everything as built (False)."""
-        latest = self.latest
-        if not latest:
-            return False
+        """Restores the newest usable checkpoint (True), or leaves everything as built when there
+        is none (False). Damaged checkpoints (cut short, unreadable) and ones holding non-finite
+        weights are passed over with a warning naming them; none usable is a CheckpointError."""
+        entries = runs.list_checkpoints(self.run_dir)
+        passed = []
+        for entry in reversed(entries):
+            if entry["problem"] is None:
+                try:
+                    self._restore(entry["path"])
+                except tf.errors.OpError as err:  # damage the size check could not see
+                    entry["problem"] = f"it cannot be restored ({' '.join(str(err).split())[:160]})"
+                    passed.append(f"{entry['path']} ({entry['problem']})")
+                    continue
+                bad = self._non_finite()
+                if not bad:
+                    if passed:
+                        warnings.warn(f"Passed over {'; '.join(passed)}: resuming from "
+                                      f"{entry['path']} (step {entry['step']}).", stacklevel=4)
+                    self.verified = entry["path"]
+                    return True
+                entry["problem"] = f"non-finite values in {', '.join(bad[:3])}"
+            passed.append(f"{entry['path']} ({entry['problem']})")
+        if passed:
+            raise CheckpointError(f"No checkpoint of {self.run_dir} can be resumed from: "
+                                  f"{'; '.join(passed)}. Restore the files from a copy of the "
+                                  "run, or start over with --fresh.")
+        return False
+
+    def _restore(self, latest: str) -> None:
+        """Restores one checkpoint into the built objects, whatever layout it was saved in."""
         self.state.check_geometry(latest, self.run_dir)
         saved_keys = set(tf.train.load_checkpoint(latest).get_variable_to_shape_map())
         saved = {key.split("/")[0] for key in saved_keys}
@@ -219,7 +263,8 @@ class Checkpointer:
             # the resume point was unreadable.
             batch = int(self.state.geometry.numpy()[GEOMETRY_FIELDS.index("global batch")])
             self.state.epoch_position.assign(int(self.state.batch_in_epoch.numpy()) * batch)
-        return True
+        if "epoch_signal_sums" not in saved:
+            self.state.epoch_signal_sums.assign(tf.zeros_like(self.state.epoch_signal_sums))
 
     def _checkpoint_for(self, saved: set[str], saved_keys: set[str]):
         """The checkpoint object to restore a checkpoint holding `saved` (top-level names) and

@@ -231,14 +231,27 @@ class Trainer:
     def save(self) -> str:
         """A checkpoint of everything a restart needs, then RUN/state.json naming it."""
         path = self.checkpointer.save()
-        runs.write_state(self.run_dir, state_summary(
-            self.state, self.queues, steps_per_epoch=self.steps_per_epoch,
-            num_train=len(self.train_catalog), checkpoint_path=path))
+        self._write_state(path)
         return path
 
+    def _write_state(self, checkpoint_path: str | None) -> None:
+        runs.write_state(self.run_dir, state_summary(
+            self.state, self.queues, steps_per_epoch=self.steps_per_epoch,
+            num_train=len(self.train_catalog), checkpoint_path=checkpoint_path))
+
     def restore_or_initialize(self) -> bool:
-        """Restores the latest checkpoint (True) or fills the queues for a fresh run (False)."""
+        """Restores the newest usable checkpoint (True) or fills the queues for a fresh run
+        (False). Either way leftovers of a save killed halfway are removed first, and after a
+        restore RUN/state.json says again where the run stands (a kill between a save and its
+        state.json would otherwise leave it one checkpoint behind)."""
+        self.checkpointer.remove_unfinished_saves()
         if self.checkpointer.restore_latest():
+            self._write_state(self.checkpointer.verified)
+            # The checkpoint holds the optimizer's learning rate too; the settings decide it,
+            # so a changed train.learning_rate applies on resume (a schedule is rebuilt anyway).
+            optimizer = saved_optimizer(self.optimizer)
+            if isinstance(make_learning_rate(self.config.train, self.total_steps), float):
+                optimizer.learning_rate = self.config.train.learning_rate
             self.log.drop_rows_after(epoch=int(self.state.epoch.numpy()),
                                      step=int(self.state.step.numpy()))
             return True
@@ -481,7 +494,7 @@ def train(data=None, run=None, config: Config | None = None, *,
         saved_path = run_dir / runs.CONFIG_FILE
         if saved_path.exists() and runs.has_checkpoint(run_dir):
             runs.check_resume_settings(config, Config.load(saved_path), run_dir)
-        trainer, split_ids, resuming = _trainer_for(
+        trainer, split_ids, resuming, fingerprint = _trainer_for(
             data, catalog, run_dir, config, verbose=verbose, callbacks=callbacks,
             dataset_transform=dataset_transform)
         # The input pipeline's own checks (the cache, its image size); reads no batch.
@@ -490,7 +503,7 @@ def train(data=None, run=None, config: Config | None = None, *,
         if set_aside is not None:
             set_aside.put_back()
         raise
-    _save_settings(run_dir, config, split_ids, resuming)
+    _save_settings(run_dir, config, split_ids, resuming, fingerprint)
     if set_aside is not None:
         set_aside.discard()
     return trainer.fit(time_limit=parse_duration(time_limit, "time_limit"))
@@ -512,17 +525,23 @@ def _trainer_for(data, catalog, run_dir: Path, config: Config, **trainer_options
                                                       cache=config.data.cache)
     else:
         split_ids = runs.new_split(catalog, config)
+    fingerprint = runs.dataset_fingerprint(catalog, split_ids)
+    if resuming:
+        runs.check_dataset(run_dir, fingerprint, allow_changed=config.data.allow_changed_data)
     split = runs.apply_split(catalog, split_ids)
     trainer = Trainer(config, run_dir, split["train"], split["validation"],
                       metadata_csv=metadata_csv, **trainer_options)
-    return trainer, split_ids, resuming
+    return trainer, split_ids, resuming, fingerprint
 
 
-def _save_settings(run_dir: Path, config: Config, split_ids: dict, resuming: bool) -> None:
-    """config.json and split.json, once everything passed its checks."""
+def _save_settings(run_dir: Path, config: Config, split_ids: dict, resuming: bool,
+                   fingerprint: dict) -> None:
+    """config.json, split.json and dataset.json, once everything passed its checks."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
         atomic_write_text(run_dir / runs.SPLIT_FILE, json.dumps(split_ids) + "\n")
+    if not resuming or not (run_dir / runs.DATASET_FILE).exists():  # older runs: from now on
+        runs.write_dataset_fingerprint(run_dir, fingerprint)
     saved_path = run_dir / runs.CONFIG_FILE
     reached = runs.saved_state(run_dir).get("epoch")
     if saved_path.exists() and reached is not None and config.train.epochs < reached:

@@ -1,0 +1,291 @@
+"""A hostile but realistic user: crafted PNGs, odd file names, impossible settings, read-only and
+full disks, two trainers, damaged checkpoints, outputs aimed at the run's own files, SIGKILLs.
+Each case fails on the code before the hardening issue, and each ends in one line (exit 2) or a
+warning, with no data lost."""
+
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cmc_kit import cli, data, synth
+from cmc_kit.errors import CmcKitError
+from helpers import tiny_config
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = err.strip("\n").splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"cmc-kit {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A few-hundred-byte PNG whose header claims width x height 8-bit RGB pixels (its image
+    data covers one row only): a decompression bomb for any decoder that trusts the header."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" + b"\x00" * 3 * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels)
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return synth.generate(tmp_path / "data", n=20, size=48, seed=4, progress=False)
+
+
+# -- 5. bad files fail one sample, not the dataset -----------------------------------------------
+
+def test_a_decompression_bomb_and_a_huge_real_image_are_one_samples_problems(dataset, capsys):
+    folder = dataset / "_dataset"
+    _png_claiming(folder / "0003_t.png", 60000, 60000)
+    assert (folder / "0003_t.png").stat().st_size < 6000
+    # A real 14000 x 14000 image (1-bit, so it stays small on disk).
+    Image.new("1", (14000, 14000)).save(folder / "0005_h.png")
+    report = data.validate(dataset)
+    assert report.num_usable == 18 and report.counts["too_large"] == 2
+    kinds = {(p.id, p.kind) for p in report.problems}
+    assert kinds == {("0003", "too_large"), ("0005", "too_large")}
+    assert "60000x60000" in next(p.message for p in report.problems if p.id == "0003")
+    assert cli.main(["validate", str(dataset)]) == 0  # usable samples remain
+    out = capsys.readouterr().out
+    assert "too_large 2" in out and "Traceback" not in out
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_and_skipped_by_training(dataset, tmp_path,
+                                                                          capsys):
+    from cmc_kit import training
+
+    folder = os.fsencode(dataset / "_dataset")
+    for suffix in (b"t", b"h", b"i2"):
+        os.rename(os.path.join(folder, b"0002_" + suffix + b".png"),
+                  os.path.join(folder, b"00\xff2_" + suffix + b".png"))
+    report = data.validate(dataset)
+    assert report.num_usable == 19 and report.counts["bad_name"] == 3
+    assert all("00\\xff2" in p.file for p in report.problems)
+    assert cli.main(["validate", str(dataset)]) == 0
+    assert "not valid UTF-8" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="3 problem"):
+        result = training.train(dataset, tmp_path / "run", tiny_config(**{"train.epochs": 1,
+                                                                           "train.eval_subset": 0}),
+                                verbose=0)
+    assert result.epoch == 1
+
+
+# -- 7. impossible settings: one line, nothing written ---------------------------------------------
+
+@pytest.mark.parametrize("flag", [
+    ["--set", "train.temperature=inf"], ["--set", "model.attention_heads=0"],
+    ["--set", "train.learning_rate=inf"], ["--time-limit", "nan"]])
+def test_impossible_settings_are_one_line_and_leave_no_run_behind(dataset, tmp_path, capsys, flag):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(dataset), "--run", str(run), *flag]) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert flag[1].split("=")[0] in line or "--time-limit" in line
+    assert not run.exists()
+
+
+# -- 1. resume settings are honest -------------------------------------------------------------------
+
+def test_a_learning_rate_changed_on_resume_is_the_one_that_trains(dataset, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    base = ["train", "--data", str(dataset), "--run", str(run), "--set", "data.crop_size=32",
+            "--set", "data.batch_size=4", "--set", "model.width=0.125",
+            "--set", "model.embedding_dim=16", "--set", "train.queue_multiplier=2",
+            "--set", "train.eval_subset=0", "--set", "data.validation_fraction=0.2"]
+    assert cli.main(base + ["--epochs", "1"]) == 0
+    assert cli.main(base + ["--epochs", "2", "--set", "train.learning_rate=0.0005"]) == 0
+    log = pd.read_csv(run / "log.csv")
+    assert log["learning_rate"].tolist() == pytest.approx([1e-3, 5e-4])
+    assert json.loads((run / "config.json").read_text())["train"]["learning_rate"] == 5e-4
+    # The split's settings cannot change: refused with the usual message, nothing rewritten.
+    saved = (run / "config.json").read_text()
+    capsys.readouterr()
+    assert cli.main(base + ["--set", "data.validation_fraction=0.5"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "data.validation_fraction: saved 0.2, requested 0.5" in line
+    assert (run / "config.json").read_text() == saved
+
+
+def test_resuming_on_other_images_under_the_same_ids_is_noticed(dataset, tmp_path):
+    import json
+
+    from cmc_kit import training
+
+    run = tmp_path / "run"
+    config = tiny_config(**{"train.epochs": 1, "train.eval_subset": 0})
+    training.train(dataset, run, config, verbose=0)
+    fingerprint = json.loads((run / "dataset.json").read_text())
+    assert fingerprint["image_size"] == [48, 48] and len(fingerprint["checksums"]) == 4
+    # The same ids at another size: refused, unless the user says so.
+    bigger = synth.generate(tmp_path / "bigger", n=20, size=64, seed=4, progress=False)
+    again = config.with_overrides({"train.epochs": 2})
+    with pytest.raises(CmcKitError, match=r"48x48 images.*64x64.*data.allow_changed_data=true"):
+        training.train(bigger, run, again, verbose=0)
+    # The same size, other content in a training file: a warning, and training goes on.
+    first = sorted(fingerprint["checksums"])[0]
+    terrain = dataset / "_dataset" / f"{first}_t.png"
+    with Image.open(terrain) as image:
+        flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped.save(terrain)
+    with pytest.warns(UserWarning, match=rf"sample\(s\) {first} differ"):
+        result = training.train(dataset, run, again, verbose=0)
+    assert result.epoch == 2
+    allowed = again.with_overrides({"train.epochs": 3, "data.allow_changed_data": True})
+    assert training.train(bigger, run, allowed, verbose=0).epoch == 3
+
+
+# -- 3. an interrupted fresh start ------------------------------------------------------------------
+
+TINY_TRAIN = ["--set", "data.crop_size=32", "--set", "data.batch_size=4", "--set", "model.width=0.125",
+              "--set", "model.embedding_dim=16", "--set", "train.queue_multiplier=2",
+              "--set", "train.eval_subset=0", "--set", "data.validation_fraction=0.2"]
+
+
+def test_a_run_set_aside_by_a_killed_fresh_start_is_restored_before_its_settings_are_read(
+        dataset, tmp_path, capsys):
+    import json
+
+    from cmc_kit import runs
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(dataset), "--run", str(run), "--epochs", "1",
+                     *TINY_TRAIN]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    runs.FreshStart.set_aside(run)  # a fresh start killed before its first checkpoint
+    capsys.readouterr()
+    assert cli.main(["info", "--run", str(run)]) == 2
+    line = _one_error_line(capsys.readouterr().err, "info")
+    assert "fresh start moved" in line and "cmc-kit train" in line
+    # Plain `train` with no settings: the run's own settings come back, not the preset's.
+    assert cli.main(["train", "--data", str(dataset), "--run", str(run), "--epochs", "2"]) == 0
+    after = json.loads((run / "config.json").read_text())
+    assert after["model"] == saved["model"] and after["train"]["epochs"] == 2
+    assert runs.run_info(run)["epoch"] == 2
+
+
+# -- 4. outputs never overwrite run files ----------------------------------------------------------
+
+@pytest.mark.parametrize("command,target", [
+    ("explore", "split.json"), ("explore", "config.json"), ("evaluate", "log.csv"),
+    ("embed", "state.json"), ("explore", "checkpoints/checkpoint")])
+def test_an_output_aimed_at_a_run_file_is_refused_and_the_file_survives(
+        trained_run, small_dataset, capsys, command, target):
+    path = trained_run / target
+    before = path.read_bytes()
+    out = ["--out", str(path)]
+    assert cli.main([command, "--run", str(trained_run), "--data", str(small_dataset), *out]) == 2
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert target.split("/")[0] in line and ("own" in line or "must end in" in line)
+    assert path.read_bytes() == before
+
+
+def test_an_output_over_a_foreign_file_needs_force(trained_run, small_dataset, tmp_path, capsys):
+    notes = tmp_path / "notes.html"
+    notes.write_text("<html>my own notes</html>")
+    args = ["explore", "--run", str(trained_run), "--data", str(small_dataset), "--out", str(notes)]
+    assert cli.main(args) == 2
+    assert "--force" in _one_error_line(capsys.readouterr().err, "explore")
+    assert notes.read_text() == "<html>my own notes</html>"
+    wrong_suffix = ["evaluate", "--run", str(trained_run), "--data", str(small_dataset),
+                    "--out", str(tmp_path / "table.html")]
+    assert cli.main(wrong_suffix) == 2
+    assert ".csv" in _one_error_line(capsys.readouterr().err, "evaluate")
+    # Its own earlier page is replaced without asking; a foreign one with --force.
+    assert cli.main(args + ["--force"]) == 0
+    from cmc_kit import explore
+
+    assert explore.is_cmc_kit_page(notes)
+    capsys.readouterr()
+    assert cli.main(args) == 0
+
+
+# -- 6. bad checkpoints ------------------------------------------------------------------------------
+
+def _data_file(checkpoint: str) -> Path:
+    return next(Path(checkpoint).parent.glob(Path(checkpoint).name + ".data-*"))
+
+
+def test_a_damaged_latest_checkpoint_is_named_and_the_newest_usable_one_is_used(
+        dataset, tmp_path, capsys):
+    import json
+
+    from cmc_kit import embed, runs, training
+
+    run = tmp_path / "run"
+    config = tiny_config(**{"train.epochs": 2, "train.eval_subset": 0})
+    training.train(dataset, run, config, verbose=0)
+    first, latest = [c["path"] for c in runs.list_checkpoints(run)]
+    data_file = _data_file(latest)
+    data_file.write_bytes(data_file.read_bytes()[:100])  # cut short, e.g. by a full disk
+    info = runs.run_info(run)
+    assert info["latest_checkpoint"] == first and latest in info["damaged_checkpoints"]
+    assert "cut short" in info["damaged_checkpoints"][latest]
+    assert cli.main(["info", "--run", str(run)]) == 0
+    assert "cut short" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match=r"Damaged checkpoint.*cut short.*Using .*ckpt-1"):
+        table = embed.embed_run(run, dataset, progress=False)
+    assert table.attrs["epoch"] == 1
+    # Training goes on from the usable checkpoint, saving over the damaged number.
+    with pytest.warns(UserWarning, match=r"Passed over .*ckpt-2 \(.*cut short.*resuming from .*ckpt-1"):
+        result = training.train(dataset, run, config, verbose=0)
+    assert (result.epoch, runs.run_info(run)["damaged_checkpoints"]) == (2, {})
+    assert json.loads((run / "state.json").read_text())["epoch"] == 2
+
+
+def test_non_finite_weights_never_resume_and_never_embed(dataset, tmp_path, capsys):
+    from cmc_kit import runs, training
+
+    run = tmp_path / "run"
+    config = tiny_config(**{"train.epochs": 1, "train.eval_subset": 0})
+    training.train(dataset, run, config, verbose=0)
+    catalog = runs.apply_split(data.discover(dataset), runs.read_json(run / "split.json"))
+    trainer = training.Trainer(config, run, catalog["train"], verbose=0)
+    trainer.restore_or_initialize()
+    kernel = trainer.online.trainable_variables[0]
+    kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+    poisoned = trainer.checkpointer.manager.save()  # as a damaged copy would hold it
+    capsys.readouterr()
+    assert cli.main(["embed", "--run", str(run), "--data", str(dataset), "--checkpoint", poisoned,
+                     "--out", str(tmp_path / "table.parquet")]) == 2
+    assert "not finite" in _one_error_line(capsys.readouterr().err, "embed")
+    assert not (tmp_path / "table.parquet").exists()
+    with pytest.warns(UserWarning, match=r"Passed over .*ckpt-2 \(non-finite values"):
+        result = training.train(dataset, run, config.with_overrides({"train.epochs": 2}),
+                                verbose=0)
+    assert result.epoch == 2
+
+
+def test_leftovers_of_a_killed_save_and_a_stale_state_file_are_mended_at_the_next_start(
+        dataset, tmp_path):
+    import json
+
+    from cmc_kit import training
+
+    run = tmp_path / "run"
+    config = tiny_config(**{"train.epochs": 2, "train.eval_subset": 0})
+    training.train(dataset, run, config, verbose=0)
+    (run / "checkpoints" / "ckpt-3_temp").mkdir()  # a save killed halfway
+    (run / "checkpoints" / "ckpt-3_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"x")
+    state = json.loads((run / "state.json").read_text())
+    stale = dict(state, step=state["step"] // 2, epoch=1, latest_checkpoint="ckpt-1")
+    (run / "state.json").write_text(json.dumps(stale))  # killed between a save and this file
+    training.train(dataset, run, config, verbose=0)   # nothing left to train
+    assert not (run / "checkpoints" / "ckpt-3_temp").exists()
+    mended = json.loads((run / "state.json").read_text())
+    assert (mended["epoch"], mended["step"]) == (2, state["step"])
+    assert mended["latest_checkpoint"].endswith("ckpt-2")
