@@ -401,12 +401,13 @@ def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, 
     from cmc_kit import embed, training
 
     runs.refuse_fresh_with_resume_from(fresh, resume_from)
-    # First: a previous run's config.json is the saved one.
-    runs.bring_in_previous_run(run, resume_from, fresh=fresh)
-    config = runs.resolve_config(run, preset_name=preset_name, epochs=epochs,
-                                 overrides=overrides, fresh=fresh)
-    result = training.train(data, run, config, fresh=fresh, time_limit=time_limit,
-                            callbacks=[embed.EpochEmbeddings()])
+    with runs.RunLock(run):  # before anything touches the run directory
+        # First: a previous run's config.json is the saved one.
+        runs.bring_in_previous_run(run, resume_from, fresh=fresh)
+        config = runs.resolve_config(run, preset_name=preset_name, epochs=epochs,
+                                     overrides=overrides, fresh=fresh)
+        result = training.train(data, run, config, fresh=fresh, time_limit=time_limit,
+                                callbacks=[embed.EpochEmbeddings()])
     print(f"{result.status}: epoch {result.epoch}, step {result.step}; run directory {result.run}")
     return result
 
@@ -436,7 +437,8 @@ def _embed(args: argparse.Namespace) -> int:
     from cmc_kit import embed
 
     out = runs.output_path(
-        args.out if args.out is not None else Path(args.run) / runs.EMBEDDINGS_DIR,
+        args.out if args.out is not None
+        else Path(args.run) / runs.EMBEDDINGS_DIR / runs.EMBEDDINGS_TABLE,
         run=args.run, what="--out", default_name=runs.EMBEDDINGS_TABLE,
         suffixes=(".parquet", ".csv"), kind="an embeddings table",
         looks_like_ours=embed.is_embeddings_table, force=args.force)

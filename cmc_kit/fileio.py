@@ -9,8 +9,10 @@ over the target, on error it is deleted and the target is left as it was. Text g
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +59,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         with open(tmp, "w") as handle:
             handle.write(text)
     return path
+
+
+def write_problem(err: BaseException) -> str | None:
+    """"no space", "read-only" or None: why a write failed, from the OS error or from the text
+    of a library's error that wraps it (TensorFlow's checkpoint saver, pyarrow)."""
+    code = getattr(err, "errno", None)
+    text = str(err)
+    if code == errno.ENOSPC or "No space left on device" in text:
+        return "no space"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in text \
+            or "Permission denied" in text:
+        return "read-only"
+    return None
+
+
+def free_megabytes(folder: str | os.PathLike) -> float:
+    """Free space on the disk holding `folder` (or its nearest existing parent), in MB."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free / 1e6
 
 
 def check_folder_path(path: str | os.PathLike | None, what: str, error_cls=None) -> None:

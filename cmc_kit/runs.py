@@ -15,6 +15,7 @@ The trainer asks and this module answers: nothing here builds a training step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ MOSAIC_FILE = "mosaic.png"
 EPOCHS_PAGE_FILE = "embedding_over_epochs.html"
 SET_ASIDE_DIR = ".before-fresh"
 DATASET_FILE = "dataset.json"  # what the run was created on: sample count, image size, checksums
+LOCK_FILE = ".trainer.lock"    # held by the process that trains the run (see RunLock)
 
 # What a fresh start replaces: the training's files and what was made from them (the demo and
 # notebooks 04/05 write the explorer, mosaic, evaluation and UMAP cache into the run).
@@ -58,7 +60,7 @@ RUN_OUTPUTS = (CHECKPOINT_DIR, TENSORBOARD_DIR, EMBEDDINGS_DIR, STATE_FILE, LOG_
 
 # What training owns in a run directory: no output of another command may replace these.
 TRAINING_FILES = (CONFIG_FILE, SPLIT_FILE, STATE_FILE, LOG_FILE, STEP_LOG_FILE, DATASET_FILE,
-                  CHECKPOINT_DIR, TENSORBOARD_DIR, SET_ASIDE_DIR)
+                  CHECKPOINT_DIR, TENSORBOARD_DIR, SET_ASIDE_DIR, LOCK_FILE)
 
 
 def output_path(out: str | os.PathLike, *, run: str | os.PathLike | None, what: str,
@@ -387,6 +389,73 @@ def check_dataset(run_dir: str | os.PathLike, now: dict, *, allow_changed: bool)
 
 def write_dataset_fingerprint(run_dir: str | os.PathLike, fingerprint: dict) -> None:
     atomic_write_text(Path(run_dir) / DATASET_FILE, json.dumps(fingerprint, indent=2) + "\n")
+
+
+# -- one trainer per run ----------------------------------------------------------------------------
+
+class RunLock:
+    """One trainer per run directory: an exclusive `fcntl` lock on RUN/.trainer.lock while the
+    block runs. The file names the holder (pid, host, start time) for the message a second
+    trainer gets at once. The kernel drops the lock when its process dies, so a lock left by a
+    killed trainer is taken over by the next start. Re-entrant within one process."""
+
+    _held: dict[str, list] = {}  # resolved path -> [file descriptor, depth, made the folder]
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here; training still works
+            return self
+        key = str(self.path.resolve())
+        if key in RunLock._held:
+            RunLock._held[key][1] += 1
+            return self
+        made_folder = not self.run_dir.exists()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise CheckpointError(
+                f"{self.run_dir} cannot be written ({err.strerror}): training keeps its "
+                "checkpoints and logs there. Give a writable run directory (--run / RUN_DIR; on "
+                "Kaggle under /kaggle/working) or fix the folder's permissions.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise CheckpointError(
+                f"{self.run_dir} is being trained by another process ({holder}). Wait for it to "
+                "finish or stop it, or train another run directory (--run / RUN_DIR): two "
+                "trainers would write the same checkpoints and logs.") from None
+        import socket
+        import time
+
+        try:  # who holds it, for the message; the lock itself does not depend on this
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        except OSError:
+            pass
+        RunLock._held[key] = [fd, 1, made_folder]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        key = str(self.path.resolve())
+        if key not in RunLock._held:
+            return
+        RunLock._held[key][1] -= 1
+        if RunLock._held[key][1] == 0:
+            fd, _, made_folder = RunLock._held.pop(key)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing drops the lock
+            if made_folder and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+                shutil.rmtree(self.run_dir)  # nothing came of it: leave no folder behind
 
 
 # -- a fresh start --------------------------------------------------------------------------------

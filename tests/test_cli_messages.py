@@ -131,8 +131,8 @@ def test_evaluate_out_folder_gets_evaluation_csv_checked_before_the_probes(tmp_p
     def fake_evaluate_run(run, data, *, out=None, **kwargs):
         seen["out"] = out
         table = pd.DataFrame([{"task": "dominant_class", "probe": "knn", "metric": "accuracy",
-                               "source": "trained", "value": 0.5}])
-        evaluate.atomic_write_text(out, evaluate.wide(table).to_csv(index=False))
+                               "source": "trained", "value": 0.5, "low": 0.4, "high": 0.6}])
+        evaluate.write_table(table, out)
         return table
 
     monkeypatch.setattr(evaluate, "evaluate_run", fake_evaluate_run)

@@ -289,3 +289,125 @@ def test_leftovers_of_a_killed_save_and_a_stale_state_file_are_mended_at_the_nex
     mended = json.loads((run / "state.json").read_text())
     assert (mended["epoch"], mended["step"]) == (2, state["step"])
     assert mended["latest_checkpoint"].endswith("ckpt-2")
+
+
+# -- 2. one trainer per run directory ----------------------------------------------------------------
+
+SLOW_TRAINER = """
+import sys, time
+import tensorflow as tf
+from cmc_kit import training
+from cmc_kit.config import Config
+
+def slow_down(dataset):
+    def pause(batch):
+        tf.py_function(lambda: time.sleep(0.5), [], [])
+        return batch
+    return dataset.map(pause)
+
+training.train(sys.argv[1], sys.argv[2], Config.load(sys.argv[3]), verbose=0,
+               dataset_transform=slow_down)
+"""
+
+
+def test_a_second_trainer_on_a_live_run_is_refused_at_once_and_a_killed_ones_lock_is_taken_over(
+        dataset, tmp_path, capsys):
+    import json
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    config = tiny_config(**{"train.epochs": 3, "train.eval_subset": 0})
+    config.save(tmp_path / "config.json")
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_TRAINER)
+    first = subprocess.Popen([sys.executable, str(script), str(dataset), str(run),
+                              str(tmp_path / "config.json")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "state.json").exists():  # training is under way
+            assert first.poll() is None, first.stdout.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the first trainer never got going"
+            time.sleep(0.2)
+        before = (run / "log.csv").read_text()
+        for extra in ([], ["--fresh"]):
+            started = time.monotonic()
+            assert cli.main(["train", "--data", str(dataset), "--run", str(run), *extra]) == 2
+            line = _one_error_line(capsys.readouterr().err, "train")
+            assert f"pid {first.pid}" in line and "another process" in line
+            assert time.monotonic() - started < 60  # refused at once, not after its own setup
+        assert (run / "log.csv").read_text() == before and not (run / ".before-fresh").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The killed trainer's lock is not stale forever: the next start takes it over.
+    from cmc_kit import training
+
+    result = training.train(dataset, run, config, verbose=0)
+    assert result.epoch == 3
+    assert json.loads((run / "state.json").read_text())["epoch"] == 3
+
+
+# -- 7. a read-only run directory, a full disk ---------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small disk here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_a_read_only_run_directory_is_one_line(dataset, small_disk, tmp_path, capsys):
+    run = small_disk / "run"
+    args = ["train", "--data", str(dataset), "--run", str(run), "--epochs", "1", *TINY_TRAIN]
+    assert cli.main(args) == 0
+    before = sorted(p.name for p in run.iterdir())
+    # The same run seen through a read-only mount, as a run attached under /kaggle/input is.
+    view = tmp_path / "read-only"
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(run), str(view)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        capsys.readouterr()
+        assert cli.main(["train", "--data", str(dataset), "--run", str(view), "--epochs", "2"]) == 2
+        line = _one_error_line(capsys.readouterr().err, "train")
+        assert str(view) in line and "Read-only file system" in line and "RUN_DIR" in line
+        assert cli.main(["info", "--run", str(view)]) == 0  # reading still works
+    finally:
+        subprocess.run(["umount", "-l", str(view)], capture_output=True)
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(dataset, small_disk, capsys):
+    from cmc_kit import runs
+
+    run = small_disk / "run"
+    args = ["train", "--data", str(dataset), "--run", str(run), *TINY_TRAIN]
+    assert cli.main(args + ["--epochs", "1"]) == 0
+    filler = small_disk / "filler"
+    with open(filler, "wb") as handle:  # fill the disk to the last byte
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 16))
+                handle.flush()
+        except OSError:
+            pass
+    capsys.readouterr()
+    assert cli.main(args + ["--epochs", "2"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "No space left on the disk of" in line and str(run) in line and "MB free" in line
+    assert "ckpt-1" in line and "not touched" in line
+    info = runs.run_info(run)
+    assert info["epoch"] == 1 and not info["damaged_checkpoints"]
+    filler.unlink()  # space again: the same command resumes
+    assert cli.main(args + ["--epochs", "2"]) == 0
+    assert runs.run_info(run)["epoch"] == 2

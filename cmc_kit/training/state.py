@@ -177,6 +177,11 @@ class Checkpointer:
     def latest(self) -> str | None:
         return self.manager.latest_checkpoint
 
+    def checkpoint_variables(self) -> list:
+        """Every variable a checkpoint holds (for its size)."""
+        return [v for obj in self.objects.values() for v in getattr(obj, "variables", [obj])
+                if hasattr(v, "dtype") and hasattr(v, "shape")]
+
     def remove_unfinished_saves(self) -> list[str]:
         """Deletes the `ckpt-N_temp` folders a save killed halfway leaves behind (TensorFlow
         writes there, then renames); returns what was removed."""

@@ -9,6 +9,7 @@ at random.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -24,7 +25,7 @@ import tensorflow as tf
 from cmc_kit import layout, models, objectives, runs, views
 from cmc_kit.config import Config, parse_duration
 from cmc_kit.errors import ConfigError, TrainingError
-from cmc_kit.fileio import atomic_write_text
+from cmc_kit.fileio import atomic_write_text, free_megabytes, write_problem
 from cmc_kit.training import devices
 from cmc_kit.training.logs import RunLog
 from cmc_kit.training.queues import MemoryQueues, queue_size
@@ -230,9 +231,36 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> str:
         """A checkpoint of everything a restart needs, then RUN/state.json naming it."""
-        path = self.checkpointer.save()
-        self._write_state(path)
+        with self._writing("saving"):
+            path = self.checkpointer.save()
+            self._write_state(path)
         return path
+
+    @contextlib.contextmanager
+    def _writing(self, doing: str):
+        """A write to the run directory that fails for want of space or permission ends with
+        one line naming the folder and what to do; the last checkpoint stays as it was (TF
+        writes a checkpoint under a temporary name, removed at the next start)."""
+        try:
+            yield
+        except (OSError, tf.errors.OpError) as err:
+            problem = write_problem(err)
+            if problem is None:
+                raise
+            step, kept = int(self.state.step.numpy()), self.checkpointer.latest
+            resume = (f"The latest checkpoint, {kept}, was not touched: " if kept
+                      else "No checkpoint was written yet: ")
+            if problem == "no space":
+                need = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size
+                           for v in self.checkpointer.checkpoint_variables())
+                raise TrainingError(
+                    f"No space left on the disk of {self.run_dir} while {doing} step {step}: "
+                    f"{free_megabytes(self.run_dir):.0f} MB free, a checkpoint of this run takes "
+                    f"about {need / 1e6:.0f} MB. {resume}free some space (or move the run to a "
+                    "larger disk) and run the same command again to resume.") from None
+            raise TrainingError(
+                f"{self.run_dir} cannot be written while {doing} step {step} ({err}). {resume}"
+                "make the folder writable and run the same command again.") from None
 
     def _write_state(self, checkpoint_path: str | None) -> None:
         runs.write_state(self.run_dir, state_summary(
@@ -396,7 +424,8 @@ class Trainer:
             self._watch_for_collapse(run.epoch, row["embedding_spread"])
         self.state.next_epoch()
         self._notify("on_epoch_end", run.epoch, row)  # may add values to the row
-        self.log.epoch_row(row)
+        with self._writing("logging"):
+            self.log.epoch_row(row)
         session.last_checkpoint = self.save()
         self._epoch_end_seconds = time.monotonic() - end_started
         if self.verbose:
@@ -483,6 +512,17 @@ def train(data=None, run=None, config: Config | None = None, *,
                         "exactly one of them.")
     run_dir = Path(run)
     runs.refuse_fresh_with_resume_from(fresh, resume_from)
+    with runs.RunLock(run_dir):  # one trainer per run: a second one is refused at once
+        trainer = _prepare(data, catalog, run_dir, config, fresh=fresh, resume_from=resume_from,
+                           verbose=verbose, callbacks=callbacks,
+                           dataset_transform=dataset_transform)
+        return trainer.fit(time_limit=parse_duration(time_limit, "time_limit"))
+
+
+def _prepare(data, catalog, run_dir: Path, config: Config | None, *, fresh: bool, resume_from,
+             **trainer_options) -> Trainer:
+    """Everything before the first step: the run directory made ready, the settings and data
+    checked, config.json / split.json / dataset.json written, the Trainer built."""
     runs.recover_set_aside(run_dir)
     # fresh: the old run is moved aside, not deleted, until every setting and the data have
     # been checked; a typo in --data or --set then leaves it as it was.
@@ -495,18 +535,18 @@ def train(data=None, run=None, config: Config | None = None, *,
         if saved_path.exists() and runs.has_checkpoint(run_dir):
             runs.check_resume_settings(config, Config.load(saved_path), run_dir)
         trainer, split_ids, resuming, fingerprint = _trainer_for(
-            data, catalog, run_dir, config, verbose=verbose, callbacks=callbacks,
-            dataset_transform=dataset_transform)
+            data, catalog, run_dir, config, **trainer_options)
         # The input pipeline's own checks (the cache, its image size); reads no batch.
         trainer.dataset(0, transform=False)
     except BaseException:
         if set_aside is not None:
             set_aside.put_back()
         raise
-    _save_settings(run_dir, config, split_ids, resuming, fingerprint)
+    with trainer._writing("starting at"):
+        _save_settings(run_dir, config, split_ids, resuming, fingerprint)
     if set_aside is not None:
         set_aside.discard()
-    return trainer.fit(time_limit=parse_duration(time_limit, "time_limit"))
+    return trainer
 
 
 def _trainer_for(data, catalog, run_dir: Path, config: Config, **trainer_options):
