@@ -123,22 +123,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     handle = runs.load_run(run)
     config = handle.config
     dataset = data_module.as_dataset(data, dataset)
-    data = dataset.root
-    split = handle.split(dataset.catalog)
-    train_catalog, test_catalog = split["train"], split["validation"]
-    saved_ids = handle.split_ids()
-    wanted = len(saved_ids["train"]) + len(saved_ids["validation"])
-    found = len(train_catalog) + len(test_catalog)
-    if found < wanted / 2:  # most of the run's samples are not in `data`
-        raise DataError(f"{data} holds only {found} of the {wanted} samples {run} was trained "
-                        f"and held out on: is it the run's dataset? Point --data (DATA_DIR) at "
-                        "the folder the run was trained on.")
-    if len(test_catalog) < 2:
-        raise DataError(f"Run {run} holds out only {len(test_catalog)} sample(s) of {data}; "
-                        "probes need a larger validation split (data.validation_fraction).")
-    overlap = set(train_catalog["id"]) & set(test_catalog["id"])
-    if overlap:  # cannot happen with a stored split; guard anyway, scores would be meaningless
-        raise CmcKitError(f"Training ids in the evaluation split: {sorted(overlap)[:5]}")
+    train_catalog, test_catalog = run_split(handle, dataset, what="probes")
     metadata_csv = dataset.metadata_csv
     kwargs = dict(view="terrain" if "terrain" in config.model.views else config.model.views[0],
                   source="trunk", crop_size=config.data.crop_size,
@@ -179,6 +164,29 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     if out is not None:
         atomic_write_text(out, wide(table).to_csv(index=False, lineterminator="\n"))
     return table
+
+
+def run_split(handle: runs.RunHandle, dataset: data_module.Dataset, *,
+              what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held-out) catalogs of a run's stored split in `dataset`, checked: the dataset is
+    the run's, at least 2 samples are held out (`what` needs them), and no id is on both sides."""
+    split = handle.split(dataset.catalog)
+    train_catalog, test_catalog = split["train"], split["validation"]
+    run, data = handle.run_dir, dataset.root
+    saved_ids = handle.split_ids()
+    wanted = len(saved_ids["train"]) + len(saved_ids["validation"])
+    found = len(train_catalog) + len(test_catalog)
+    if found < wanted / 2:  # most of the run's samples are not in `data`
+        raise DataError(f"{data} holds only {found} of the {wanted} samples {run} was trained "
+                        f"and held out on: is it the run's dataset? Point --data (DATA_DIR) at "
+                        "the folder the run was trained on.")
+    if len(test_catalog) < 2:
+        raise DataError(f"Run {run} holds out only {len(test_catalog)} sample(s) of {data}; "
+                        f"{what} need a larger validation split (data.validation_fraction).")
+    overlap = set(train_catalog["id"]) & set(test_catalog["id"])
+    if overlap:  # cannot happen with a stored split; guard anyway, scores would be meaningless
+        raise CmcKitError(f"Training ids in the evaluation split: {sorted(overlap)[:5]}")
+    return train_catalog, test_catalog
 
 
 def wide(table: pd.DataFrame) -> pd.DataFrame:
