@@ -44,13 +44,14 @@ EVALUATION_FILE = "evaluation.csv"
 EXPLORER_FILE = "explorer.html"
 MOSAIC_FILE = "mosaic.png"
 EPOCHS_PAGE_FILE = "embedding_over_epochs.html"
+FINETUNE_DIR = "finetune"  # `cmc-kit finetune`'s arms: checkpoints, results, the table
 SET_ASIDE_DIR = ".before-fresh"
 
 # What a fresh start replaces: the training's files and what was made from them (the demo and
-# notebooks 04/05 write the explorer, mosaic, evaluation and UMAP cache into the run).
+# notebooks 04/05/06 write the explorer, mosaic, evaluation, UMAP cache and fine-tunes into it).
 RUN_OUTPUTS = (CHECKPOINT_DIR, TENSORBOARD_DIR, EMBEDDINGS_DIR, STATE_FILE, LOG_FILE,
                STEP_LOG_FILE, SPLIT_FILE, CONFIG_FILE, UMAP_CACHE_DIR, EVALUATION_FILE,
-               EXPLORER_FILE, MOSAIC_FILE, EPOCHS_PAGE_FILE)
+               EXPLORER_FILE, MOSAIC_FILE, EPOCHS_PAGE_FILE, FINETUNE_DIR)
 
 
 def epoch_table_path(run_dir: str | os.PathLike, epoch: int) -> Path:
@@ -109,12 +110,15 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[dict]:
 def resolve_checkpoint(run: str | os.PathLike, checkpoint: str | os.PathLike | None) -> str | None:
     """Checks that `checkpoint` names a saved checkpoint of `run` (None: the latest, unchecked).
 
-    Accepts a checkpoint prefix (`RUN/checkpoints/ckpt-3`, whose `.index` file exists) or a
-    bare name looked up in `RUN/checkpoints` (`ckpt-3`). Raises CheckpointError naming the path
-    and the checkpoints that do exist, instead of TensorFlow's NotFoundError when restoring.
+    Accepts a checkpoint prefix (`RUN/checkpoints/ckpt-3`, whose `.index` file exists), a
+    bare name looked up in `RUN/checkpoints` (`ckpt-3`) or its number (`3`). Raises
+    CheckpointError naming the path and the checkpoints that do exist, instead of TensorFlow's
+    NotFoundError when restoring.
     """
     if checkpoint is None or str(checkpoint) == "":
         return None
+    if str(checkpoint).isdigit():  # `--checkpoint 3`: the manager's ckpt-3
+        checkpoint = f"{CHECKPOINT_NAME}-{checkpoint}"
     run = Path(run)
     if not (run / CONFIG_FILE).is_file():
         return str(checkpoint)  # not a run: load_run says so, with the fix
