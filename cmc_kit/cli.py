@@ -20,7 +20,8 @@ from cmc_kit.config import (default_paths, filter_native_log,  # noqa: F401 (tes
 from cmc_kit.fileio import check_folder_path, output_file_path
 
 # Commands that import TensorFlow (through views, models or training).
-_TENSORFLOW_COMMANDS = {"prepare", "train", "embed", "explore", "evaluate", "demo"}
+_TENSORFLOW_COMMANDS = {"prepare", "train", "embed", "explore", "evaluate", "export", "finetune",
+                        "demo"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,7 @@ def _settings_epilog() -> str:
 
 RUN_HELP = "run directory (config, checkpoints, logs), as written by `cmc-kit train`"
 DATA_HELP = "dataset folder holding <id>_t.png, <id>_h.png, <id>_i2.png (any depth)"
+CHECKPOINT_HELP = "N, ckpt-N or RUN/checkpoints/ckpt-N (default: the latest)"
 
 
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,6 +145,28 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                         "(checked before the probes run; default: print only)")
 
 
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help=RUN_HELP)
+    p.add_argument("--out", type=Path, required=True, help="folder for the .keras model, "
+                   "saved_model/, MODEL_CARD.md and model_card.json (an older export is replaced)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    p.add_argument("--part", default="trunk", choices=["trunk", "encoder"], help="trunk: the "
+                   "terrain stem + trunk (default); encoder: every view's stem, trunk and head")
+    p.add_argument("--data", type=Path, default=None, help="the run's dataset, for the card")
+
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help=RUN_HELP)
+    p.add_argument("--data", type=Path, required=True, help=DATA_HELP + "; the run's split is used")
+    p.add_argument("--labels", default="0.01,0.1,1.0", help="fractions in (0, 1] of the training "
+                   "split that keep their labels (default 0.01,0.1,1.0)")
+    p.add_argument("--epochs", type=int, default=10, help="steps of every arm, in passes' worth "
+                   "of the whole training split (default 10)")
+    p.add_argument("--checkpoint", default=None, help="pretrained weights; " + CHECKPOINT_HELP)
+    p.add_argument("--out", type=Path, default=None, help="CSV file for the table; a folder gets "
+                   "label_efficiency.csv (default: RUN/finetune/label_efficiency.csv)")
+
+
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/demo in the repository, or "
@@ -164,6 +188,9 @@ _PARSERS = {
     "embed": ("embeddings table of a run's held-out split", _embed_arguments),
     "explore": ("UMAP + standalone interactive explorer page", _explore_arguments),
     "evaluate": ("kNN / linear-probe table vs baselines", _evaluate_arguments),
+    "export": ("the encoder as .keras + SavedModel + model card", _export_arguments),
+    "finetune": ("segmentation fine-tune vs random init: the label-efficiency table",
+                 _finetune_arguments),
     "demo": ("synth -> train -> evaluate -> explore on the synthetic set", _demo_arguments),
 }
 
@@ -271,6 +298,19 @@ def _check_train(args: argparse.Namespace) -> None:
     if args.resume_from is not None and args.resume_from.exists() and not args.resume_from.is_dir():
         raise CheckpointError(f"--resume-from {args.resume_from} is a file; give the previous "
                               "run's folder.")
+
+
+def _check_export(args: argparse.Namespace) -> None:
+    from cmc_kit.errors import CheckpointError
+
+    check_folder_path(args.out, "--out (the export folder)", CheckpointError)
+
+
+def _check_finetune(args: argparse.Namespace) -> None:
+    from cmc_kit import finetune
+
+    finetune.parse_labels(args.labels)
+    finetune.resolve_output(args.out, args.run)
 
 
 def _check_demo(args: argparse.Namespace) -> None:
@@ -382,6 +422,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from cmc_kit import export
+
+    written = export.export_run(args.run, args.out, checkpoint=args.checkpoint, part=args.part,
+                                data=args.data)
+    print("\n".join(f"Wrote {written[key]}" for key in ("keras", "saved_model", "card")))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from cmc_kit import finetune
+
+    table = finetune.finetune_run(args.run, args.data, labels=args.labels, epochs=args.epochs,
+                                  checkpoint=args.checkpoint, out=args.out)
+    print(f"{finetune.format_table(table)}\nWrote {table.attrs['out']}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cmc_kit import demo
 
@@ -391,10 +449,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 _ARGUMENT_CHECKS = {"synth": _check_synth, "prepare": _check_prepare, "train": _check_train,
-                    "demo": _check_demo}
+                    "export": _check_export, "finetune": _check_finetune, "demo": _check_demo}
 _COMMANDS = {"synth": _synth, "validate": _validate, "download": _download, "prepare": _prepare,
              "train": _train, "info": _info, "embed": _embed, "explore": _explore,
-             "evaluate": _evaluate, "demo": _demo}
+             "evaluate": _evaluate, "export": _export, "finetune": _finetune, "demo": _demo}
 
 
 def _cache_summary(root: Path) -> str:
