@@ -255,16 +255,27 @@ def _data_summary(data: str | os.PathLike | None) -> str:
     return (f"{data} (Kaggle layout; the Terrain Map dataset is {data_module.KAGGLE_DATASET})")
 
 
+# Columns of the fine-tune table worth a card (the CSV also has per-class IoU and folders).
+CARD_FINETUNE_COLUMNS = ("labels", "labelled_samples", "arm", "steps", "pixel_accuracy",
+                         "mean_iou", "mean_iou_std")
+
+
 def _tables(run_dir: Path) -> dict:
     """Tables the run holds: the probes (RUN/evaluation.csv) and the fine-tune (if present)."""
     import pandas as pd
 
+    from cmc_kit import finetune
+
     found = {}
-    candidates = {"evaluation": run_dir / runs.EVALUATION_FILE,
-                  "label_efficiency": run_dir / runs.FINETUNE_DIR / "label_efficiency.csv"}
-    for name, path in candidates.items():
+    candidates = {"evaluation": (run_dir / runs.EVALUATION_FILE, None),
+                  "label_efficiency": (run_dir / runs.FINETUNE_DIR / finetune.TABLE_FILE,
+                                       CARD_FINETUNE_COLUMNS)}
+    for name, (path, columns) in candidates.items():
         if path.is_file():
-            found[name] = {"path": str(path), "rows": pd.read_csv(path).to_dict("records")}
+            table = pd.read_csv(path)
+            if columns is not None:
+                table = table[[c for c in columns if c in table.columns]]
+            found[name] = {"path": str(path), "rows": table.to_dict("records")}
     return found
 
 
