@@ -12,6 +12,7 @@ import pytest
 
 from cmc_kit import finetune, runs
 from cmc_kit.errors import CheckpointError, ConfigError
+from cmc_kit.finetune.arms import repeated_subset
 
 # -- scores -----------------------------------------------------------------------------------
 
@@ -78,6 +79,10 @@ def test_labelled_subsets_are_seeded_nested_and_at_least_one_sample():
     assert not small.equals(finetune.labelled_subset(catalog, 0.1, seed=4))
     assert len(finetune.labelled_subset(catalog, 0.001, seed=3)) == 1
     assert len(finetune.labelled_subset(catalog, 1.0, seed=3)) == 50
+    stream = repeated_subset(small, 50)
+    assert len(stream) == 50 and stream["id"].is_unique  # 10 copies of 5, ids "~r"-suffixed
+    assert stream["id"].str.split("~").str[0].value_counts().eq(10).all()
+    assert repeated_subset(large, 20) is large
 
 
 def test_the_segmentation_model_starts_every_arm_from_the_same_decoder():
@@ -157,12 +162,15 @@ def test_arms_train_on_training_ids_and_are_scored_on_held_out_ones(finetuned):
     assert [(row.labels, row.arm) for row in table.itertuples()] == [
         (f, arm) for f in (0.2, 1.0) for arm in ("frozen", "finetuned", "random_init")]
     training, scoring = calls.training(), [c for c in calls.calls if not c["training"]]
-    assert training and all(set(c["ids"]) <= set(split["train"]) for c in training)
+    labelled = [tuple(sorted({i.split("~")[0] for i in c["ids"]})) for c in training]  # repeats
+    assert training and all(set(ids) <= set(split["train"]) for ids in labelled)
     assert len(scoring) == 6 and all(c["ids"] == sorted(split["validation"]) for c in scoring)
-    # One seeded subset per fraction, the same for every arm, nested across fractions.
+    # One seeded subset per fraction, the same for every arm, nested across fractions; a small
+    # one is repeated to (about) the training split's size.
     subsets = {}
-    for call in training:
-        subsets.setdefault(len(call["ids"]), set()).add(tuple(call["ids"]))
+    for ids, call in zip(labelled, training):
+        subsets.setdefault(len(ids), set()).add(ids)
+        assert len(split["train"]) <= len(call["ids"]) < len(split["train"]) + len(ids)
     assert sorted(subsets) == [math.ceil(0.2 * len(split["train"])), len(split["train"])]
     assert all(len(variants) == 1 for variants in subsets.values())
     small, full = (next(iter(subsets[n])) for n in sorted(subsets))

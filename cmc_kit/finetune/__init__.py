@@ -9,8 +9,9 @@ and learning rate:
     finetuned    the run's terrain stem + trunk, everything learns
     random_init  the same architecture from random initialisation, everything learns
 
-Every (arm, fraction) trains for the same number of steps, `epochs` passes' worth of the whole
-training split (a smaller labelled subset is repeated more often; its batch is min(batch, n)).
+Every (arm, fraction) trains for the same number of steps of the same batch size, `epochs`
+passes' worth of the whole training split: a smaller labelled subset is repeated (each repeat
+with its own random crops) to the size of the training split.
 Each is scored once, after its last step, on the run's held-out split: pixel accuracy and mean
 IoU of the 7 classes (per class too, `scores`) over the held-out images, centre-cropped to the
 largest multiple of the encoder's stride. The held-out split is never read for training or for
@@ -112,6 +113,7 @@ def _base_settings(handle, encoder_stride: int, train_size: int, test_catalog, *
                           "connections need. Fine-tune a run trained on such crops.")
     steps = _positive("epochs", epochs) * max(1, train_size // batch_size)
     return {"epochs": epochs, "steps": steps, "batch_size": batch_size, "crop_size": crop_size,
+            "epoch_size": train_size,
             "eval_crop_size": _eval_crop_size(test_catalog, encoder_stride, eval_crop_size),
             "learning_rate": _positive("learning_rate", learning_rate, float),
             "seed": int(seed), "decoder_channels": decoder_channels}

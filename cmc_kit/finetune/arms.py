@@ -42,6 +42,18 @@ def labelled_subset(train_catalog: pd.DataFrame, fraction: float, seed: int) -> 
     return train_catalog.iloc[np.sort(order[:count])].reset_index(drop=True)
 
 
+def repeated_subset(subset: pd.DataFrame, size: int) -> pd.DataFrame:
+    """`subset` repeated to at least `size` rows (copies' ids get "~r"), so that an epoch of a
+    small labelled subset holds about as many samples as one of the whole training split: each
+    repeat gets its own random crop, and one `make_dataset` call (~0.5 s to build on 2 cores)
+    serves many steps instead of one."""
+    repeats = max(1, math.ceil(size / len(subset)))
+    if repeats == 1:
+        return subset
+    copies = [subset.assign(id=subset["id"].astype(str) + f"~{r}") for r in range(repeats)]
+    return pd.concat(copies, ignore_index=True)
+
+
 def checkpoint_fingerprint(checkpoint_path: str) -> str:
     """sha256 of a checkpoint's .index file: the tensors' names, shapes and checksums."""
     return hashlib.sha256(Path(f"{checkpoint_path}.index").read_bytes()).hexdigest()
@@ -116,15 +128,17 @@ class ArmTraining:
 
     def fit(self, subset: pd.DataFrame, settings: dict, *, checkpoint_every: int,
             progress: bool, title: str) -> None:
-        """Trains to settings["steps"]: epoch e of the subset is `make_dataset(..., epoch=e)`,
-        so a resumed arm sees exactly the batches an uninterrupted one would."""
+        """Trains to settings["steps"]: epoch e is `make_dataset(stream, ..., epoch=e)` of the
+        subset repeated to the training split's size, so a resumed arm sees exactly the batches
+        an uninterrupted one would."""
         import keras
 
         from cmc_kit import views
 
         total, every = settings["steps"], checkpoint_every
-        batch_size = min(settings["batch_size"], len(subset))
-        per_epoch = len(subset) // batch_size
+        stream = repeated_subset(subset, settings["epoch_size"])
+        batch_size = min(settings["batch_size"], len(stream))
+        per_epoch = len(stream) // batch_size
         done = self.restore()
         if progress:
             print(f"{title}: {len(subset)} labelled sample(s), {total} steps of batch "
@@ -133,7 +147,7 @@ class ArmTraining:
         step = _train_step(self.model, self.optimizer)
         while done < total:
             epoch, start = divmod(done, per_epoch)
-            batches = views.make_dataset(subset, views=VIEWS, crop_size=settings["crop_size"],
+            batches = views.make_dataset(stream, views=VIEWS, crop_size=settings["crop_size"],
                                          batch_size=batch_size, training=True,
                                          seed=settings["seed"], epoch=epoch, start_batch=start)
             before = done
