@@ -163,6 +163,8 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10, help="steps of every arm, in passes' worth "
                    "of the whole training split (default 10)")
     p.add_argument("--checkpoint", default=None, help="pretrained weights; " + CHECKPOINT_HELP)
+    p.add_argument("--seed", type=int, default=0, help="labelled subsets, data order and decoder "
+                   "initialisation (default 0); other seeds show the spread between runs")
     p.add_argument("--out", type=Path, default=None, help="CSV file for the table; a folder gets "
                    "label_efficiency.csv (default: RUN/finetune/label_efficiency.csv)")
 
@@ -435,7 +437,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from cmc_kit import finetune
 
     table = finetune.finetune_run(args.run, args.data, labels=args.labels, epochs=args.epochs,
-                                  checkpoint=args.checkpoint, out=args.out)
+                                  checkpoint=args.checkpoint, out=args.out, seed=args.seed)
     print(f"{finetune.format_table(table)}\nWrote {table.attrs['out']}")
     return 0
 
