@@ -26,9 +26,10 @@
 # **Accelerator.** Recommended on the Kaggle data: nine trainings of the whole network (a GPU
 # makes each a few minutes; estimate, not measured). Works on a CPU.
 #
-# **Expected runtime.** CPU, synthetic demo run (`cpu-demo`, 400 samples): about 5 minutes at
-# `EPOCHS = 5` (see the README). Kaggle, 5,000 samples at 256 px: tens of minutes on a GPU
-# (estimate). Finished arms are kept under `RUN/finetune/`: running it again skips them, and an
+# **Expected runtime.** CPU, synthetic demo run (`cpu-demo`, 400 samples): 10 minutes at
+# `EPOCHS = 10` on a shared 2-core CPU (measured with the same settings through `cmc-kit
+# finetune`, see the README). Kaggle, 5,000 samples at 256 px with `kaggle-t4`: about 1,500
+# steps per arm, likely an hour or more for nine arms on a T4 (an estimate; not measured). Finished arms are kept under `RUN/finetune/`: running it again skips them, and an
 # interrupted arm continues from its last checkpoint.
 
 # %% [markdown]
@@ -58,7 +59,7 @@ ENVIRONMENT = notebook.environment_report()
 DATA_DIR = None          # None: the dataset 01_data_prep chose
 RUN_DIR = None           # None: runs/terrain-cmc (or a previous version's output attached on Kaggle)
 LABELS = "0.01,0.1,1.0"  # fractions of the training split that keep their labels
-EPOCHS = 5               # every arm's budget, in passes' worth of the whole training split
+EPOCHS = 10              # every arm's budget, in passes' worth of the whole training split
 CHECKPOINT = None        # the pretrained weights: None (the latest), N or "ckpt-N"
 PICTURE_SAMPLES = 4      # held-out images in the picture
 SMOKE = in_ci()          # CI: two fractions, one pass each
