@@ -10,19 +10,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import re
 import sys
 import warnings
 from pathlib import Path
 
 from cmc_kit import runs
-from cmc_kit.config import (default_paths, parse_duration, quiet_tensorflow_by_default,
-                            tensorflow_log_level)
+from cmc_kit.config import default_paths, parse_duration, quiet_tensorflow_by_default
 from cmc_kit.fileio import check_folder_path
+from cmc_kit.startup import import_tensorflow_quietly
 
 # Commands that import TensorFlow (through views, models or training).
-_TENSORFLOW_COMMANDS = {"prepare", "train", "embed", "explore", "evaluate", "demo"}
+_TENSORFLOW_COMMANDS = {"prepare", "train", "embed", "explore", "evaluate", "export", "finetune",
+                        "demo"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +59,7 @@ RUN_HELP = "run directory (config, checkpoints, logs), as written by `cmc-kit tr
 DATA_HELP = "dataset folder holding <id>_t.png, <id>_h.png, <id>_i2.png (any depth)"
 FEATURES_HELP = ("features: trunk (last stage, mean-pooled), stages (every stage, mean and std "
                  "per channel), stage<N> (stage N alone, e.g. stage1) or head")
+CHECKPOINT_HELP = "N, ckpt-N or RUN/checkpoints/ckpt-N (default: the latest)"
 
 
 def _add_force(p: argparse.ArgumentParser) -> None:
@@ -161,6 +161,30 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     _add_force(p)
 
 
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help=RUN_HELP)
+    p.add_argument("--out", type=Path, required=True, help="folder for the .keras model, "
+                   "saved_model/, MODEL_CARD.md and model_card.json (an older export is replaced)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    p.add_argument("--part", default="trunk", choices=["trunk", "encoder"], help="trunk: the "
+                   "terrain stem + trunk (default); encoder: every view's stem, trunk and head")
+    p.add_argument("--data", type=Path, default=None, help="the run's dataset, for the card")
+
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help=RUN_HELP)
+    p.add_argument("--data", type=Path, required=True, help=DATA_HELP + "; the run's split is used")
+    p.add_argument("--labels", default="0.01,0.1,1.0", help="fractions in (0, 1] of the training "
+                   "split that keep their labels (default 0.01,0.1,1.0)")
+    p.add_argument("--epochs", type=int, default=10, help="steps of every arm, in passes' worth "
+                   "of the whole training split (default 10)")
+    p.add_argument("--checkpoint", default=None, help="pretrained weights; " + CHECKPOINT_HELP)
+    p.add_argument("--seed", type=int, default=0, help="labelled subsets, data order and decoder "
+                   "initialisation (default 0); other seeds show the spread between runs")
+    p.add_argument("--out", type=Path, default=None, help="CSV file for the table; a folder gets "
+                   "label_efficiency.csv (default: RUN/finetune/label_efficiency.csv)")
+
+
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/demo in the repository, or "
@@ -182,6 +206,9 @@ _PARSERS = {
     "embed": ("embeddings table of a run's held-out split", _embed_arguments),
     "explore": ("UMAP + standalone interactive explorer page", _explore_arguments),
     "evaluate": ("kNN / linear-probe table vs baselines", _evaluate_arguments),
+    "export": ("the encoder as .keras + SavedModel + model card", _export_arguments),
+    "finetune": ("segmentation fine-tune vs random init: the label-efficiency table",
+                 _finetune_arguments),
     "demo": ("synth -> train -> evaluate -> explore on the synthetic set", _demo_arguments),
 }
 
@@ -257,71 +284,6 @@ def _check_synth_args(args: argparse.Namespace) -> None:
                           f"--size 64 (the real dataset: 512). Received: --size {args.size}")
 
 
-# -- TensorFlow's start-up log ------------------------------------------------------------------
-
-# absl/TF native log lines: "I0000 00:00:1795995048.781801   19421 port.cc:153] ..." and the
-# older "2025-01-01 12:00:00.000000: I tensorflow/core/...". Letter -> TF_CPP_MIN_LOG_LEVEL.
-_NATIVE_LOG = re.compile(r"^(?:(?P<a>[IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ |"
-                         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: (?P<b>[IWEF]) )")
-_NATIVE_LEVELS = {"I": 0, "W": 1, "E": 2, "F": 3}
-_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
-
-
-def filter_native_log(text: str, min_level: int) -> str:
-    """Drops native log lines below `min_level` (and their continuation lines)."""
-    kept, dropping = [], False
-    for line in text.splitlines(keepends=True):
-        match = _NATIVE_LOG.match(line)
-        if match:
-            dropping = _NATIVE_LEVELS[match.group("a") or match.group("b")] < min_level
-        elif line.startswith(_ABSL_PREAMBLE):
-            if min_level >= 1:
-                continue  # this line only
-        if not dropping:
-            kept.append(line)
-    return "".join(kept)
-
-
-def _import_tensorflow_quietly() -> None:
-    """Imports TensorFlow with its start-up log filtered by TF_CPP_MIN_LOG_LEVEL.
-
-    TF 2.21 logs "oneDNN custom operations are on" (twice) through absl before its own log
-    level is read, so TF_CPP_MIN_LOG_LEVEL alone does not silence it. Native stderr is caught
-    during the import and replayed without the lines below the level; anything else (warnings,
-    errors) still shows.
-    """
-    if "tensorflow" in sys.modules:
-        return
-    min_level = tensorflow_log_level()
-    if min_level <= 0:
-        import tensorflow  # noqa: F401
-        return
-    import tempfile
-
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no real stderr (embedded interpreter)
-        import tensorflow  # noqa: F401
-        return
-    with tempfile.TemporaryFile(mode="w+b") as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            try:
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            text = filter_native_log(caught.read().decode("utf-8", "replace"), min_level)
-            if text:
-                sys.stderr.write(text)
-                sys.stderr.flush()
-
-
 # -- commands -----------------------------------------------------------------------------------
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -330,7 +292,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         check(args)
     if args.command in _TENSORFLOW_COMMANDS or (
             args.command == "info" and (Path(args.run) / runs.CONFIG_FILE).is_file()):
-        _import_tensorflow_quietly()
+        import_tensorflow_quietly()
     return _COMMANDS[args.command](args)
 
 
@@ -354,6 +316,19 @@ def _check_train(args: argparse.Namespace) -> None:
     if args.resume_from is not None and args.resume_from.exists() and not args.resume_from.is_dir():
         raise CheckpointError(f"--resume-from {args.resume_from} is a file; give the previous "
                               "run's folder.")
+
+
+def _check_export(args: argparse.Namespace) -> None:
+    from cmc_kit.errors import CheckpointError
+
+    check_folder_path(args.out, "--out (the export folder)", CheckpointError)
+
+
+def _check_finetune(args: argparse.Namespace) -> None:
+    from cmc_kit import finetune
+
+    finetune.parse_labels(args.labels)
+    finetune.resolve_output(args.out, args.run)
 
 
 def _check_demo(args: argparse.Namespace) -> None:
@@ -480,6 +455,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from cmc_kit import export
+
+    written = export.export_run(args.run, args.out, checkpoint=args.checkpoint, part=args.part,
+                                data=args.data)
+    print("\n".join(f"Wrote {written[key]}" for key in ("keras", "saved_model", "card")))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from cmc_kit import finetune
+
+    table = finetune.finetune_run(args.run, args.data, labels=args.labels, epochs=args.epochs,
+                                  checkpoint=args.checkpoint, out=args.out, seed=args.seed)
+    print(f"{finetune.format_table(table)}\nWrote {table.attrs['out']}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cmc_kit import demo
 
@@ -489,10 +482,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 _ARGUMENT_CHECKS = {"synth": _check_synth, "prepare": _check_prepare, "train": _check_train,
-                    "demo": _check_demo}
+                    "export": _check_export, "finetune": _check_finetune, "demo": _check_demo}
 _COMMANDS = {"synth": _synth, "validate": _validate, "download": _download, "prepare": _prepare,
              "train": _train, "info": _info, "embed": _embed, "explore": _explore,
-             "evaluate": _evaluate, "demo": _demo}
+             "evaluate": _evaluate, "export": _export, "finetune": _finetune, "demo": _demo}
 
 
 def _cache_summary(root: Path) -> str:

@@ -1,4 +1,5 @@
-"""Run configuration: frozen dataclasses, named presets, JSON round trip, dotted overrides.
+"""Run configuration: frozen dataclasses, named presets, JSON round trip, dotted overrides;
+and the environment: Kaggle or not, default paths, TensorFlow's log level.
 
 Only this module and `kaggle.py` look at the environment; everything else takes its settings as
 arguments.

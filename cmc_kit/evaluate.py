@@ -168,7 +168,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     handle = runs.load_run(run)
     config = handle.config
     dataset = data_module.as_dataset(data, dataset)
-    train_catalog, test_catalog = _held_out_split(handle, dataset, run)
+    train_catalog, test_catalog = run_split(handle, dataset, what="probes")
     options = dict(view="terrain" if "terrain" in config.model.views else config.model.views[0],
                    source=features, crop_size=config.data.crop_size,
                    batch_size=max(config.data.batch_size, 32), progress=progress,
@@ -209,27 +209,6 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     if out is not None:
         write_table(table, out)
     return table
-
-
-def _held_out_split(handle, dataset: data_module.Dataset, run) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The run's training and held-out samples found in `dataset`, checked."""
-    split = handle.split(dataset.catalog)
-    train_catalog, test_catalog = split["train"], split["validation"]
-    saved_ids = handle.split_ids()
-    wanted = len(saved_ids["train"]) + len(saved_ids["validation"])
-    found = len(train_catalog) + len(test_catalog)
-    if found < wanted / 2:  # most of the run's samples are not in the dataset
-        raise DataError(f"{dataset.root} holds only {found} of the {wanted} samples {run} was "
-                        "trained and held out on: is it the run's dataset? Point --data "
-                        "(DATA_DIR) at the folder the run was trained on.")
-    if len(test_catalog) < 2:
-        raise DataError(f"Run {run} holds out only {len(test_catalog)} sample(s) of "
-                        f"{dataset.root}; probes need a larger validation split "
-                        "(data.validation_fraction).")
-    overlap = set(train_catalog["id"]) & set(test_catalog["id"])
-    if overlap:  # cannot happen with a stored split; guard anyway, scores would be meaningless
-        raise CmcKitError(f"Training ids in the evaluation split: {sorted(overlap)[:5]}")
-    return train_catalog, test_catalog
 
 
 def evaluate_runs(run_dirs, data: str | os.PathLike | None = None, *,
@@ -282,6 +261,29 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
     return (table.assign(_task=table["task"].map(tasks), _source=rank)
             .sort_values(["_task", "probe", "_source"], kind="stable")
             .drop(columns=["_task", "_source"]).reset_index(drop=True))
+
+
+def run_split(handle: runs.RunHandle, dataset: data_module.Dataset, *,
+              what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held-out) catalogs of a run's stored split in `dataset`, checked: the dataset is
+    the run's, at least 2 samples are held out (`what` needs them), and no id is on both sides."""
+    split = handle.split(dataset.catalog)
+    train_catalog, test_catalog = split["train"], split["validation"]
+    run, data = handle.run_dir, dataset.root
+    saved_ids = handle.split_ids()
+    wanted = len(saved_ids["train"]) + len(saved_ids["validation"])
+    found = len(train_catalog) + len(test_catalog)
+    if found < wanted / 2:  # most of the run's samples are not in `data`
+        raise DataError(f"{data} holds only {found} of the {wanted} samples {run} was trained "
+                        f"and held out on: is it the run's dataset? Point --data (DATA_DIR) at "
+                        "the folder the run was trained on.")
+    if len(test_catalog) < 2:
+        raise DataError(f"Run {run} holds out only {len(test_catalog)} sample(s) of {data}; "
+                        f"{what} need a larger validation split (data.validation_fraction).")
+    overlap = set(train_catalog["id"]) & set(test_catalog["id"])
+    if overlap:  # cannot happen with a stored split; guard anyway, scores would be meaningless
+        raise CmcKitError(f"Training ids in the evaluation split: {sorted(overlap)[:5]}")
+    return train_catalog, test_catalog
 
 
 def wide(table: pd.DataFrame) -> pd.DataFrame:

@@ -133,6 +133,12 @@ def trunk_stride(name: str) -> int:
     return stride
 
 
+def input_stride(name: str) -> int:
+    """Input pixels per pixel of trunk `name`'s output, the stem's stride included: crops that
+    are multiples of it keep every stage's feature grid aligned with the input."""
+    return STEM_STRIDE * trunk_stride(name)
+
+
 # -- blocks ---------------------------------------------------------------------------------
 
 def _act(x, name):

@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 import pytest
 
-from cmc_kit import cli, synth
+from cmc_kit import cli, startup, synth
 from cmc_kit.config import ConfigError, preset, valid_keys
 from cmc_kit.errors import CmcKitError
 
@@ -204,13 +204,13 @@ def test_native_log_filter_keeps_what_the_level_allows():
             "E0000 00:00:1795995048.9   19421 cuda_dnn.cc:8579] Unable to register cuDNN factory\n"
             "a Python warning after an error line is kept\n"
             "2025-01-01 12:00:00.000001: W tensorflow/core/x.cc:1] an old-style warning\n")
-    kept = cli.filter_native_log(text, 2)
+    kept = startup.filter_native_log(text, 2)
     assert kept.splitlines() == [
         "E0000 00:00:1795995048.9   19421 cuda_dnn.cc:8579] Unable to register cuDNN factory",
         "a Python warning after an error line is kept"]
-    assert cli.filter_native_log("a Python warning\n", 2) == "a Python warning\n"
-    assert cli.filter_native_log(text, 0) == text
-    assert "old-style warning" in cli.filter_native_log(text, 1)
+    assert startup.filter_native_log("a Python warning\n", 2) == "a Python warning\n"
+    assert startup.filter_native_log(text, 0) == text
+    assert "old-style warning" in startup.filter_native_log(text, 1)
 
 
 # -- 6. progress in logs --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cmc_kit"
 
 # Top to bottom, as DESIGN.md draws the data flow. Floor 0 holds what every floor uses.
 FLOORS = [
-    {"errors", "fileio", "config", "palette", "layout", "progress"},
+    {"errors", "fileio", "config", "palette", "layout", "progress", "startup"},
     {"kaggle", "synth"},
     {"data", "decode", "views", "cache"},
     {"layers", "models", "objectives", "training", "runs"},

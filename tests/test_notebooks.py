@@ -1,4 +1,4 @@
-"""Notebooks: jupytext pairs in sync, outputs stripped, all five executed in order in a real
+"""Notebooks: jupytext pairs in sync, outputs stripped, all six executed in order in a real
 Jupyter kernel (smoke mode, tiny synthetic data), and the helpers of cmc_kit/notebook.py."""
 
 import json
@@ -12,7 +12,7 @@ from PIL import Image
 from cmc_kit.errors import CmcKitError, CredentialsError, DataError
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-ORDER = ["01_data_prep", "02_train", "03_resume", "04_explore", "05_evaluate"]
+ORDER = ["01_data_prep", "02_train", "03_resume", "04_explore", "05_evaluate", "06_finetune"]
 
 
 # -- the committed notebooks ---------------------------------------------------------------------
@@ -143,6 +143,16 @@ def test_notebooks_run_in_order_and_hand_over_through_files(tmp_path, monkeypatc
     table = pd.read_csv(run / "evaluation.csv")
     assert {"task", "probe", "metric", "trained", "random_init", "raw_pixels"} <= set(table.columns)
     assert "dominant_class" in set(table["task"])
+
+    finetuned = _execute("06_finetune", tmp_path, params)
+    efficiency = pd.read_csv(run / "finetune" / "label_efficiency.csv")
+    assert sorted(set(efficiency["arm"])) == ["finetuned", "frozen", "random_init"]
+    assert sorted(set(efficiency["labels"])) == [0.25, 1.0]  # the smoke fractions
+    assert efficiency["images"].eq(len(split["validation"])).all()
+    assert len(_outputs(finetuned, "image/png")) == 1  # terrain / truth / arms, side by side
+    export_dir = run.parent / "terrain-cmc-export"
+    assert (export_dir / "terrain_trunk.keras").is_file()
+    assert "Label efficiency" in (export_dir / "MODEL_CARD.md").read_text()
 
     # Everything went to the tmp folders: the repository's data/dataset.json is untouched.
     assert (pointer.read_bytes() if pointer.exists() else None) == pointer_before
