@@ -1,7 +1,10 @@
-"""Kaggle download, attached-input discovery and previous notebook outputs, with fake API objects
-(never the network)."""
+"""Kaggle download (attached copy, kagglehub, the kaggle package), credentials, attached-input
+discovery and previous notebook outputs, with fake API objects (never the network)."""
 
+import inspect
 import os
+import re
+import shutil
 import sys
 import types
 import zipfile
@@ -64,6 +67,8 @@ def no_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
     monkeypatch.setattr(kaggle, "on_kaggle", lambda: False)
     monkeypatch.setitem(sys.modules, "kaggle", None)  # importing it now raises ImportError
+    monkeypatch.setitem(sys.modules, "kagglehub", None)  # "not installed"
+    monkeypatch.setitem(sys.modules, "kaggle_secrets", None)
     return tmp_path
 
 
@@ -180,10 +185,209 @@ def test_kaggle_input_is_found_in_both_mount_layouts_without_download(tmp_path, 
     assert list(data.discover(root)["id"]) == ["0001", "0002"]
 
 
-def test_kaggle_input_without_the_dataset_explains_how_to_attach(tmp_path):
+def test_kaggle_input_without_the_dataset_explains_how_to_attach(tmp_path, no_credentials):
     (tmp_path / "input" / "other").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"Add Input.*" + OWNER):
-        kaggle.download(kaggle_input=tmp_path / "input", api=ExplodingApi())
+    with pytest.raises(CredentialsError) as err:
+        kaggle.download(tmp_path / "terrain", kaggle_input=tmp_path / "input")
+    message = str(err.value)
+    assert re.search(r"1\. an attached copy under .*input: none.*Add Input.*" + OWNER, message)
+    assert re.search(r"2\. kagglehub: not installed.*cmc-kit\[kaggle\]", message)
+    assert re.search(r"3\. the kaggle package: Kaggle credentials not found", message)
+
+
+# -- kagglehub, the source order, credentials -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hub_copy(tmp_path_factory):
+    """What kagglehub's cache holds after a download: the unpacked archive."""
+    return synth.generate(tmp_path_factory.mktemp("hubcache") / "versions" / "1", n=2, size=24,
+                          seed=0, progress=False)
+
+
+class FakeHub:
+    """kagglehub stand-in with the installed kagglehub's `dataset_download` signature
+    (checked by test_the_fake_kagglehub_has_the_installed_signature)."""
+
+    def __init__(self, folder=None, error=None):
+        self.folder, self.error, self.calls, self.environment = folder, error, [], []
+
+    def dataset_download(self, handle, path=None, *, force_download=False, output_dir=None):
+        self.calls.append({"handle": handle, "path": path, "force_download": force_download,
+                           "output_dir": output_dir})
+        self.environment.append({name: os.environ.get(name) for name in
+                                 ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY")})
+        if self.error is not None:
+            raise self.error
+        if output_dir is not None:
+            shutil.copytree(self.folder, output_dir, dirs_exist_ok=True)
+            return output_dir
+        return str(self.folder)
+
+
+class OldHub:
+    """kagglehub before `output_dir` (0.3.11 and older)."""
+
+    def __init__(self, folder):
+        self.folder, self.calls = folder, []
+
+    def dataset_download(self, handle, path=None, *, force_download=False):
+        self.calls.append({"handle": handle, "force_download": force_download})
+        return str(self.folder)
+
+
+class HTTPFailure(Exception):
+    def __init__(self, text, status):
+        super().__init__(text)
+        self.response = types.SimpleNamespace(status_code=status)
+
+
+def test_the_fake_kagglehub_has_the_installed_signature():
+    kagglehub = pytest.importorskip("kagglehub")
+    real = inspect.signature(kagglehub.dataset_download).parameters
+    fake = inspect.signature(FakeHub().dataset_download).parameters
+    assert [(p.name, p.kind, p.default) for p in fake.values()] == \
+        [(p.name, p.kind, p.default) for p in real.values()]
+
+
+def test_kagglehub_comes_before_the_kaggle_package_and_keeps_its_cache(
+        tmp_path, hub_copy, no_credentials, capsys):
+    hub = FakeHub(hub_copy)
+    root = kaggle.download(hub=hub, api=ExplodingApi())
+    assert root == hub_copy
+    assert hub.calls == [{"handle": kaggle.KAGGLE_DATASET, "path": None, "force_download": False,
+                          "output_dir": None}]
+    assert f"with kagglehub: {hub_copy}" in capsys.readouterr().err
+
+
+def test_kagglehub_downloads_into_a_given_dest_and_forces_when_asked(tmp_path, hub_copy,
+                                                                     no_credentials):
+    hub = FakeHub(hub_copy)
+    root = kaggle.download(tmp_path / "terrain", hub=hub, api=ExplodingApi(), force=True)
+    assert root == tmp_path / "terrain" and len(data.discover(root)) == 2
+    assert hub.calls[0]["output_dir"] == str(tmp_path / "terrain")
+    assert hub.calls[0]["force_download"] is True
+
+
+def test_an_old_kagglehub_without_output_dir_is_asked_only_what_it_knows(tmp_path, hub_copy,
+                                                                        no_credentials):
+    hub = OldHub(hub_copy)
+    assert kaggle.download(tmp_path / "terrain", hub=hub, api=ExplodingApi()) == hub_copy
+    assert hub.calls == [{"handle": kaggle.KAGGLE_DATASET, "force_download": False}]
+
+
+def test_the_attached_copy_comes_before_kagglehub(tmp_path):
+    synth.generate(tmp_path / "input" / SLUG, n=2, size=24, seed=0, progress=False)
+    root = kaggle.download(kaggle_input=tmp_path / "input", hub=ExplodingApi(), api=ExplodingApi())
+    assert root == tmp_path / "input" / SLUG
+
+
+def test_a_failing_kagglehub_falls_back_to_the_kaggle_package(tmp_path, dataset_zip,
+                                                              no_credentials):
+    hub = FakeHub(error=ConnectionError("kaggle.com unreachable"))
+    api = FakeApi(dataset_zip)
+    root = kaggle.download(tmp_path / "terrain", hub=hub, api=api)
+    assert root == tmp_path / "terrain" and len(data.discover(root)) == 3
+    assert len(hub.calls) == 1 and ("download", kaggle.KAGGLE_DATASET, False) in api.calls
+
+
+def test_when_every_source_fails_each_is_named_and_no_key_is_shown(
+        tmp_path, no_credentials, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
+    hub = FakeHub(error=HTTPFailure(f"401 Client Error for url https://x/?key={SECRET}", 401))
+
+    class RefusingApi(FakeApi):
+        def dataset_download_files(self, *args, **kwargs):
+            print(f"kaggle says: your key {SECRET} was refused")
+            raise HTTPFailure(f"403 Forbidden ({SECRET})", 403)
+
+    with pytest.raises(CredentialsError) as err:
+        kaggle.download(tmp_path / "terrain", kaggle_input=tmp_path / "no-input", hub=hub,
+                        api=RefusingApi())
+    message = str(err.value)
+    assert re.search(r"1\. an attached copy.*\n.*2\. kagglehub: .*HTTP 401.*\n.*"
+                     r"3\. the kaggle package: .*HTTP 403", message)
+    assert SECRET not in message
+    printed = capsys.readouterr()
+    assert SECRET not in printed.out + printed.err
+
+
+def test_the_cli_never_prints_a_planted_key(tmp_path, no_credentials, monkeypatch, capsys):
+    """`cmc-kit download` with the real import paths: a kagglehub and a kaggle package that both
+    quote the key in their errors."""
+    config = tmp_path / "kaggle-config"
+    config.mkdir()
+    (config / "kaggle.json").write_text('{"username": "someone", "key": "%s"}' % SECRET)
+    os.chmod(config / "kaggle.json", 0o600)
+    hub = types.ModuleType("kagglehub")
+    hub.dataset_download = FakeHub(error=RuntimeError(f"bad token {SECRET}")).dataset_download
+    monkeypatch.setitem(sys.modules, "kagglehub", hub)
+
+    class LeakyApi(FakeApi):
+        def dataset_download_files(self, *args, **kwargs):
+            raise ValueError(f"config key={SECRET}")
+
+    _fake_kaggle_modules(monkeypatch, LeakyApi)
+    assert cli.main(["download", "--dest", str(tmp_path / "terrain")]) == 2
+    printed = capsys.readouterr()
+    assert "kagglehub: kagglehub could not download" in printed.err
+    assert "bad token ***" in printed.err and "config key=***" in printed.err
+    assert SECRET not in printed.out + printed.err
+
+
+def test_kaggle_secrets_are_loaded_on_kaggle_and_never_shown(tmp_path, hub_copy, no_credentials,
+                                                             monkeypatch, capsys):
+    class UserSecretsClient:
+        def get_secret(self, name):
+            if name == "KAGGLE_API_TOKEN":
+                return SECRET
+            raise KeyError(f"no secret {name}")
+
+    secrets = types.ModuleType("kaggle_secrets")
+    secrets.UserSecretsClient = UserSecretsClient
+    monkeypatch.setitem(sys.modules, "kaggle_secrets", secrets)
+    monkeypatch.setattr(kaggle, "on_kaggle", lambda: True)
+    monkeypatch.setattr(kaggle, "default_paths", lambda: {"input": tmp_path / "input",
+                                                          "data": tmp_path / "working"})
+    hub = FakeHub(hub_copy)
+    assert kaggle.download(hub=hub, api=ExplodingApi()) == hub_copy
+    assert hub.environment == [{"KAGGLE_API_TOKEN": SECRET, "KAGGLE_USERNAME": None,
+                                "KAGGLE_KEY": None}]
+    printed = capsys.readouterr()
+    assert "secrets KAGGLE_API_TOKEN" in printed.err
+    assert SECRET not in printed.out + printed.err
+
+
+@pytest.mark.parametrize("source", ["KAGGLE_API_TOKEN", "KAGGLE_USERNAME/KAGGLE_KEY", "kaggle.json",
+                                    "access_token"])
+def test_every_kind_of_credential_reaches_the_kaggle_package(tmp_path, dataset_zip, no_credentials,
+                                                             monkeypatch, source):
+    from cmc_kit.kaggle import credentials
+
+    if source == "KAGGLE_API_TOKEN":
+        monkeypatch.setenv("KAGGLE_API_TOKEN", SECRET)
+        expected = "KAGGLE_API_TOKEN"
+    elif source == "KAGGLE_USERNAME/KAGGLE_KEY":
+        monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+        monkeypatch.setenv("KAGGLE_KEY", SECRET)
+        expected = source
+    elif source == "kaggle.json":
+        config = tmp_path / "kaggle-config"
+        config.mkdir()
+        (config / "kaggle.json").write_text('{"username": "someone", "key": "%s"}' % SECRET)
+        os.chmod(config / "kaggle.json", 0o600)
+        expected = str(config / "kaggle.json")
+    else:
+        token = tmp_path / "home" / ".kaggle" / "access_token"
+        token.parent.mkdir(parents=True)
+        token.write_text(SECRET)
+        expected = str(token)
+    assert credentials.find_credentials() == expected
+    built = []
+    _fake_kaggle_modules(monkeypatch, lambda: built.append(FakeApi(dataset_zip)) or built[-1])
+    root = kaggle.download(tmp_path / "terrain")
+    assert len(data.discover(root)) == 3 and built[0].calls[0] == "authenticate"
+    assert credentials.redact(f"token {SECRET}!") == "token ***!"
 
 
 # -- previous notebook versions ---------------------------------------------------------------
