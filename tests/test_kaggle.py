@@ -2,12 +2,15 @@
 discovery and previous notebook outputs, with fake API objects (never the network)."""
 
 import inspect
+import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import types
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -428,3 +431,192 @@ def test_previous_output_looks_in_kaggle_input_only_on_kaggle(tmp_path, monkeypa
     assert kaggle.find_previous_output("terrain-cmc", is_run=_is_run) is None
     monkeypatch.setattr(kaggle, "on_kaggle", lambda: True)
     assert kaggle.find_previous_output("terrain-cmc", is_run=_is_run) == found
+
+
+# -- the wheel dataset: cmc-kit kaggle bundle ----------------------------------------------------
+
+# Kaggle's rules for dataset-metadata.json (Kaggle/kaggle-cli docs/datasets_metadata.md).
+DATASET_LICENSES = {
+    "CC0-1.0", "CC-BY-SA-3.0", "CC-BY-SA-4.0", "CC-BY-NC-SA-4.0", "GPL-2.0", "ODbL-1.0",
+    "DbCL-1.0", "copyright-authors", "other", "unknown", "CC-BY-4.0", "CC-BY-NC-4.0", "PDDL",
+    "CC-BY-3.0", "CC-BY-3.0-IGO", "US-Government-Works", "CC-BY-NC-SA-3.0-IGO",
+    "CDLA-Permissive-1.0", "CDLA-Sharing-1.0", "CC-BY-ND-4.0", "CC-BY-NC-ND-4.0", "ODC-BY-1.0",
+    "LGPL-3.0", "AGPL-3.0", "FDL-1.3", "EU-ODP-Legal-Notice", "apache-2.0", "GPL-3.0",
+}
+
+
+def check_dataset_metadata(metadata):
+    """The fields `kaggle datasets create` evaluates, with the limits its docs state."""
+    assert 6 <= len(metadata["title"]) <= 50
+    owner, slug = metadata["id"].split("/")
+    assert owner and re.fullmatch(r"[a-z0-9-]{3,50}", slug)
+    assert len(metadata["licenses"]) == 1 and metadata["licenses"][0]["name"] in DATASET_LICENSES
+    if "subtitle" in metadata:
+        assert 20 <= len(metadata["subtitle"]) <= 80
+    assert set(metadata) <= {"title", "subtitle", "description", "id", "id_no", "licenses",
+                             "resources", "keywords"}
+
+
+def _build_wheel(project, out):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "--quiet", "--wheel-dir", str(out), str(project)], check=True, timeout=300)
+
+
+def _tiny_project(folder, name):
+    folder.mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=77"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{name}"\nversion = "1.0"\nlicense = "MIT"\n'
+        f'[tool.setuptools]\npy-modules = ["{name}"]\n')
+    (folder / f"{name}.py").write_text("VALUE = 42\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory):
+    """A local stand-in for PyPI, built offline: a pure-Python wheel `tinydep`, and `compiled`
+    tagged for CPython 3.11 and 3.12 on manylinux_2_17 (as a compiled package ships it)."""
+    root = tmp_path_factory.mktemp("wheelhouse")
+    house = root / "house"
+    _build_wheel(_tiny_project(root / "tinydep", "tinydep"), house)
+    _build_wheel(_tiny_project(root / "compiled", "compiled"), root / "plain")
+    plain = next((root / "plain").glob("compiled-*.whl"))
+    for python in ("cp311", "cp312"):
+        shutil.copy(plain, house / f"compiled-1.0-{python}-{python}-manylinux_2_17_x86_64.whl")
+    return house
+
+
+@pytest.fixture(scope="module")
+def pip_calls():
+    return []
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, wheelhouse, pip_calls):
+    from cmc_kit.kaggle import bundle as bundle_module
+
+    real_run = subprocess.run
+
+    def recording_run(command, **kwargs):
+        pip_calls.append(command)
+        return real_run(command, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bundle_module.subprocess, "run", recording_run)
+        return bundle_module.build_bundle(
+            tmp_path_factory.mktemp("bundle") / "wheels", user="someone",
+            dependencies=["tinydep", "compiled"], build_isolation=False,
+            pip_options=["--no-index", "--find-links", str(wheelhouse)])
+
+
+def test_bundle_holds_cmc_kit_the_dependencies_and_kaggles_dataset_metadata(bundle):
+    import cmc_kit
+
+    names = sorted(p.name for p in bundle.folder.iterdir())
+    assert names == sorted([f"cmc_kit-{cmc_kit.__version__}-py3-none-any.whl",
+                            "compiled-1.0-cp312-cp312-manylinux_2_17_x86_64.whl",
+                            "tinydep-1.0-py3-none-any.whl", "dataset-metadata.json"])
+    metadata = json.loads((bundle.folder / "dataset-metadata.json").read_text())
+    check_dataset_metadata(metadata)
+    assert metadata["id"] == bundle.dataset_id == "someone/cmc-kit-wheels"
+    assert "`tinydep-1.0-py3-none-any.whl` (MIT)" in metadata["description"]
+    assert bundle.next_commands()[0] == f"kaggle datasets create -p {bundle.folder}"
+
+
+def test_the_wheel_carries_the_package_data_and_no_stale_module(bundle):
+    wheel = next(bundle.folder.glob("cmc_kit-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    source = {str(p.relative_to(Path(kaggle.__file__).parents[1].parent))
+              for p in Path(kaggle.__file__).parents[1].rglob("*.py")}
+    assert source <= names
+    assert {"cmc_kit/explore/page.html", "cmc_kit/explore/page.js", "cmc_kit/explore/page.css",
+            "cmc_kit/kaggle/bundle.py"} <= names
+    assert "cmc_kit/kaggle.py" not in names and not any("__pycache__" in n for n in names)
+
+
+def test_dependency_wheels_are_asked_for_kaggles_python_and_platform(bundle, pip_calls):
+    download = next(c for c in pip_calls if "download" in c)
+    text = " ".join(download)
+    for part in ("--only-binary=:all:", "--no-deps", "--python-version 3.12", "--implementation cp",
+                 "--abi cp312", "--platform manylinux_2_35_x86_64",
+                 "--platform manylinux_2_17_x86_64", "--platform manylinux2014_x86_64"):
+        assert part in text, part
+    assert download[-2:] == ["tinydep", "compiled"]
+
+
+def test_every_requirement_is_in_kaggles_image_or_bundled(bundle):
+    """cmc_kit's wheel asks for nothing a Kaggle notebook cannot satisfy offline: each requirement
+    is bundled or met by the version the image ships (KAGGLE_IMAGE_PACKAGES)."""
+    from email.parser import Parser
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from cmc_kit.kaggle.bundle import BUNDLED_DEPENDENCIES, KAGGLE_IMAGE_PACKAGES
+
+    wheel = next(bundle.folder.glob("cmc_kit-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        meta = Parser().parsestr(archive.read(next(n for n in archive.namelist()
+                                                   if n.endswith(".dist-info/METADATA"))).decode())
+    image = {canonicalize_name(k): v for k, v in KAGGLE_IMAGE_PACKAGES.items()}
+    bundled = {canonicalize_name(k) for k in BUNDLED_DEPENDENCIES}
+    unmet = []
+    for line in meta.get_all("Requires-Dist"):
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        if requirement.marker is not None or name in bundled:
+            continue  # extras ([cpu], [test], ...) are not installed on Kaggle
+        if name not in image or not requirement.specifier.contains(image[name], prereleases=True):
+            unmet.append(f"{requirement} (Kaggle: {image.get(name, 'absent')})")
+    assert not unmet, unmet
+    assert set(BUNDLED_DEPENDENCIES) == {"umap-learn", "pynndescent", "anywidget", "psygnal"}
+
+
+def test_rebuilding_replaces_the_previous_bundle_and_other_folders_are_refused(
+        tmp_path, wheelhouse):
+    from cmc_kit.errors import ConfigError
+    from cmc_kit.kaggle.bundle import build_bundle
+
+    options = dict(user="someone", dependencies=["tinydep"], build_isolation=False,
+                   pip_options=["--no-index", "--find-links", str(wheelhouse)])
+    out = tmp_path / "wheels"
+    out.mkdir()
+    (out / "dataset-metadata.json").write_text("{}")
+    (out / "cmc_kit-0.0.1-py3-none-any.whl").write_bytes(b"old")
+    build_bundle(out, **options)
+    assert not (out / "cmc_kit-0.0.1-py3-none-any.whl").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["wheels"]  # no staging or old copy left
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"notes.*todo\.txt.*new or empty folder"):
+        build_bundle(notes, **options)
+    assert (notes / "todo.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"user": "a/b"}, r"--user must be your kaggle\.com user name.*'a/b'"),
+    ({"slug": "X"}, r"--slug must be 3-50 lowercase.*'X'"),
+    ({"python_version": "3"}, r"--python-version must be a CPython version.*'3'"),
+])
+def test_bad_bundle_settings_fail_before_any_build(tmp_path, monkeypatch, setting, message):
+    from cmc_kit.errors import ConfigError
+    from cmc_kit.kaggle import bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module.subprocess, "run", ExplodingApi())
+    with pytest.raises(ConfigError, match=message):
+        bundle_module.build_bundle(tmp_path / "wheels", **{"user": "someone", **setting})
+    assert not (tmp_path / "wheels").exists()
+
+
+def test_a_dependency_pip_cannot_find_is_one_clear_error(tmp_path, wheelhouse):
+    from cmc_kit.errors import KaggleError
+    from cmc_kit.kaggle.bundle import build_bundle
+
+    with pytest.raises(KaggleError, match=r"no-such-dependency.*failed: ERROR.*BUNDLED_DEPENDENCIES"):
+        build_bundle(tmp_path / "wheels", user="someone", dependencies=["no-such-dependency"],
+                     build_isolation=False,
+                     pip_options=["--no-index", "--find-links", str(wheelhouse)])
+    assert list(tmp_path.iterdir()) == []
