@@ -40,7 +40,7 @@ def kagglehub_download(hub: Any, dataset: str, *, output_dir: Path | None = None
     *, force_download=False, output_dir=None) -> str`.
     """
     options: dict[str, Any] = {"force_download": True} if force else {}
-    if output_dir is not None and _accepts(hub.dataset_download, "output_dir"):
+    if output_dir is not None and accepts(hub.dataset_download, "output_dir"):
         options["output_dir"] = str(output_dir)  # kagglehub >= 0.3.12; older ones use the cache
     try:
         with redacted_output():
@@ -107,7 +107,8 @@ def _refused_or_failed(err: Exception, what: str, *, with_help: bool = True) -> 
                      "`cmc-kit download`.")
 
 
-def _accepts(function: Any, name: str) -> bool:
+def accepts(function: Any, name: str) -> bool:
+    """Whether `function` takes a parameter `name` (an installed library's version differs)."""
     try:
         return name in inspect.signature(function).parameters
     except (TypeError, ValueError):
