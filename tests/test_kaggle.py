@@ -860,3 +860,47 @@ def test_the_kernel_folders_pass_the_kaggle_packages_own_checks(tmp_path, capsys
         assert request.enable_gpu is (kernel.number != "01")
     assert len(requests) == len(_notebook_numbers())
     assert "does not resolve to the specified id" not in capsys.readouterr().out
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def test_cmc_kit_kaggle_push_dry_run_writes_the_folders(tmp_path, capsys):
+    assert cli.main(["kaggle", "push", "--dry-run", str(tmp_path), "--user", "someone",
+                     "--accelerator", "tpu", "--only", "01,02"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / '02_train'}  (someone/cmc-kit-02-train)" in out
+    assert f"kaggle kernels push -p {tmp_path / '01_data_prep'}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01_data_prep", "02_train"]
+    assert check_kernel_folder(tmp_path / "02_train")["machine_shape"] == "TpuV5E8"
+
+
+def test_cmc_kit_kaggle_bundle_prints_the_next_command(tmp_path, wheelhouse, monkeypatch, capsys):
+    from cmc_kit.kaggle import bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "BUNDLED_DEPENDENCIES", {"tinydep": "a test dependency"})
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheelhouse))
+    out = tmp_path / "wheels"
+    assert cli.main(["kaggle", "bundle", str(out), "--user", "someone", "--no-build-isolation"]) == 0
+    printed = capsys.readouterr().out
+    assert "tinydep-1.0-py3-none-any.whl" in printed
+    assert f"kaggle datasets create -p {out}" in printed
+    assert json.loads((out / "dataset-metadata.json").read_text())["id"] == "someone/cmc-kit-wheels"
+
+
+def test_cmc_kit_kaggle_errors_name_the_subcommand(tmp_path, no_credentials, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "kaggle" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as no_subcommand:
+        cli.main(["kaggle"])
+    assert no_subcommand.value.code == 2
+    capsys.readouterr()
+    assert cli.main(["kaggle", "push", "--dry-run", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("cmc-kit kaggle push: error: No Kaggle user name")
+    assert cli.main(["kaggle", "bundle", str(tmp_path / "w"), "--user", "a/b"]) == 2
+    assert capsys.readouterr().err.startswith("cmc-kit kaggle bundle: error: --user must be")
+    assert cli.main(["kaggle", "push", "--user", "someone"]) == 2  # not --dry-run: credentials
+    err = capsys.readouterr().err
+    assert err.startswith("cmc-kit kaggle push: error: Kaggle credentials not found")
+    assert len(err.strip().splitlines()) == 1

@@ -82,7 +82,7 @@ class Bundle:
 def build_bundle(out: str | os.PathLike, *, user: str, slug: str = WHEELS_SLUG,
                  source: str | os.PathLike | None = None, python_version: str = KAGGLE_PYTHON,
                  platform: str = KAGGLE_PLATFORM,
-                 dependencies: Iterable[str] = tuple(BUNDLED_DEPENDENCIES),
+                 dependencies: Iterable[str] | None = None,
                  pip_options: Iterable[str] = (), build_isolation: bool = True) -> Bundle:
     """Writes the wheel dataset into `out` (replacing a previous bundle there) and returns it.
 
@@ -91,7 +91,8 @@ def build_bundle(out: str | os.PathLike, *, user: str, slug: str = WHEELS_SLUG,
         source: the cmc_kit source checkout to build (default: the one this cmc_kit runs from).
         python_version, platform: the Kaggle interpreter the dependency wheels are for, e.g.
             "3.12" and "manylinux_2_35_x86_64" (older manylinux tags are accepted too).
-        dependencies: distributions whose wheels are added (`pip download --no-deps`).
+        dependencies: distributions whose wheels are added (`pip download --no-deps`; default:
+            BUNDLED_DEPENDENCIES).
         pip_options: more options for `pip download`, e.g. ("--no-index", "--find-links", DIR).
         build_isolation: False builds with this environment's setuptools (>= 77), offline.
     """
@@ -106,7 +107,7 @@ def build_bundle(out: str | os.PathLike, *, user: str, slug: str = WHEELS_SLUG,
         wheels_dir = staging / "bundle"
         print(f"Building cmc_kit's wheel from {source}", file=sys.stderr)
         _build_wheel(source, staging / "source", wheels_dir, build_isolation)
-        dependencies = list(dependencies)
+        dependencies = list(BUNDLED_DEPENDENCIES if dependencies is None else dependencies)
         if dependencies:
             print(f"Downloading {', '.join(dependencies)} for Python {python_version} on "
                   f"{platform}", file=sys.stderr)

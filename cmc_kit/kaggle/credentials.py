@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cmc_kit.errors import CredentialsError, DataError
+from cmc_kit.errors import ConfigError, CredentialsError, DataError
 
 # The names a notebook's secrets (Add-ons -> Secrets) may carry, in the order they are tried.
 SECRET_NAMES = ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY")
@@ -73,6 +73,15 @@ def kaggle_username(given: str | None = None) -> str | None:
     return given or os.environ.get("KAGGLE_USERNAME") or _read_kaggle_json(warn=False).get("username")
 
 
+def require_username(given: str | None = None) -> str:
+    """`kaggle_username(given)`, or a ConfigError saying how to give it."""
+    user = kaggle_username(given)
+    if not user:
+        raise ConfigError("No Kaggle user name (the owner in the dataset and kernel ids): pass "
+                          "--user NAME (your kaggle.com user name), or set KAGGLE_USERNAME.")
+    return user
+
+
 def credentials_help() -> str:
     config_file = kaggle_config_dir() / "kaggle.json"
     partial = ""
@@ -81,7 +90,7 @@ def credentials_help() -> str:
         partial = f" ({missing} is not set while its partner is)"
     return (
         f"Kaggle credentials not found{partial}. Get a token on kaggle.com -> Settings -> API -> "
-        "'Create New Token', then provide it in one of these ways and rerun `cmc-kit download`:\n"
+        "'Create New Token', then provide it in one of these ways and run the command again:\n"
         "  1. a new-style API token in the environment variable KAGGLE_API_TOKEN "
         "(or saved as ~/.kaggle/access_token);\n"
         "  2. environment variables KAGGLE_USERNAME and KAGGLE_KEY;\n"

@@ -26,7 +26,7 @@ from cmc_kit.kaggle import KAGGLE_DATASET
 from cmc_kit.kaggle.bundle import WHEELS_SLUG, source_checkout
 from cmc_kit.kaggle.credentials import (authenticate, credentials_help, find_credentials,
                                         import_kaggle_api, kaggle_username, redact,
-                                        redacted_output)
+                                        redacted_output, require_username)
 from cmc_kit.kaggle.sources import accepts
 
 KERNEL_METADATA = "kernel-metadata.json"
@@ -174,7 +174,7 @@ def push_notebooks(*, user: str | None = None, api: Any = None, dry_run: str | o
     are written to a temporary folder and pushed through `api` (default: the kaggle package,
     authenticated). `options` go to `write_kernel_folders`."""
     if dry_run is not None:
-        return write_kernel_folders(dry_run, user=_require_user(kaggle_username(user)), **options)
+        return write_kernel_folders(dry_run, user=require_username(user), **options)
     if api is None:
         if find_credentials() is None:
             raise CredentialsError(credentials_help())
@@ -182,7 +182,7 @@ def push_notebooks(*, user: str | None = None, api: Any = None, dry_run: str | o
     authenticate(api)
     user = kaggle_username(user) or _api_username(api)
     with tempfile.TemporaryDirectory(prefix="cmc_kit_kernels-") as folder:
-        kernels = write_kernel_folders(folder, user=_require_user(user), **options)
+        kernels = write_kernel_folders(folder, user=require_username(user), **options)
         return push_kernels(kernels, api)
 
 
@@ -230,13 +230,6 @@ def _api_username(api: Any) -> str | None:
     """The user name the authenticated kaggle package knows (from kaggle.json or a token)."""
     get = getattr(api, "get_config_value", None)
     return get("username") if callable(get) else None
-
-
-def _require_user(user: str | None) -> str:
-    if not user:
-        raise ConfigError("No Kaggle user name for the kernel ids: pass --user NAME (your "
-                          "kaggle.com user name) or set KAGGLE_USERNAME.")
-    return user
 
 
 def _check_only(only: Iterable[str] | None, numbers: dict[str, Path]) -> set[str]:
