@@ -355,3 +355,19 @@ def test_a_pushed_notebook_finds_the_attached_dataset_without_01s_record(tmp_pat
     assert datasets.find_data() == attached
     assert f"attached at {attached}" in capsys.readouterr().out
 
+
+
+def test_the_note_01_prints_on_falling_back_holds_no_key(tmp_path, no_credentials, monkeypatch,
+                                                        capsys):
+    from cmc_kit import notebook
+
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
+    hub = types.ModuleType("kagglehub")
+    hub.dataset_download = FakeHub(error=HTTPFailure(f"401 for key {SECRET}", 401)).dataset_download
+    monkeypatch.setitem(sys.modules, "kagglehub", hub)
+    fake_kaggle_modules(monkeypatch, lambda: FakeApi(fail_auth=True))
+    choice = notebook.get_data(tmp_path / "terrain", synthetic_samples=2, synthetic_size=24)
+    assert choice.source == "synthetic" and "kagglehub" in choice.note
+    printed = capsys.readouterr()
+    assert SECRET not in choice.note + printed.out + printed.err
