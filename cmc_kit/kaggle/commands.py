@@ -57,7 +57,8 @@ _PARSERS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The subcommands under `cmc-kit kaggle`; the chosen one lands in `args.subcommand`."""
-    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND",
+                                help="bundle (the wheel dataset) or push (the notebooks)")
     for name, (text, add_subcommand_arguments) in _PARSERS.items():
         add_subcommand_arguments(sub.add_parser(name, help=text, description=text))
 
