@@ -83,8 +83,8 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _download_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dest", type=Path, default=None, help="folder to download into "
-                   "(default: data/ beside the runs, /kaggle/working/data on Kaggle)")
+    p.add_argument("--dest", type=Path, default=None, help="folder to download into (default: "
+                   "kagglehub's cache if installed, else data/terrain, on Kaggle under /kaggle/working)")
     p.add_argument("--force", action="store_true", help="download again even if already complete")
 
 
@@ -200,6 +200,8 @@ _PARSERS = {
     "synth": ("write a synthetic terrain dataset in the Kaggle layout", _synth_arguments),
     "validate": ("report usable / incomplete / unreadable samples", _validate_arguments),
     "download": ("get the Kaggle Terrain Map dataset (or find it on Kaggle)", _download_arguments),
+    "kaggle": ("to Kaggle: `kaggle bundle OUT` (a wheel dataset), `kaggle push` (the notebooks)",
+               lambda p: _kaggle_commands().add_arguments(p)),
     "prepare": ("build the fast training cache from the PNGs", _prepare_arguments),
     "train": ("train (resumes automatically when RUN holds a checkpoint)", _train_arguments),
     "info": ("epoch, step, queue fill, config and latest checkpoint of a run", _info_arguments),
@@ -226,10 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     quiet_tensorflow_by_default()  # before TensorFlow is imported
     args = build_parser().parse_args(argv)
+    name = " ".join(filter(None, [args.command, getattr(args, "subcommand", None)]))  # kaggle push
     try:
         with warnings.catch_warnings():
             # Warnings read like the errors: `cmc-kit train: warning: ...`, not a source line.
-            warnings.showwarning = functools.partial(_show_warning, args.command)
+            warnings.showwarning = functools.partial(_show_warning, name)
             return _dispatch(args)
     except KeyboardInterrupt:
         print(_interrupted_message(args), file=sys.stderr)
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         from cmc_kit.errors import CmcKitError
         if isinstance(err, CmcKitError):
             message = " ".join(str(err).split("\n"))
-            print(f"cmc-kit {args.command}: error: {message}", file=sys.stderr)
+            print(f"cmc-kit {name}: error: {message}", file=sys.stderr)
             return 2
         raise
 
@@ -359,6 +362,17 @@ def _download(args: argparse.Namespace) -> int:
 
     print(kaggle.download(dest=args.dest, force=args.force))
     return 0
+
+
+def _kaggle(args: argparse.Namespace) -> int:
+    return _kaggle_commands().run(args)
+
+
+def _kaggle_commands():
+    """The `kaggle bundle|push` group: its own table and one function per subcommand."""
+    from cmc_kit.kaggle import commands
+
+    return commands
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -483,9 +497,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 _ARGUMENT_CHECKS = {"synth": _check_synth, "prepare": _check_prepare, "train": _check_train,
                     "export": _check_export, "finetune": _check_finetune, "demo": _check_demo}
-_COMMANDS = {"synth": _synth, "validate": _validate, "download": _download, "prepare": _prepare,
-             "train": _train, "info": _info, "embed": _embed, "explore": _explore,
-             "evaluate": _evaluate, "export": _export, "finetune": _finetune, "demo": _demo}
+_COMMANDS = {"synth": _synth, "validate": _validate, "download": _download, "kaggle": _kaggle,
+             "prepare": _prepare, "train": _train, "info": _info, "embed": _embed,
+             "explore": _explore, "evaluate": _evaluate, "export": _export,
+             "finetune": _finetune, "demo": _demo}
 
 
 def _cache_summary(root: Path) -> str:

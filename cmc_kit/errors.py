@@ -17,6 +17,10 @@ class CredentialsError(CmcKitError):
     """Kaggle credentials are missing or invalid."""
 
 
+class KaggleError(CmcKitError):
+    """A wheel bundle or a kernel push cannot be made (pip failed, Kaggle refused a kernel)."""
+
+
 class CheckpointError(CmcKitError):
     """A run directory or checkpoint cannot be used (mismatched config, corrupt files)."""
 

@@ -17,8 +17,8 @@
 # # 01 · Data: get the Terrain Map samples, check them, look at the four views, cache them
 #
 # **What it does.** Finds the data (the Kaggle dataset attached to this notebook, a download with
-# the Kaggle API, or the built-in synthetic terrain set), checks every sample, shows what the
-# network will see, and builds the fast training cache that `02_train` uses.
+# kagglehub or the Kaggle API, or the built-in synthetic terrain set), checks every sample, shows
+# what the network will see, and builds the fast training cache that `02_train` uses.
 #
 # **Accelerator.** None needed; this is all decoding PNGs on the CPU.
 #
@@ -35,30 +35,46 @@
 # %% [markdown]
 # ## Setup
 #
-# The model code lives in the `cmc_kit` package, not in these notebooks. If the kernel does not
-# have it yet (a fresh Kaggle session), the next cell installs it from the repository named in
-# `CMC_KIT_SOURCE` (Kaggle: turn *Internet* on in the notebook settings). Using a fork? Change
-# that one line. Locally, `make venv` installs it into `.venv` and this cell only imports it.
+# The model code lives in the `cmc_kit` package, not in these notebooks. The first cell is the
+# same in every notebook: it imports `cmc_kit`, and in a fresh Kaggle session, which lacks it,
+# installs it first, from the wheel dataset that `cmc-kit kaggle bundle` made when it is attached
+# (*Add Input*; installed with `pip install --no-index`, so *Internet* may stay off), else from
+# `CMC_KIT_SOURCE` (any pip source, e.g. your fork on GitHub, with *Internet* on). Locally,
+# `make venv` installs cmc_kit into `.venv` and the cell only imports it. The second cell imports
+# what this notebook uses.
 #
 # `environment_report()` prints the versions and the accelerator TensorFlow sees, so the logs
 # say what the results were produced with.
 
 # %%
-CMC_KIT_SOURCE = "git+https://github.com/cmc-kit/cmc_kit"  # where %pip gets cmc_kit from
+CMC_KIT_SOURCE = ""  # pip source if no wheel dataset is attached: "git+https://github.com/YOU/cmc_kit"
 
 try:
     import cmc_kit
-except ImportError:  # fresh Kaggle session
-    # %pip install -q {CMC_KIT_SOURCE}
+except ImportError:  # a fresh Kaggle session: the attached wheel dataset, else CMC_KIT_SOURCE
+    import glob
     import importlib
+    import os
 
+    WHEELS = sorted(glob.glob("/kaggle/input/**/cmc_kit-*.whl", recursive=True))
+    if not WHEELS and not CMC_KIT_SOURCE:
+        raise ModuleNotFoundError(
+            "cmc_kit is not installed: attach the wheel dataset of `cmc-kit kaggle bundle` "
+            "(Add Input), or set CMC_KIT_SOURCE to a pip source and turn Internet on.")
+    PIP_ARGS = (f"--no-index --find-links {os.path.dirname(WHEELS[-1])} {WHEELS[-1]}" if WHEELS
+                else CMC_KIT_SOURCE)  # --no-index: from the dataset alone, Internet on or off
+    # %pip install -q {PIP_ARGS}
     importlib.invalidate_caches()
     import cmc_kit
 
-from cmc_kit import cache, data, notebook
-from cmc_kit.config import in_ci, preset
+from cmc_kit import notebook
+from cmc_kit.config import in_ci
 
 ENVIRONMENT = notebook.environment_report()
+
+# %%
+from cmc_kit import cache, data
+from cmc_kit.config import preset
 
 # %% [markdown]
 # ## Parameters
@@ -94,9 +110,12 @@ print(f"crop size {CROP_SIZE}, smoke mode {'on' if SMOKE else 'off'}")
 # ### Where it comes from
 #
 # `notebook.get_data` tries, in order: the folder in `DATA_DIR` if it already holds samples; on
-# Kaggle the dataset attached with *Add Input* (read in place, nothing copied); elsewhere a
-# download with the Kaggle API when credentials exist (`~/.kaggle/kaggle.json` or
-# `KAGGLE_USERNAME`/`KAGGLE_KEY`). When none of that works it says why and falls back to the
+# Kaggle the dataset attached with *Add Input* (read in place, nothing copied, no credentials);
+# then a download with kagglehub, Kaggle's download client (in the Kaggle image; elsewhere
+# `pip install 'cmc-kit[kaggle]'`), then with the `kaggle` package. Both find the credentials
+# themselves: `KAGGLE_API_TOKEN`, or `KAGGLE_USERNAME` and `KAGGLE_KEY`, or `~/.kaggle/kaggle.json`;
+# in a Kaggle notebook also *Add-ons → Secrets* with those names, which cmc_kit reads (and never
+# prints). When none of that works it says what each source answered and falls back to the
 # synthetic set, which has the same layout: `<id>_t.png` terrain RGB, `<id>_h.png` 16-bit height,
 # `<id>_i2.png` segmentation in the 7-colour palette.
 

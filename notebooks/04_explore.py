@@ -31,25 +31,40 @@
 
 # %% [markdown]
 # ## Setup
+#
+# The first cell is the same in every notebook (`01_data_prep` explains it); the second holds
+# this notebook's imports.
 
 # %%
-CMC_KIT_SOURCE = "git+https://github.com/cmc-kit/cmc_kit"  # where %pip gets cmc_kit from
+CMC_KIT_SOURCE = ""  # pip source if no wheel dataset is attached: "git+https://github.com/YOU/cmc_kit"
 
 try:
     import cmc_kit
-except ImportError:  # fresh Kaggle session
-    # %pip install -q {CMC_KIT_SOURCE}
+except ImportError:  # a fresh Kaggle session: the attached wheel dataset, else CMC_KIT_SOURCE
+    import glob
     import importlib
+    import os
 
+    WHEELS = sorted(glob.glob("/kaggle/input/**/cmc_kit-*.whl", recursive=True))
+    if not WHEELS and not CMC_KIT_SOURCE:
+        raise ModuleNotFoundError(
+            "cmc_kit is not installed: attach the wheel dataset of `cmc-kit kaggle bundle` "
+            "(Add Input), or set CMC_KIT_SOURCE to a pip source and turn Internet on.")
+    PIP_ARGS = (f"--no-index --find-links {os.path.dirname(WHEELS[-1])} {WHEELS[-1]}" if WHEELS
+                else CMC_KIT_SOURCE)  # --no-index: from the dataset alone, Internet on or off
+    # %pip install -q {PIP_ARGS}
     importlib.invalidate_caches()
     import cmc_kit
 
-from IPython.display import Image
-
-from cmc_kit import data, explore, notebook, runs, views
+from cmc_kit import notebook
 from cmc_kit.config import in_ci
 
 ENVIRONMENT = notebook.environment_report()
+
+# %%
+from IPython.display import Image
+
+from cmc_kit import data, explore, runs, views
 
 # %% [markdown]
 # ## Parameters

@@ -33,8 +33,9 @@ def get_data(data_dir: str | os.PathLike | None = None, *, force_synthetic: bool
     1. `force_synthetic`: the synthetic set in `data_dir` (default DATA_ROOT/synthetic),
        generated unless already there;
     2. `data_dir` already holding `<id>_t/_h/_i2.png` triplets: used as it is;
-    3. the Kaggle dataset: the copy attached under /kaggle/input on Kaggle, else a download with
-       the Kaggle API into `data_dir` (default DATA_ROOT/terrain) when credentials exist;
+    3. the Kaggle dataset (`cmc_kit.kaggle.download`): the copy attached under /kaggle/input on
+       Kaggle, else kagglehub's copy, else a download with the kaggle package into `data_dir`
+       (default DATA_ROOT/terrain) when credentials exist;
     4. otherwise the synthetic set, with the reason Kaggle was not used in `note`.
 
     When `data_dir` is None the choice is recorded in DATA_ROOT/dataset.json (or `pointer`) for
@@ -57,7 +58,7 @@ def get_data(data_dir: str | os.PathLike | None = None, *, force_synthetic: bool
         downloader = downloader or kaggle.download
         try:
             path = Path(downloader(dest=given))
-            where = "attached Kaggle input" if on_kaggle() else "Kaggle API download"
+            where = "attached Kaggle input" if on_kaggle() else "downloaded or cached"
             choice = DataChoice(path, "kaggle", f"Kaggle Terrain Map dataset ({where}): {path}")
         except CmcKitError as err:
             missing = (f"DATA_DIR {given} did not exist (a typo? it is where a download would "
@@ -80,7 +81,8 @@ def remember_data(choice: DataChoice, pointer: Path | None = None) -> Path:
 
 
 def find_data(data_dir: str | os.PathLike | None = None, *, pointer: Path | None = None) -> Path:
-    """The dataset notebook 01 chose: `data_dir` if given, else the one recorded in dataset.json.
+    """The dataset notebook 01 chose: `data_dir` if given, else the one recorded in dataset.json;
+    on Kaggle without that record (another session), the Terrain Map copy attached as input.
 
     Raises DataError naming the folder and the fix (run 01_data_prep, or set DATA_DIR).
     """
@@ -91,14 +93,29 @@ def find_data(data_dir: str | os.PathLike | None = None, *, pointer: Path | None
                             "01_data_prep.ipynb with the same DATA_DIR first, or fix DATA_DIR.")
         return folder
     pointer = Path(pointer) if pointer is not None else default_paths()["data"] / DATASET_POINTER
-    if not pointer.is_file():
+    folder = Path(json.loads(pointer.read_text())["path"]) if pointer.is_file() else None
+    if folder is not None and holds_samples(folder):
+        return folder
+    attached = _attached_on_kaggle()
+    if attached is not None:
+        print(f"Using the Terrain Map dataset attached at {attached} ({pointer} from "
+              "01_data_prep is not in this session)")
+        return attached
+    if folder is None:
         raise DataError(f"No dataset recorded in {pointer}. Run 01_data_prep.ipynb first "
                         "(it picks the Kaggle or the synthetic data), or set DATA_DIR.")
-    folder = Path(json.loads(pointer.read_text())["path"])
-    if not holds_samples(folder):
-        raise DataError(f"{pointer} points to {folder}, which holds no samples any more. Run "
-                        "01_data_prep.ipynb again, or set DATA_DIR.")
-    return folder
+    raise DataError(f"{pointer} points to {folder}, which holds no samples any more. Run "
+                    "01_data_prep.ipynb again, or set DATA_DIR.")
+
+
+def _attached_on_kaggle() -> Path | None:
+    """On Kaggle, the Terrain Map copy attached to this notebook: a notebook pushed as its own
+    kernel (`cmc-kit kaggle push`) runs in a session where 01 recorded nothing."""
+    if not on_kaggle():
+        return None
+    from cmc_kit import kaggle
+
+    return kaggle.find_attached_dataset(default_paths()["input"])
 
 
 def cache_dir_for(data: str | os.PathLike) -> Path:
