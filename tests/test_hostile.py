@@ -411,3 +411,139 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(dataset, small
     filler.unlink()  # space again: the same command resumes
     assert cli.main(args + ["--epochs", "2"]) == 0
     assert runs.run_info(run)["epoch"] == 2
+
+
+# -- 8. messages that send nobody in circles ---------------------------------------------------------
+
+def test_with_too_few_training_samples_the_advice_is_one_that_works(tmp_path):
+    from cmc_kit import training
+    from cmc_kit.errors import DataError
+
+    root = synth.generate(tmp_path / "three", n=3, size=48, seed=2, progress=False)
+    with pytest.raises(DataError, match=r"fewer than the 4 training needs.*validation_fraction"):
+        training.train(root, tmp_path / "run", tiny_config(**{"data.validation_fraction": 0.5}),
+                       verbose=0)
+    # A batch that is merely too big gets a batch size that gives two batches.
+    root = synth.generate(tmp_path / "ten", n=10, size=48, seed=2, progress=False)
+    with pytest.raises(DataError, match=r"data.batch_size=4\)") as err:
+        training.train(root, tmp_path / "run2", tiny_config(**{
+            "data.validation_fraction": 0.1, "data.batch_size": 6}), verbose=0)
+    assert "fewer than two batches of 6" in str(err.value)
+
+
+def test_broken_credentials_are_named_as_broken_not_as_missing(tmp_path, monkeypatch):
+    from cmc_kit import kaggle
+    from cmc_kit.errors import CredentialsError
+
+    planted = "kaggle-key-0123456789abcdef"
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(kaggle, "import_kagglehub", lambda: None)
+    (tmp_path / "kaggle.json").write_text('{"username": "me", "key": "' + planted + '",}')
+    with pytest.raises(CredentialsError, match=r"cannot be used: .*kaggle.json is not valid JSON"
+                                               r".*line 1") as err:
+        kaggle.download(dest=tmp_path / "data")
+    assert planted not in str(err.value) and "not found" not in str(err.value)
+    (tmp_path / "kaggle.json").unlink()
+    monkeypatch.setenv("KAGGLE_API_TOKEN", f'"{planted}"')  # pasted with its quotes
+    with pytest.raises(CredentialsError, match=r"KAGGLE_API_TOKEN is set but is not a Kaggle "
+                                               r"token") as err:
+        kaggle.download(dest=tmp_path / "data")
+    assert planted not in str(err.value)
+
+
+def test_an_archive_never_deletes_a_dataset_folder_already_there(tmp_path):
+    import zipfile
+
+    from cmc_kit.kaggle.archive import safe_unzip
+
+    dest = tmp_path / "data"
+    (dest / "_dataset").mkdir(parents=True)
+    (dest / "_dataset" / "mine_t.png").write_bytes(b"the user's own file")
+    archive = tmp_path / "download.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("_dataset/0001_t.png", b"from kaggle")
+    with pytest.warns(UserWarning, match=r"_dataset was in the way.*kept as .*_dataset.before-unzip"):
+        safe_unzip(archive, dest)
+    assert (dest / "_dataset" / "0001_t.png").read_bytes() == b"from kaggle"
+    assert (dest / "_dataset.before-unzip" / "mine_t.png").read_bytes() == b"the user's own file"
+
+
+# -- 9. SIGKILLs at random points: the run still ends bit-identical ------------------------------------
+
+KILLABLE_TRAINER = """
+import sys, time
+import tensorflow as tf
+from cmc_kit import training
+from cmc_kit.config import Config
+
+def slow_down(dataset):  # test-only: room to be killed between (and during) steps
+    def pause(batch):
+        tf.py_function(lambda: time.sleep(0.2), [], [])
+        return batch
+    return dataset.map(pause)
+
+training.train(sys.argv[1], sys.argv[2], Config.load(sys.argv[3]), verbose=0,
+               dataset_transform=slow_down if sys.argv[4] == "slow" else None)
+"""
+
+
+@pytest.mark.slow
+def test_soak_random_sigkills_resume_bit_identical_to_a_straight_run(dataset, tmp_path):
+    import json
+    import random
+    import signal
+    import time
+
+    import tensorflow as tf
+
+    from cmc_kit import runs
+
+    config = tiny_config(**{"train.epochs": 3, "train.checkpoint_every_steps": 1,
+                            "train.deterministic": True, "train.eval_subset": 0})
+    config.save(tmp_path / "config.json")
+    script = tmp_path / "killable.py"
+    script.write_text(KILLABLE_TRAINER)
+    env = dict(os.environ, PYTHONHASHSEED="0")
+
+    def start(run, mode):
+        return subprocess.Popen([sys.executable, str(script), str(dataset), str(run),
+                                 str(tmp_path / "config.json"), mode], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    straight = start(tmp_path / "straight", "fast")
+    victim_run, rng, kills = tmp_path / "victim", random.Random(7), 0
+    deadline = time.monotonic() + 480  # bounded: as many kills as fit, at least two
+    total_steps = 3 * (16 // 4)
+    while time.monotonic() < deadline and kills < 5:
+        victim = start(victim_run, "slow")
+        state_file = victim_run / "state.json"
+        done = json.loads(state_file.read_text())["step"] if state_file.exists() else 0
+        target = done + rng.randint(1, 3)
+        while victim.poll() is None and time.monotonic() < deadline:
+            if state_file.exists() and json.loads(state_file.read_text())["step"] >= target:
+                time.sleep(rng.uniform(0.0, 0.6))  # anywhere: mid-step, mid-save, mid-log
+                break
+            time.sleep(0.05)
+        if victim.poll() is not None:  # it finished before the kill came
+            break
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        kills += 1
+    assert kills >= 2, "too few kills happened to mean anything"
+    finish = start(victim_run, "fast")
+    for process in (straight, finish):
+        output = process.communicate(timeout=600)[0].decode()
+        assert process.returncode == 0, output[-3000:]
+
+    a, b = runs.load_run(tmp_path / "straight"), runs.load_run(victim_run)
+    assert a.step == b.step == total_steps
+    for network in ("online", "momentum"):
+        for wa, wb in zip(a.encoder(network).get_weights(), b.encoder(network).get_weights()):
+            np.testing.assert_array_equal(wa, wb)  # bit for bit
+    ra, rb = tf.train.load_checkpoint(a.checkpoint_path), tf.train.load_checkpoint(b.checkpoint_path)
+    for name in ra.get_variable_to_shape_map():
+        if name.startswith("queues/") and "OPTIMIZER" not in name:
+            np.testing.assert_array_equal(ra.get_tensor(name), rb.get_tensor(name))
+    assert pd.read_csv(victim_run / "log.csv")["epoch"].tolist() == [1, 2, 3]

@@ -26,7 +26,8 @@ from cmc_kit.config import default_paths, on_kaggle
 from cmc_kit.errors import CmcKitError, CredentialsError
 from cmc_kit.fileio import atomic_write_text
 from cmc_kit.kaggle.archive import safe_unzip
-from cmc_kit.kaggle.credentials import (authenticate, credentials_help, find_credentials,
+from cmc_kit.kaggle.credentials import (authenticate, credentials_help, credentials_problem,
+                                        find_credentials,
                                         import_kaggle_api, load_kaggle_secrets)
 from cmc_kit.kaggle.sources import import_kagglehub, kaggle_api_download, kagglehub_download
 from cmc_kit.layout import holds_samples
@@ -109,12 +110,13 @@ def download(
 
 def _download_with_kaggle_api(api: Any, dest: Path) -> None:
     if api is None:
-        if find_credentials() is None:
+        if find_credentials() is None or credentials_problem() is not None:
             raise CredentialsError(credentials_help())
         api = import_kaggle_api()
     authenticate(api)
+    ours = (dest / COMPLETE_MARKER).exists()  # an earlier download of ours may be replaced
     (dest / COMPLETE_MARKER).unlink(missing_ok=True)
-    kaggle_api_download(api, KAGGLE_DATASET, dest)
+    kaggle_api_download(api, KAGGLE_DATASET, dest, replace_existing=ours)
     atomic_write_text(dest / COMPLETE_MARKER, json.dumps({"dataset": KAGGLE_DATASET}) + "\n")
 
 

@@ -7,17 +7,22 @@ import re
 import shutil
 import stat
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
 
 from cmc_kit.errors import DataError
 
 
-def safe_unzip(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
+def safe_unzip(archive: str | os.PathLike, dest: str | os.PathLike, *,
+               replace_existing: bool = False) -> None:
     """Extracts `archive` into `dest`, refusing entries that would land outside it.
 
     Every entry is checked before anything is written; extraction goes to a temporary folder
     inside `dest` and is moved into place only when complete, so a failure leaves no partial files.
+    A file or folder of `dest` with the name of one of the archive's top-level entries (e.g. a
+    `_dataset` folder already there) is moved aside to `<name>.before-unzip` with a warning,
+    never deleted, unless `replace_existing`.
     """
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -31,16 +36,31 @@ def safe_unzip(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
                 bundle.extractall(staging)
                 for entry in sorted(staging.iterdir()):
                     target = dest / entry.name
-                    if target.is_dir() and not target.is_symlink():
-                        shutil.rmtree(target)
-                    elif target.exists() or target.is_symlink():
-                        target.unlink()
+                    if target.exists() or target.is_symlink():
+                        _clear(target, keep=not replace_existing)
                     os.replace(entry, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except zipfile.BadZipFile as err:
         raise DataError(f"{archive} is not a valid zip file ({err}). Delete it and run "
                         "`cmc-kit download` again.") from err
+
+
+def _clear(target: Path, *, keep: bool) -> None:
+    """Makes room for an extracted entry: moves `target` aside (`keep`) or deletes it."""
+    if keep:
+        aside = target.with_name(target.name + ".before-unzip")
+        number = 1
+        while aside.exists():
+            number += 1
+            aside = target.with_name(f"{target.name}.before-unzip-{number}")
+        os.replace(target, aside)
+        warnings.warn(f"{target} was in the way of the download and is kept as {aside}; delete "
+                      "it if you do not need it.", stacklevel=4)
+    elif target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
 
 
 def _check_zip_entry(info: zipfile.ZipInfo, archive: Path, dest_real: Path) -> None:

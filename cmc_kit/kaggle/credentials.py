@@ -50,6 +50,33 @@ def _read_kaggle_json(*, warn: bool = True) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
+def credentials_problem() -> str | None:
+    """What is wrong with credentials that are there but cannot work (never their values): a
+    kaggle.json that is not JSON or lacks username/key, a KAGGLE_API_TOKEN with spaces or quotes
+    in it (a copy-paste slip), or one of KAGGLE_USERNAME / KAGGLE_KEY without the other."""
+    config_file = kaggle_config_dir() / "kaggle.json"
+    if config_file.is_file():
+        try:
+            content = json.loads(config_file.read_text())
+        except ValueError as err:
+            return (f"{config_file} is not valid JSON ({err.msg}, line {err.lineno}); download a "
+                    "new one from kaggle.com -> Settings -> API -> Create New Token")
+        except OSError as err:
+            return f"{config_file} cannot be read ({err.strerror}); check its permissions"
+        if not isinstance(content, dict) or not content.get("username") or not content.get("key"):
+            return (f"{config_file} has no \"username\" and \"key\" entries; download a new one "
+                    "from kaggle.com -> Settings -> API -> Create New Token")
+    token = os.environ.get("KAGGLE_API_TOKEN")
+    if token is not None and (not token.strip() or any(c in token for c in " \t\n'\"{}")):
+        return ("KAGGLE_API_TOKEN is set but is not a Kaggle token (it is empty or holds spaces, "
+                "quotes or braces: paste the token alone, as kaggle.com -> Settings -> API "
+                "shows it)")
+    if bool(os.environ.get("KAGGLE_USERNAME")) != bool(os.environ.get("KAGGLE_KEY")):
+        missing = "KAGGLE_KEY" if os.environ.get("KAGGLE_USERNAME") else "KAGGLE_USERNAME"
+        return f"{missing} is not set while its partner is"
+    return None
+
+
 def find_credentials() -> str | None:
     """Names the first credential source the kaggle package would use, or None. Never the key."""
     from_file = _read_kaggle_json()
@@ -84,12 +111,12 @@ def require_username(given: str | None = None) -> str:
 
 def credentials_help() -> str:
     config_file = kaggle_config_dir() / "kaggle.json"
-    partial = ""
-    if bool(os.environ.get("KAGGLE_USERNAME")) != bool(os.environ.get("KAGGLE_KEY")):
-        missing = "KAGGLE_KEY" if os.environ.get("KAGGLE_USERNAME") else "KAGGLE_USERNAME"
-        partial = f" ({missing} is not set while its partner is)"
+    problem = credentials_problem()
+    # Credentials that are there but broken are named as such, not as "not found".
+    found = (f"Kaggle credentials cannot be used: {problem}." if problem
+             else "Kaggle credentials not found.")
     return (
-        f"Kaggle credentials not found{partial}. Get a token on kaggle.com -> Settings -> API -> "
+        f"{found} Get a token on kaggle.com -> Settings -> API -> "
         "'Create New Token', then provide it in one of these ways and run the command again:\n"
         "  1. a new-style API token in the environment variable KAGGLE_API_TOKEN "
         "(or saved as ~/.kaggle/access_token);\n"

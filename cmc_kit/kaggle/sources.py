@@ -57,12 +57,14 @@ def kagglehub_download(hub: Any, dataset: str, *, output_dir: Path | None = None
     return path
 
 
-def kaggle_api_download(api: Any, dataset: str, dest: Path) -> Path:
+def kaggle_api_download(api: Any, dataset: str, dest: Path, *,
+                        replace_existing: bool = False) -> Path:
     """The dataset zip fetched with the kaggle package's `api` into a staging folder inside
     `dest`, unzipped into `dest`; returns `dest` once it holds samples.
 
     `api` is an authenticated `KaggleApi`-like object (`dataset_download_files(dataset, path=,
-    unzip=, quiet=)`).
+    unzip=, quiet=)`). Folders of `dest` that the archive would replace are moved aside (with a
+    warning) unless `replace_existing` (they are an earlier download of ours).
     """
     dest.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".cmc_kit_download-", dir=dest))
@@ -80,7 +82,7 @@ def kaggle_api_download(api: Any, dataset: str, dest: Path) -> Path:
                             "`cmc-kit download`; if it persists, download the zip from the "
                             f"dataset page and unzip it into {dest}.")
         for archive in archives:
-            safe_unzip(archive, dest)
+            safe_unzip(archive, dest, replace_existing=replace_existing)
             archive.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,11 +15,16 @@ def queue_size(multiplier: int, global_batch: int, num_train: int) -> int:
     Keys of the same sample must not come back as negatives, so K stays under the number of
     training samples (the largest multiple of the batch below it), with a warning.
     """
+    if num_train < 4:  # no batch size helps: two batches of at least 2 samples are needed
+        raise DataError(
+            f"The training split has {num_train} sample(s), fewer than the 4 training needs (two "
+            "batches of at least 2). Add samples, or hold fewer out (e.g. --set "
+            "data.validation_fraction=0.1).")
     if num_train < 2 * global_batch:
         raise DataError(
             f"The training split has {num_train} samples, fewer than two batches of "
             f"{global_batch}. Lower data.batch_size (e.g. --set data.batch_size="
-            f"{max(2, num_train // 2)}) or use more data.")
+            f"{num_train // 2}) or use more data.")
     size = multiplier * global_batch
     if size >= num_train:
         capped = ((num_train - 1) // global_batch) * global_batch
