@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cmc_kit import CLASS_NAMES, PALETTE, data, embed
+from cmc_kit import CLASS_NAMES, PALETTE, data, embed, layout
 
 SIZE, CROP = 32, 16  # image side, centre crop side: the crop is [8:24, 8:24]
 LO, HI = (SIZE - CROP) // 2, (SIZE + CROP) // 2
@@ -116,11 +116,11 @@ def test_metadata_csv_is_found_at_the_root_and_joined_by_id(dataset):
                              "roughness": [0.3, 0.1, 0.2, 0.5, 0.4],
                              "fraction_water": [9.0] * 5})
     metadata.to_csv(dataset.root / "metadata.csv", index=False)
-    assert data.find_metadata_csv(dataset.root) == dataset.root / "metadata.csv"
-    assert data.find_metadata_csv(dataset.root / "_dataset") == dataset.root / "metadata.csv"
+    assert layout.find_metadata_csv(dataset.root) == dataset.root / "metadata.csv"
+    assert layout.find_metadata_csv(dataset.root / "_dataset") == dataset.root / "metadata.csv"
     table = embed.compute_embeddings(MeanColourEncoder(), dataset.catalog, crop_size=CROP,
                                      batch_size=3, progress=False,
-                                     metadata_csv=data.find_metadata_csv(dataset.root))
+                                     metadata_csv=layout.find_metadata_csv(dataset.root))
     np.testing.assert_allclose(table["roughness"], [0.1, 0.2, 0.3, 0.4, 0.5])
     # The generator's whole-image fraction does not overwrite the crop's.
     assert (table["meta_fraction_water"] == 9.0).all()
@@ -128,7 +128,7 @@ def test_metadata_csv_is_found_at_the_root_and_joined_by_id(dataset):
 
 
 def test_missing_metadata_csv_is_none(tmp_path):
-    assert data.find_metadata_csv(tmp_path) is None
+    assert layout.find_metadata_csv(tmp_path) is None
 
 
 class TwoStageEncoder(MeanColourEncoder):
@@ -312,7 +312,7 @@ def test_real_encoder_on_synthetic_data_matches_its_own_forward_pass(synthetic_r
     config = ModelConfig(views=("terrain", "height", "segmentation"), trunk="original",
                          width=0.125, embedding_dim=8)
     encoder = models.build_encoder(config, crop_size=32)
-    metadata = data.find_metadata_csv(synthetic_root)
+    metadata = layout.find_metadata_csv(synthetic_root)
     assert metadata is not None
     trunk = embed.compute_embeddings(encoder, catalog, crop_size=32, batch_size=4,
                                      progress=False, metadata_csv=metadata)

@@ -205,7 +205,8 @@ def test_umap_controls_recompute_the_layout(explorer, dataset, monkeypatch):
 def test_run_controls_re_embed_with_the_chosen_checkpoint(dataset, monkeypatch):
     requests = []
 
-    def fake_embed_run(run, data, **options):
+    def fake_embed_run(run, data=None, **options):
+        assert data is None and options.pop("dataset").root == dataset.root  # found once
         requests.append(options)
         table = dataset.table.iloc[:6].copy()
         return table
@@ -408,7 +409,7 @@ def test_page_and_mosaic_take_the_catalog_or_the_thumbnails_by_name(dataset, tmp
 def test_export_html_embeds_a_run_and_caches_its_layout(dataset, tmp_path, monkeypatch):
     seen = {}
 
-    def fake_embed_run(run, data, **options):
+    def fake_embed_run(run, data=None, **options):
         seen.update(options)
         table = dataset.table.copy()
         table.attrs["epoch"] = 4
@@ -417,10 +418,13 @@ def test_export_html_embeds_a_run_and_caches_its_layout(dataset, tmp_path, monke
     monkeypatch.setattr(embed, "embed_run", fake_embed_run)
     from cmc_kit import data
 
-    monkeypatch.setattr(data, "discover", lambda root: dataset.catalog)
+    walks = []
+    monkeypatch.setattr(data, "discover", lambda root: walks.append(root) or dataset.catalog)
     run = tmp_path / "run"
     out = explore.export_html(run, dataset.root, tmp_path / "page.html", thumb=16, progress=False)
     assert seen["split"] == "all"
+    assert walks == [dataset.root]  # the data folder is walked once, the embedding gets it found
+    assert seen["dataset"].catalog is dataset.catalog
     assert out.is_file() and "epoch 4" in out.read_text()
     assert len(list((run / "umap_cache").glob("umap-*.npy"))) == 1
 

@@ -96,14 +96,14 @@ def intra_term(query, positive, global_keys, offset, ctx, *, online_positive: bo
 
 def collapse_signals(queries: dict, keys: dict, pair: tuple[str, str]) -> dict:
     """How spread out the embeddings are, to see a collapse coming: `spread_<view>`, the std of
-    each view's L2-normalised online embeddings [b, D] over the batch (~1/sqrt(D) healthy, ~0
-    collapsed), and for the first pair the alignment and uniformity of Wang & Isola (2020)."""
+    each view's L2-normalised online embeddings [B, D] over the batch (~1/sqrt(D) healthy, ~0
+    collapsed), and for the first pair the alignment and uniformity of Wang & Isola (2020),
+    against the momentum keys [B, D]."""
     query_view, key_view = pair
-    signals = {f"spread_{view}": objectives.embedding_spread(tf.stop_gradient(q))
+    signals = {f"spread_{view}": objectives.embedding_spread(q)
                for view, q in sorted(queries.items())}
-    signals["alignment"] = objectives.alignment(tf.stop_gradient(queries[query_view]),
-                                                keys[key_view])
-    signals["uniformity"] = objectives.uniformity(tf.stop_gradient(queries[query_view]))
+    signals["alignment"] = objectives.alignment(queries[query_view], keys[key_view])
+    signals["uniformity"] = objectives.uniformity(queries[query_view])
     return signals
 
 
@@ -146,8 +146,8 @@ def _replica_functions(online, momentum_net, optimizer, queues, s: StepSettings,
         else:
             accuracy = objectives.contrastive_accuracy(
                 queries[first[0]], global_keys[first[1]], key_offset=offset)
-        health = collapse_signals(queries, keys, first)
-        return total, terms, grads, accuracy, health, [g for g in query_grads if g is not None]
+        embeddings = {v: tf.stop_gradient(tf.cast(q, tf.float32)) for v, q in queries.items()}
+        return total, terms, grads, accuracy, embeddings, [g for g in query_grads if g is not None]
 
     if mode == "replica":
         encode_keys = tf.function(encode_keys, jit_compile=True)
@@ -169,8 +169,11 @@ def _replica_step_function(online, momentum_net, optimizer, queues, s: StepSetti
         global_keys = {v: ctx.all_gather(keys[v], axis=0) for v in s.key_views}  # {v: [R*b, D]}
         local_batch = tf.shape(keys[s.key_views[0]])[0]
         offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * local_batch
-        total, terms, grads, accuracy, health, query_grads = losses_and_grads(
+        total, terms, grads, accuracy, queries, query_grads = losses_and_grads(
             batch, keys, global_keys, offset)
+        if s.replicas > 1:  # over the global batch, as on one device ([R*b, D] each)
+            queries = {v: ctx.all_gather(q, axis=0) for v, q in queries.items()}
+        health = collapse_signals(queries, global_keys, s.pairs[0])
         if s.replicas > 1:
             grads = global_clipped_shares(grads, ctx, optimizer, s.clipnorm, s.replicas,
                                           s.loss_scaled)
