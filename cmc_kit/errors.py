@@ -31,3 +31,7 @@ class TrainingError(CmcKitError):
 
 class ProbeError(CmcKitError, ValueError):
     """Features or labels cannot be probed (wrong shape, non-finite, too few classes)."""
+
+
+class ExportError(CmcKitError):
+    """An exported model does not reproduce the run's encoder."""

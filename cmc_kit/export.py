@@ -24,7 +24,7 @@ import numpy as np
 
 from cmc_kit import runs
 from cmc_kit.config import PRESETS, Config, preset
-from cmc_kit.errors import CheckpointError, CmcKitError, ConfigError
+from cmc_kit.errors import CheckpointError, ConfigError, ExportError
 from cmc_kit.fileio import atomic_path, atomic_write_text, check_folder_path
 
 PARTS = ("trunk", "encoder")
@@ -35,10 +35,6 @@ CARD_JSON = "model_card.json"
 SERVING_ENDPOINT = "serve"
 VIEW = "terrain"  # the view the SavedModel serves and the trunk part starts from
 SAVED_MODEL_TOLERANCE = 1e-4  # relative to the output's largest magnitude
-
-
-class ExportError(CmcKitError):
-    """An exported model does not reproduce the run's encoder."""
 
 
 def check_part(part: str) -> str:
