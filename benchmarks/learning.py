@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="cpu-demo")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1")
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--features", default="trunk", help="feature source (embed.SOURCES)")
+    parser.add_argument("--features", default="stages", help="feature source (embed.SOURCES)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None,

@@ -59,6 +59,8 @@ class ModelConfig:
     share_overview_stem: bool = True  # overview reuses the terrain stem, as in the original
     attention_heads: int = 3
     attention_dim: int = 64
+    branch_gain: float = 1.0          # residual branches: shortcut + gain * branch at init
+    learnable_gain: bool = False      # the gain is a trainable scalar per block (0 + this: ReZero)
 
     def __post_init__(self):
         views = tuple(self.views)
@@ -74,6 +76,8 @@ class ModelConfig:
                "an integer >= 1")
         _check(self.attention_dim >= 1, "model.attention_dim", self.attention_dim,
                "an integer >= 1")
+        _check(math.isfinite(self.branch_gain), "model.branch_gain", self.branch_gain,
+               "a finite number (0 with model.learnable_gain=true is ReZero)")
 
 
 @dataclass(frozen=True)
@@ -356,9 +360,15 @@ def _preset_cpu_demo() -> Config:
     # Small enough for an epoch over ~100 synthetic samples in well under a minute on 2 cores.
     # 15 epochs over 300 samples is ~2.5 min on 2 cores; momentum 0.9 collapsed in the same
     # budget (held-out probes below random init), 0.99 beat random init on every probe.
+    # ReZero residual branches (shortcut + a * branch, a trainable from 0): without them Adam's
+    # first sign-like steps blew up a direction shared by every sample through the 16 blocks for
+    # some seeds (seed 1: embedding norm x50 and spread /8 within 12 steps, ~6 epochs near
+    # chance), and training made the multi-stage features worse than random init
+    # (benchmarks/README.md, "Learning").
     return Config(
         data=DataConfig(crop_size=64, batch_size=16, validation_fraction=0.25),
-        model=ModelConfig(trunk="resnet34", width=0.125, embedding_dim=64),
+        model=ModelConfig(trunk="resnet34", width=0.125, embedding_dim=64, branch_gain=0.0,
+                          learnable_gain=True),
         train=TrainConfig(epochs=15, learning_rate=1e-3, queue_multiplier=4, momentum=0.99,
                           eval_subset=32),
     )

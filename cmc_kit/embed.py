@@ -40,8 +40,8 @@ from cmc_kit.palette import CLASS_NAMES, FRACTION_COLUMNS, HEIGHT_SCALE, NUM_CLA
 
 EMBEDDING_PREFIX = "emb_"
 # What is embedded: "trunk" (the last stage, mean-pooled: the original's UMAP embedding),
-# "stages" (every stage, mean and std per channel, concatenated), "stage<N>" (stage N alone,
-# mean and std per channel), "head" (the projection head's embedding).
+# "stages" (every stage pooled by `pooled_stage`, concatenated), "stage<N>" (stage N alone,
+# pooled the same way), "head" (the projection head's embedding).
 SOURCES = ("trunk", "stages", "head")
 _STAGE_SOURCE = re.compile(r"stage([1-9][0-9]*)")
 NETWORKS = ("online", "momentum")
@@ -236,11 +236,20 @@ def feature_vectors(encoder, x, *, view: str, source: str) -> np.ndarray:
             raise CmcKitError(f"Embedding source {source!r}: the trunk has {len(maps)} stages. "
                               f"Use stage1 .. stage{len(maps)}.")
         maps = [maps[number - 1]]
-    pooled = []
-    for feature_map in maps:
-        feature_map = np.asarray(feature_map, np.float32)
-        pooled += [feature_map.mean(axis=(1, 2)), feature_map.std(axis=(1, 2))]  # [B, c_i] each
-    return np.concatenate(pooled, axis=1)
+    return np.concatenate([pooled_stage(m) for m in maps], axis=1)
+
+
+def pooled_stage(feature_map) -> np.ndarray:
+    """One stage summarised, [B, h, w, c] -> float32 [B, 2c]: after the leaky ReLU the next
+    block would apply, the mean and the standard deviation over space of every channel, that
+    block L2-normalised per sample. Early stages keep colour and texture statistics the last
+    stage mixes away; the normalisation gives each stage the same weight in a cosine kNN."""
+    from cmc_kit.models import LEAKY_SLOPE
+
+    x = np.asarray(feature_map, np.float32)
+    x = np.where(x > 0, x, LEAKY_SLOPE * x)
+    block = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)       # [B, 2c]
+    return block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
 
 
 def _head_embedding(encoder, x, view: str):

@@ -2,8 +2,9 @@
 
 Every source is probed on the same split with the same probes:
   - `trained`: the run's checkpoint (online network, features of the terrain centre crop;
-    which features is `features`, see `cmc_kit.embed.SOURCES`: the last stage mean-pooled by
-    default, the original's UMAP embedding);
+    which features is `features`, see `cmc_kit.embed.SOURCES`: by default every stage's
+    activations pooled to mean and std per channel, which keeps the early stages' colour and
+    texture; "trunk" is the original's UMAP embedding, the last stage mean-pooled);
   - `random_init`: the same architecture, randomly initialised, never trained, with the *same*
     feature source;
   - `raw_pixels`: the terrain centre crop downsampled to 8x8x3;
@@ -141,7 +142,7 @@ def probe_features(train_x: np.ndarray, test_x: np.ndarray, train_table: pd.Data
 
 def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, *,
                  dataset: data_module.Dataset | None = None, out: str | os.PathLike | None = None,
-                 checkpoints: str = "latest", features: str = "trunk", per_target: bool = False,
+                 checkpoints: str = "latest", features: str = "stages", per_target: bool = False,
                  seed: int = 0, progress: bool = False, force: bool = False) -> pd.DataFrame:
     """Probes the run's features and the baselines on its held-out split.
 

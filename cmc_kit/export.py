@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmc_kit import runs
+from cmc_kit import layout, runs, synth
 from cmc_kit.config import PRESETS, Config, preset
 from cmc_kit.errors import CheckpointError, ConfigError, ExportError
 from cmc_kit.fileio import atomic_path, atomic_write_text, check_folder_path
@@ -243,12 +243,12 @@ def _data_summary(data: str | os.PathLike | None) -> str:
     if data is None:
         return ("the dataset the run was trained on (its sample ids are in RUN/split.json; pass "
                 "--data to name it here)")
-    from cmc_kit import data as data_module
+    from cmc_kit.kaggle import KAGGLE_DATASET
 
-    csv = data_module.find_metadata_csv(data)
-    if csv is not None:
+    csv = layout.find_metadata_csv(data)
+    if csv is not None and set(synth.PARAMETERS) <= set(layout.read_metadata(csv).columns):
         return f"the cmc_kit synthetic terrain set in {data} (metadata.csv: {csv})"
-    return (f"{data} (Kaggle layout; the Terrain Map dataset is {data_module.KAGGLE_DATASET})")
+    return f"{data} (Kaggle layout; the Terrain Map dataset is {KAGGLE_DATASET})"
 
 
 # Columns of the fine-tune table worth a card (the CSV also has per-class IoU and folders).

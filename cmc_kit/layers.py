@@ -360,3 +360,35 @@ class AttentionPooling2D(keras.layers.Layer):
             "output_dtype": self.output_dtype,
         })
         return config
+
+
+@keras.saving.register_keras_serializable(package="cmc_kit")
+class BranchGain(keras.layers.Layer):
+    """Scales a residual branch: `x * a`, with `a` fixed or a trainable scalar from `initial`.
+
+    `initial=0, learnable=True` is ReZero (Bachlechner et al. 2020): a block starts as the
+    identity and its branch switches on as `a` is learned, so at initialisation a deep trunk is
+    its shortcuts alone and the first optimizer steps cannot compound through every block.
+    """
+
+    def __init__(self, initial: float = 1.0, learnable: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        initial = float(initial)
+        if not np.isfinite(initial):
+            raise ValueError(f"BranchGain needs a finite initial gain. Received: initial={initial}")
+        self.initial, self.learnable = initial, bool(learnable)
+
+    def build(self, input_shape):
+        if self.learnable:
+            self.gain = self.add_weight(name="gain", shape=(),
+                                        initializer=keras.initializers.Constant(self.initial))
+
+    def call(self, inputs):
+        gain = self.gain if self.learnable else self.initial
+        return inputs * ops.cast(gain, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "initial": self.initial, "learnable": self.learnable}

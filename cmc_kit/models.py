@@ -30,7 +30,7 @@ import tensorflow as tf
 from keras import ops
 
 from cmc_kit.config import TRUNK_NAMES, ModelConfig
-from cmc_kit.layers import AttentionPooling2D, NormalizedConv2D
+from cmc_kit.layers import AttentionPooling2D, BranchGain, NormalizedConv2D
 from cmc_kit.views import VIEW_SPECS
 
 # Channels of each view's input tensor, from the view specs (the one place that defines them).
@@ -152,16 +152,31 @@ def _shortcut(x, preactivated, filters, stride, name):
     return NormalizedConv2D(filters, 1, strides=stride, name=f"{name}_proj")(preactivated)
 
 
-def basic_block(x, filters, stride, name):
+@dataclasses.dataclass(frozen=True)
+class ResidualBranch:
+    """How a block adds its branch to the shortcut: `shortcut + gain * branch`, the gain fixed
+    or learned (`gain=0, learnable=True` is ReZero; the default adds the branch as it is)."""
+
+    gain: float = 1.0
+    learnable: bool = False
+
+    def __call__(self, shortcut, branch, name):
+        if self.gain != 1.0 or self.learnable:
+            branch = BranchGain(self.gain, self.learnable, name=f"{name}_gain")(branch)
+        return keras.layers.Add(name=f"{name}_add")([shortcut, branch])
+
+
+def basic_block(x, filters, stride, name, residual: ResidualBranch = ResidualBranch()):
     """Pre-activation basic residual block: act -> 3x3 (stride) -> act -> 3x3, plus shortcut."""
     a = _act(x, f"{name}_act1")
     shortcut = _shortcut(x, a, filters, stride, name)
     y = NormalizedConv2D(filters, 3, strides=stride, name=f"{name}_conv1")(a)
     y = NormalizedConv2D(filters, 3, name=f"{name}_conv2")(_act(y, f"{name}_act2"))
-    return keras.layers.Add(name=f"{name}_add")([shortcut, y])
+    return residual(shortcut, y, name)
 
 
-def bottleneck_block(x, filters, stride, bottleneck_ratio, group_width, name):
+def bottleneck_block(x, filters, stride, bottleneck_ratio, group_width, name,
+                     residual: ResidualBranch = ResidualBranch()):
     """Pre-activation bottleneck block: act -> 1x1 -> act -> 3x3 (stride, grouped) -> act -> 1x1.
 
     RegNetX's X block is this with `bottleneck_ratio=1` and `group_width` channels per group.
@@ -174,7 +189,7 @@ def bottleneck_block(x, filters, stride, bottleneck_ratio, group_width, name):
     y = NormalizedConv2D(inner, 3, strides=stride, groups=groups,
                          name=f"{name}_conv2")(_act(y, f"{name}_act2"))
     y = NormalizedConv2D(filters, 1, name=f"{name}_conv3")(_act(y, f"{name}_act3"))
-    return keras.layers.Add(name=f"{name}_add")([shortcut, y])
+    return residual(shortcut, y, name)
 
 
 def _stages(x, spec: TrunkSpec, stage_widths: list[int], block):
@@ -195,31 +210,37 @@ def _trunk_model(spec: TrunkSpec, width: float, block, model_name: str) -> keras
     return keras.Model(inputs, outputs, name=model_name)
 
 
-def build_resnet(spec: TrunkSpec, width: float = 1.0, model_name: str = "trunk") -> keras.Model:
+def build_resnet(spec: TrunkSpec, width: float = 1.0, model_name: str = "trunk",
+                 residual: ResidualBranch = ResidualBranch()) -> keras.Model:
     """Basic-block pre-activation ResNet from a `TrunkSpec` (family "basic")."""
-    return _trunk_model(spec, _check_width(width), basic_block, model_name)
+    def block(x, filters, stride, name):
+        return basic_block(x, filters, stride, name, residual)
+    return _trunk_model(spec, _check_width(width), block, model_name)
 
 
-def build_bottleneck_resnet(spec: TrunkSpec, width: float = 1.0,
-                            model_name: str = "trunk") -> keras.Model:
+def build_bottleneck_resnet(spec: TrunkSpec, width: float = 1.0, model_name: str = "trunk",
+                            residual: ResidualBranch = ResidualBranch()) -> keras.Model:
     """Bottleneck pre-activation ResNet / RegNetX from a `TrunkSpec` (family "bottleneck")."""
     def block(x, filters, stride, name):
-        return bottleneck_block(x, filters, stride, spec.bottleneck_ratio, spec.group_width, name)
+        return bottleneck_block(x, filters, stride, spec.bottleneck_ratio, spec.group_width, name,
+                                residual)
     return _trunk_model(spec, _check_width(width), block, model_name)
 
 
 _FAMILY_BUILDERS = {"basic": build_resnet, "bottleneck": build_bottleneck_resnet}
 
 
-def build_trunk(name: str, width: float = 1.0, model_name: str = "trunk") -> keras.Model:
+def build_trunk(name: str, width: float = 1.0, model_name: str = "trunk", *,
+                residual: ResidualBranch = ResidualBranch()) -> keras.Model:
     """Trunk `name` (one of `config.TRUNK_NAMES`) at channel multiplier `width`.
 
     Input `[B, H, W, trunk_input_channels(name, width)]` with H, W divisible by
     `trunk_stride(name)`; output `[B, H / stride, W / stride, F]`. Stage outputs are the
-    layers `stage{i}_output` (see `stage_model`).
+    layers `stage{i}_output` (see `stage_model`). `residual` says how the blocks add their
+    branches (ReZero: `ResidualBranch(0.0, learnable=True)`).
     """
     spec = _trunk_spec(name)
-    return _FAMILY_BUILDERS[spec.family](spec, width, model_name)
+    return _FAMILY_BUILDERS[spec.family](spec, width, model_name, residual)
 
 
 _STAGE_LAYER = re.compile(r"stage(\d+)_output")
@@ -310,7 +331,8 @@ class CMCEncoder(keras.Model):
         for v in trunk_views:
             setattr(self, f"trunk_{v}", build_trunk(
                 model_config.trunk, model_config.width,
-                model_name="trunk" if v == "shared" else f"trunk_{v}"))
+                model_name="trunk" if v == "shared" else f"trunk_{v}",
+                residual=ResidualBranch(model_config.branch_gain, model_config.learnable_gain)))
         for v in self.views:
             setattr(self, f"head_{v}", build_head(
                 model_config.head, feature_channels, model_config.embedding_dim,

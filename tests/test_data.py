@@ -207,7 +207,7 @@ def test_validate_reports_each_bad_input_with_its_file_and_excludes_it(broken_ro
     assert list(report.usable["id"]) == ["0007", "0009", "0010"]
     assert (report.num_usable, report.num_incomplete, report.num_unreadable) == (3, 1, 6)
     assert report.counts == {"missing": 1, "unreadable": 2, "wrong_size": 2, "wrong_mode": 0,
-                             "height_8bit": 1, "off_palette": 1}
+                             "height_8bit": 1, "off_palette": 1, "too_large": 0, "bad_name": 0}
     text = report.format()
     for _, kind, path in expected:
         assert path in text and f"[{kind}]" in text

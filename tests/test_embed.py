@@ -141,7 +141,7 @@ class TwoStageEncoder(MeanColourEncoder):
         return [x, pooled ** 2]
 
 
-def test_stage_sources_pool_mean_and_std_per_channel(dataset):
+def test_stage_sources_pool_mean_and_std_per_channel_of_the_activated_maps(dataset):
     from cmc_kit import views
 
     encoder = TwoStageEncoder()
@@ -149,8 +149,13 @@ def test_stage_sources_pool_mean_and_std_per_channel(dataset):
                                          batch_size=5, training=False, seed=0)))["terrain"]
     x = np.asarray(batch, np.float64)
     pooled = x.reshape(5, CROP // 2, 2, CROP // 2, 2, 3).mean(axis=(2, 4)) ** 2
-    stage1 = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)          # [5, 6]
-    stage2 = np.concatenate([pooled.mean(axis=(1, 2)), pooled.std(axis=(1, 2))], axis=1)
+
+    def reference(m):  # leaky ReLU 0.2, mean and std per channel, the block unit length
+        a = np.maximum(m, 0) + 0.2 * np.minimum(m, 0)
+        block = np.concatenate([a.mean(axis=(1, 2)), a.std(axis=(1, 2))], axis=1)
+        return block / np.linalg.norm(block, axis=1, keepdims=True)
+
+    stage1, stage2 = reference(x), reference(pooled)                                    # [5, 6]
     np.testing.assert_allclose(embed.feature_vectors(encoder, batch, view="terrain",
                                                      source="stage1"), stage1, rtol=1e-5)
     np.testing.assert_allclose(embed.feature_vectors(encoder, batch, view="terrain",

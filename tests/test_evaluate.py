@@ -32,7 +32,7 @@ def test_evaluate_run_scores_every_source_on_held_out_ids_only(trained_run, smal
     assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state))
 
     assert set(table["source"]) == {"trained", "random_init", "raw_pixels", "mean_colour"}
-    assert table.attrs["features"] == "trunk"
+    assert table.attrs["features"] == "stages"
     # Probes fit on the training split and score on the validation split, for every source.
     assert seen_test_sizes == [(len(split["train"]), len(split["validation"]))] * 4
     assert table.attrs["test_samples"] == len(split["validation"])
@@ -50,11 +50,11 @@ def test_evaluate_run_scores_every_source_on_held_out_ids_only(trained_run, smal
     assert list(wide.columns[:7]) == ["task", "probe", "metric", "features", "trained",
                                       "trained_low", "trained_high"]
     assert {"random_init", "raw_pixels_low", "mean_colour_high"} <= set(wide.columns)
-    assert (wide["features"] == "trunk").all()
+    assert (wide["features"] == "stages").all()
     assert len(wide) == len(table) // 4
     text = evaluate.format_table(table)
     assert "dominant_class" in text and "random_init" in text and "rough" in text
-    assert "features: trunk" in text and "95% bootstrap interval" in text
+    assert "features: stages" in text and "95% bootstrap interval" in text
 
 
 def test_label_targets_from_an_embeddings_table():

@@ -18,7 +18,7 @@ FLOORS = [
     {"data", "decode", "views", "cache"},
     {"layers", "models", "objectives", "training", "runs"},
     {"embed", "explore", "probes", "evaluate", "finetune", "export"},
-    {"notebook", "demo", "cli", "__main__"},
+    {"notebook", "demo", "arguments", "cli", "__main__"},
 ]
 ENVIRONMENT_READERS = {"config", "kaggle"}
 MAX_MODULE_LINES = 520

@@ -331,3 +331,36 @@ def test_tf_checkpoint_restores_encoder_and_twin(tmp_path):
     for saved, restored in zip(online.weights + twin.weights,
                                fresh_online.weights + fresh_twin.weights):
         np.testing.assert_array_equal(restored.numpy(), saved.numpy())
+
+
+# -- ReZero residual branches ---------------------------------------------------------------------
+
+def test_rezero_blocks_start_as_their_shortcuts_and_learn_a_gain():
+    import keras
+
+    from cmc_kit.layers import BranchGain
+    from cmc_kit.models import ResidualBranch
+
+    trunk = build_trunk("resnet34", width=TINY, residual=ResidualBranch(0.0, learnable=True))
+    gains = [layer for layer in trunk.layers if isinstance(layer, BranchGain)]
+    assert len(gains) == 3 + 4 + 6 + 3  # one per block of ResNet-34
+    assert all(float(g.gain.numpy()) == 0.0 and g.gain.trainable for g in gains)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, trunk.input.shape[-1])).astype("float32")
+    before = trunk(x).numpy()
+    # The branches' convolutions do not matter yet: the blocks are their shortcuts alone.
+    for layer in trunk.layers:
+        if layer.name.endswith("_conv2"):
+            layer.kernel.assign(layer.kernel * 3.0 + 1.0)
+    np.testing.assert_allclose(trunk(x).numpy(), before, rtol=1e-6, atol=1e-6)
+    gains[0].gain.assign(0.5)
+    assert not np.allclose(trunk(x).numpy(), before)
+    # A fixed gain of 1 builds the trunk exactly as before: no extra layers or weights.
+    plain = build_trunk("resnet34", width=TINY)
+    assert not any(isinstance(layer, BranchGain) for layer in plain.layers)
+    assert [w.path for w in plain.weights] == [w.path for w in build_trunk("resnet34", width=TINY,
+                                                                           residual=ResidualBranch())
+                                               .weights]
+    layer = BranchGain(0.25, learnable=True, name="g")
+    restored = BranchGain.from_config(layer.get_config())
+    assert (restored.initial, restored.learnable, restored.name) == (0.25, True, "g")
+    assert keras.saving.get_registered_name(BranchGain) == "cmc_kit>BranchGain"

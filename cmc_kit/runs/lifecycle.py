@@ -116,7 +116,7 @@ class FreshStart:
             elif target.exists():
                 target.unlink()
             os.replace(self.folder / name, target)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.discard()
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -160,7 +160,8 @@ def bring_in_previous_run(run: str | os.PathLike, resume_from: str | os.PathLike
     from cmc_kit import kaggle
 
     run = Path(run)
-    recover_set_aside(run)  # a run moved aside by an interrupted fresh start is not "empty"
+    if not fresh:  # a run moved aside by an interrupted fresh start is not "empty"
+        recover_set_aside(run)
     if has_checkpoint(run):
         if resume_from is not None:
             warnings.warn(

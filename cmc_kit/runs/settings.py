@@ -27,10 +27,11 @@ def resolve_config(run_dir: str | os.PathLike, *, preset_name: str | None = None
 
     On resume the settings `Config.resume_differences` names must match the saved config
     (`check_resume_settings`); anything else (epochs, learning rate, time limit...) may change.
-    A run that an interrupted fresh start had set aside is put back first, so its own settings
-    are the saved ones.
+    A run that an interrupted fresh start had set aside is put back first (unless `fresh`: a
+    fresh start under way sets it aside itself), so its own settings are the saved ones.
     """
-    recover_set_aside(run_dir)
+    if not fresh:
+        recover_set_aside(run_dir)
     config_path = Path(run_dir) / CONFIG_FILE
     saved = None if fresh or not config_path.exists() else Config.load(config_path)
     base = saved if saved is not None and preset_name is None else preset(preset_name or "cpu-demo")
