@@ -392,8 +392,10 @@ def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, 
     from cmc_kit import embed, training
 
     runs.refuse_fresh_with_resume_from(fresh, resume_from)
-    # First: a previous run's config.json is the saved one.
-    runs.bring_in_previous_run(run, resume_from, fresh=fresh)
+    # First: a previous run's config.json is the saved one. On several machines (TF_CONFIG)
+    # the chief alone brings it in; the others wait for it inside `train`.
+    if training.cluster.writes_run_directory(training.cluster.cluster_from_environment()):
+        runs.bring_in_previous_run(run, resume_from, fresh=fresh)
     config = runs.resolve_config(run, preset_name=preset_name, epochs=epochs,
                                  overrides=overrides, fresh=fresh)
     result = training.train(data, run, config, fresh=fresh, time_limit=time_limit,

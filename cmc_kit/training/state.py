@@ -4,6 +4,9 @@ that holds them beside the networks, the optimizer and the queues."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -137,11 +140,16 @@ class Checkpointer:
     Checkpoints are numbered by the checkpoint's own save counter, never by step, so a number
     is never reused and a checkpoint never overwritten in place (TF writes its state file
     atomically). Older layouts restore too (see `_checkpoint_for`).
+
+    Several workers: every worker saves (TensorFlow's collective save), the chief into the run
+    directory, each other worker (`chief=False`) into a temporary folder of its own that is
+    removed again; every worker restores the chief's checkpoints.
     """
 
     def __init__(self, run_dir, *, online, momentum, optimizer, queues, state: TrainState,
-                 keep: int):
+                 keep: int, chief: bool = True, worker_index: int = 0):
         self.run_dir = run_dir
+        self.chief, self.worker_index = chief, worker_index
         self.online, self.momentum, self.optimizer, self.queues = online, momentum, optimizer, queues
         self.state = state
         inner = saved_optimizer(optimizer)
@@ -151,18 +159,32 @@ class Checkpointer:
             self.objects[LOSS_SCALE] = tf.train.Checkpoint(
                 step_counter=optimizer.step_counter, dynamic_scale=optimizer.dynamic_scale)
         self.checkpoint = tf.train.Checkpoint(**self.objects)
+        self.directory = str(run_dir / runs.CHECKPOINT_DIR)
+        # Only the chief's manager writes (and prunes) RUN/checkpoints.
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, str(run_dir / runs.CHECKPOINT_DIR), max_to_keep=keep,
-            checkpoint_name=runs.CHECKPOINT_NAME)
+            self.checkpoint, self.directory, max_to_keep=keep,
+            checkpoint_name=runs.CHECKPOINT_NAME) if chief else None
 
     @property
     def latest(self) -> str | None:
+        """The latest checkpoint; another worker reads the chief's checkpoint state each time."""
+        if self.manager is None:
+            return tf.train.latest_checkpoint(self.directory)
         return self.manager.latest_checkpoint
 
     def save(self) -> str:
-        """Writes a checkpoint (refused when a weight or queue is non-finite) and returns it."""
+        """Writes a checkpoint (refused when a weight or queue is non-finite) and returns it
+        (another worker: the path of the chief's, which this save took part in)."""
         self._check_finite()
-        return self.manager.save()
+        if self.manager is not None:
+            return self.manager.save()
+        scratch = tempfile.mkdtemp(prefix=f"cmc-kit-worker{self.worker_index}-checkpoint-")
+        try:  # counts like the chief's save: the same save counter, the same next number
+            self.checkpoint.save(os.path.join(scratch, runs.CHECKPOINT_NAME))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return os.path.join(self.directory,
+                            f"{runs.CHECKPOINT_NAME}-{int(self.checkpoint.save_counter.numpy())}")
 
     def _check_finite(self) -> None:
         """Refuses to checkpoint non-finite weights or queues: the last good checkpoint stays latest."""
@@ -178,9 +200,10 @@ class Checkpointer:
                 f"values in {len(bad)} tensor(s) ({', '.join(bad[:3])}). {kept} Lower "
                 "train.learning_rate or check the data with `cmc-kit validate`.")
 
-    def restore_latest(self) -> bool:
-        """Restores the latest checkpoint (True) or leaves everything as built (False)."""
-        latest = self.latest
+    def restore_latest(self, latest: str | None = None) -> bool:
+        """Restores the latest checkpoint, or `latest` if given (True), or leaves everything as
+        built (False)."""
+        latest = latest or self.latest
         if not latest:
             return False
         self.state.check_geometry(latest, self.run_dir)
