@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -273,8 +274,24 @@ def distribute_batches(strategy, dataset: tf.data.Dataset, global_batch: int, wo
                 for key, value in batch.items()}
 
     # Local replicas take consecutive elements: [b, ...] slices in replica order.
-    return strategy.distribute_datasets_from_function(
-        lambda input_context: dataset.map(own_slices).unbatch())
+    return _let_go_in_background(strategy.distribute_datasets_from_function(
+        lambda input_context: dataset.map(own_slices).unbatch()))
+
+
+def _let_go_in_background(distributed):
+    """The batches of `distributed`, whose spent iterator is destroyed in a thread of its own.
+
+    On a worker of several, destroying a tf.data iterator waits for its autotuning thread's
+    next wake-up, up to a minute after a long epoch (TensorFlow 2.21, also with autotuning
+    off): the other workers would wait as long at every epoch end. The wait releases the GIL.
+    """
+    iterator = iter(distributed)
+    try:
+        yield from iterator
+    finally:
+        spent = [iterator]
+        del iterator
+        threading.Thread(target=spent.clear, name="cmc-kit-spent-iterator", daemon=True).start()
 
 
 # -- a worker lost ----------------------------------------------------------------------------------
