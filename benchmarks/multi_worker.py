@@ -3,13 +3,14 @@
 Usage: python benchmarks/multi_worker.py [--preset cpu-demo] [--set key=value ...]
        [--steps 40] [--warmup 3] [--rounds 2] [--smoke]
 
-One worker: a single process (the default strategy) with every core (TF_NUM_INTRAOP_THREADS =
-the machine's cores). Two workers: two processes on this machine, MultiWorkerMirroredStrategy
-over 127.0.0.1 (free ports picked at run time), the cores split between them, each with half
-of every global batch. Each process times `Trainer.train_step` (the compiled step plus a read
-of its loss) after warm-up steps; the chief's median is the two workers' step time (every
-step waits for both). The two set-ups alternate for `--rounds` rounds and the best round of
-each counts (on a shared machine, load only ever adds time). Printed:
+Both read a `prepare` cache of synthetic samples. One worker: a single process (the default
+strategy) with every core (TF_NUM_INTRAOP_THREADS = the machine's cores). Two workers: two
+processes on this machine, MultiWorkerMirroredStrategy over 127.0.0.1 (free ports picked at
+run time), the cores split between them, each with half of every global batch. Each process
+times `Trainer.train_step` (the compiled step plus a read of its loss) after warm-up steps;
+the chief's median is the two workers' step time (every step waits for both). The two set-ups
+alternate for `--rounds` rounds and the best round of each counts (on a shared machine, load
+only ever adds time). Printed:
 
   speedup             one worker's step time / two workers' step time
   scaling efficiency  speedup / 2 (1.0: two workers take half the time per global batch)
@@ -53,8 +54,9 @@ def measure(args) -> None:
     trainer.fill_queues()
     seconds, epoch = [], 0
     while len(seconds) < args.warmup + args.steps:  # same steps on every worker
-        for batch in cluster.distribute_batches(strategy, trainer.dataset(epoch), trainer.global_batch,
-                                                trainer.workers):
+        batches = cluster.distribute_batches(strategy, trainer.dataset(epoch),
+                                             trainer.global_batch, trainer.workers)
+        for batch in batches:
             started = time.perf_counter()
             float(trainer.train_step(batch)["loss"].numpy())  # waits for the step
             seconds.append(time.perf_counter() - started)
@@ -127,6 +129,7 @@ def main() -> None:
         args.set = (args.set or []) + ["data.crop_size=32", "model.views=terrain,height",
                                        "data.batch_size=8"]
     from cmc_kit import synth
+    from cmc_kit.cache import prepare_cache
     from cmc_kit.config import preset
 
     config = preset(args.preset).with_overrides(args.set or [])
@@ -137,6 +140,10 @@ def main() -> None:
         samples = config.data.batch_size * (args.steps + args.warmup + 2)
         data = synth.generate(out / "data", n=samples, size=2 * config.data.crop_size, seed=0,
                               progress=False)
+        # From the `prepare` cache, as README "Several machines" advises: each worker decodes
+        # every global batch, and PNG decoding would compete with the step for the cores.
+        cache_dir = prepare_cache(data, out / "cache", progress=False)
+        args.set = (args.set or []) + [f"data.cache={cache_dir}"]
         started = time.monotonic()
         rounds = {1: [], 2: []}
         for _ in range(args.rounds):  # alternating: both set-ups see the same machine load
@@ -148,8 +155,8 @@ def main() -> None:
     one, chief = (min(rounds[n], key=lambda report: report["median_s"]) for n in (1, 2))
     t1, t2 = one["median_s"], chief["median_s"]
     speedup = t1 / t2
-    settings = " ".join([args.preset, *(args.set or [])])
-    print(f"preset {settings}: global batch {one['global_batch']}, "
+    settings = " ".join([args.preset, *(a for a in args.set if not a.startswith("data.cache="))])
+    print(f"preset {settings}, from the prepare cache: global batch {one['global_batch']}, "
           f"{args.steps} timed steps after {args.warmup}, best of {args.rounds} round(s), "
           f"{cores} cores ({wall:.0f} s in all)")
     print(f"{'':34}{'ms/step':>10}{'samples/s':>12}   every round, ms/step")

@@ -63,12 +63,12 @@ def tiny_config():
         "data.crop_size": 32, "data.batch_size": 8, "data.validation_fraction": 0.2,
         "model.width": 0.125, "model.embedding_dim": 16, "model.views": "terrain,height",
         "train.pairs": "full", "train.epochs": 1, "train.queue_multiplier": 1,
-        "train.eval_subset": 0, "train.learning_rate": 1e-5, "train.checkpoint_every_steps": 1,
+        "train.eval_subset": 4, "train.learning_rate": 1e-5, "train.checkpoint_every_steps": 1,
         "train.keep_checkpoints": 10, "train.log_every_steps": 1,
         "train.collective_timeout": 120})
 
 
-# -- launching processes ------------------------------------------------------------------------
+# -- launching processes --------------------------------------------------------------------------
 
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
@@ -284,7 +284,11 @@ def test_runs_resume_across_one_device_and_two_workers_exactly(runs_on_two_worke
     # Step 4 ran after the restart from ckpt-3, in the middle of epoch 2.
     _assert_rows_match(_step_rows(on_one), _step_rows(on_two), (3, 4), "epoch 2")
     import pandas as pd
-    assert list(pd.read_csv(on_two / "log.csv")["epoch"]) == [1, 2]
+    log = pd.read_csv(on_two / "log.csv")
+    assert list(log["epoch"]) == [1, 2]
+    # `cmc-kit train`'s per-epoch embeddings ran on the chief, after the restart.
+    assert (on_two / "embeddings" / "epoch_002.parquet").is_file()
+    assert 0.0 <= log["knn_accuracy"].iloc[-1] <= 1.0
 
 
 # -- TF_CONFIG, checked before anything starts ----------------------------------------------------
@@ -377,7 +381,7 @@ def test_the_command_line_reports_a_bad_tf_config_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# -- pieces on one worker ---------------------------------------------------------------------------
+# -- pieces on one worker -------------------------------------------------------------------------
 
 def test_one_worker_splits_nothing_and_agrees_with_itself():
     import tensorflow as tf
@@ -395,6 +399,23 @@ def test_one_worker_splits_nothing_and_agrees_with_itself():
     # Where the epoch continues after each batch: one past its last plan place, in every row.
     assert [b["resume_position"] for b in seen] == [[31] * 4, [71] * 4]
     assert all("position" not in b for b in seen)
+
+
+def test_workers_that_disagree_all_stop_naming_what_differs():
+    import tensorflow as tf
+
+    from cmc_kit.training import cluster
+
+    workers = cluster.Workers(tf.distribute.get_strategy())
+    workers.index, workers.count = 1, 2
+    mine = {"the checkpoint to resume from": 7, "the settings": 6, "the training samples": 9}
+    workers.gather = lambda values: np.array([[7, 5, 9], values])  # the chief's row, then ours
+    with pytest.raises(TrainingError, match=r"^The 2 workers do not agree on the settings: "
+                                            r"worker\(s\) 1 differ from the chief \(this is "
+                                            r"worker 1\)\. Run the same command\.$"):
+        workers.agree(mine, fix="Run the same command.")
+    workers.gather = lambda values: np.array([values, values])
+    workers.agree(mine, fix="")  # the same everywhere: nothing to say
 
 
 class _TwoWorkers:

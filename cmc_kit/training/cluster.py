@@ -199,7 +199,8 @@ class Workers:
         def replica(v):
             # identity: a tensor of this replica's device for the collective
             return tf.distribute.get_replica_context().all_gather(tf.identity(v)[None], axis=0)
-        return self.strategy.experimental_local_results(self.strategy.run(replica, args=(values,)))[0]
+        gathered = self.strategy.run(replica, args=(values,))             # [replicas, n]
+        return self.strategy.experimental_local_results(gathered)[0]
 
     def gather(self, values: list[int]) -> np.ndarray:
         """Every worker's `values`: int64 [workers, len(values)], by worker index."""
@@ -294,7 +295,7 @@ def _let_go_in_background(distributed):
         threading.Thread(target=spent.clear, name="cmc-kit-spent-iterator", daemon=True).start()
 
 
-# -- a worker lost ----------------------------------------------------------------------------------
+# -- a worker lost --------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def lost_workers_explained(workers: Workers, where: Callable[[], str], timeout: float):
