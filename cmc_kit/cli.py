@@ -8,6 +8,7 @@ Each subcommand is a thin shim over a library function; heavy modules are import
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -183,9 +184,12 @@ def train_from_cli(*, data, run, preset_name=None, epochs=None, overrides=None, 
     from cmc_kit import embed, training
 
     runs.refuse_fresh_with_resume_from(fresh, resume_from)
-    with runs.RunLock(run):  # before anything touches the run directory
-        # First: a previous run's config.json is the saved one.
-        runs.bring_in_previous_run(run, resume_from, fresh=fresh)
+    # On several machines (TF_CONFIG) the chief alone locks the run and brings in a previous
+    # run's config.json; the others wait for it inside `train`.
+    chief = training.cluster.writes_run_directory(training.cluster.cluster_from_environment())
+    with runs.RunLock(run) if chief else contextlib.nullcontext():  # before anything touches RUN
+        if chief:  # first: a previous run's config.json is the saved one
+            runs.bring_in_previous_run(run, resume_from, fresh=fresh)
         config = runs.resolve_config(run, preset_name=preset_name, epochs=epochs,
                                      overrides=overrides, fresh=fresh)
         result = training.train(data, run, config, fresh=fresh, time_limit=time_limit,

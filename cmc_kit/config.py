@@ -20,6 +20,7 @@ from cmc_kit.errors import ConfigError
 from cmc_kit.fileio import atomic_write_text
 
 ALL_VIEWS = ("terrain", "segmentation", "height", "overview")
+STRATEGIES = ("auto", "default", "mirrored", "multi-worker", "tpu")
 TRUNK_NAMES = (
     "resnet34",
     "original",
@@ -107,7 +108,12 @@ class TrainConfig:
     log_every_steps: int = 0          # per-step rows in log_steps.csv; 0 = off
     eval_subset: int = 64             # fixed held-out samples embedded every epoch
     knn_every_epoch: bool = True      # cheap online kNN accuracy on the eval subset
-    strategy: str = "auto"            # "auto", "default", "mirrored", "tpu"
+    strategy: str = "auto"            # "auto", "default", "mirrored", "multi-worker", "tpu"
+    # Multi-worker only: seconds a collective (all-reduce, all-gather) waits for the other
+    # workers before the step fails with a message instead of hanging; 0 waits forever. A dead
+    # worker is noticed sooner (TensorFlow's heartbeats, ~10 s); this bounds a stuck one. Allow
+    # for the chief's epoch-end work (held-out embeddings), which the others wait for.
+    collective_timeout: float = 1800.0
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -138,8 +144,10 @@ class TrainConfig:
         _check(self.mixed_precision in ("off", "auto", "mixed_float16", "mixed_bfloat16"),
                "train.mixed_precision", self.mixed_precision,
                "'off', 'auto', 'mixed_float16' or 'mixed_bfloat16'")
-        _check(self.strategy in ("auto", "default", "mirrored", "tpu"), "train.strategy",
-               self.strategy, "'auto', 'default', 'mirrored' or 'tpu'")
+        _check(self.strategy in STRATEGIES, "train.strategy", self.strategy,
+               "'auto', 'default', 'mirrored', 'multi-worker' or 'tpu'")
+        _check(self.collective_timeout >= 0, "train.collective_timeout", self.collective_timeout,
+               "seconds >= 0 (0: no timeout)")
 
 
 @dataclass(frozen=True)
@@ -449,6 +457,13 @@ def tpu_environment() -> dict[str, str]:
     TPU VMs, e.g. Kaggle's and Colab's)."""
     return {name: os.environ[name] for name in ("TPU_NAME", "TPU_ACCELERATOR_TYPE")
             if os.environ.get(name)}
+
+
+def tf_config_text() -> str | None:
+    """TF_CONFIG as set (the cluster a multi-worker job runs on: Vertex AI, GKE, your own
+    machines), None when unset or blank. `cmc_kit.training.cluster.parse_tf_config` checks it."""
+    text = os.environ.get("TF_CONFIG", "")
+    return text if text.strip() else None
 
 
 def quiet_tensorflow_by_default() -> None:

@@ -46,3 +46,14 @@ def test_learning_benchmark_smoke_runs_and_prints_every_source(tmp_path):
                    "epoch2_accuracy"):
         assert column in out, out
     assert (tmp_path / "seed0" / "log.csv").is_file() and (tmp_path / "seed1" / "log.csv").is_file()
+
+
+@pytest.mark.slow
+def test_multi_worker_benchmark_smoke_runs_two_local_workers():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multi_worker.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {line[:34].strip(): line[34:].split() for line in result.stdout.splitlines()}
+    assert float(lines["one worker (1 process)"][0]) > 0
+    assert float(lines["two workers (2 processes)"][0]) > 0
+    assert float(lines["scaling efficiency (speedup / 2)"][0]) > 0

@@ -313,7 +313,8 @@ def test_config_dataclass_fields_are_all_used():
     # Guard: a new ModelConfig field must be handled by the encoder (and this list updated).
     assert [f.name for f in dataclasses.fields(ModelConfig)] == [
         "views", "trunk", "width", "head", "embedding_dim", "shared_trunk",
-        "share_overview_stem", "attention_heads", "attention_dim"]
+        "share_overview_stem", "attention_heads", "attention_dim", "branch_gain",
+        "learnable_gain"]
 
 
 def test_tf_checkpoint_restores_encoder_and_twin(tmp_path):

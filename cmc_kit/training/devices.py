@@ -1,16 +1,18 @@
-"""Where training runs: the tf.distribute strategy (one device, Mirrored, TPU) and the
-mixed-precision policy for the devices found."""
+"""Where training runs: the tf.distribute strategy (one device, Mirrored, MultiWorker, TPU)
+and the mixed-precision policy for the devices found."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import socket
 
 import keras
 import tensorflow as tf
 
 from cmc_kit.config import tpu_environment
-from cmc_kit.errors import TrainingError
+from cmc_kit.errors import ConfigError, TrainingError
+from cmc_kit.training.cluster import WorkerCluster, cluster_from_environment
 
 # Device files of TPU chips attached to the VM itself: /dev/accel* (TPU v2-v4 VMs, e.g. Kaggle's
 # v3-8), /dev/vfio/N (v5e and later, e.g. Kaggle's v5e-8).
@@ -51,15 +53,32 @@ def connect_tpu(addresses=None):
     return None, errors
 
 
-def select_strategy(name: str = "auto"):
+def select_strategy(name: str = "auto", cluster: WorkerCluster | None = None, *,
+                    collective_timeout: float = 1800.0):
     """The tf.distribute strategy for `train.strategy`.
 
-    "auto": TPUStrategy if a TPU is attached, MirroredStrategy over all GPUs if there are
-    two or more (Kaggle's 2x T4), else the default strategy. "mirrored" mirrors over all
-    GPUs, or over all logical CPU devices when there is no GPU (CPU tests split the CPU in
-    two); "default" is the default strategy; "tpu" insists on a TPU (see
-    `tpu_addresses_to_try` for where it looks; set TPU_NAME to name one).
+    "auto": MultiWorkerMirroredStrategy if TF_CONFIG names several training tasks, else
+    TPUStrategy if a TPU is attached, MirroredStrategy over all GPUs if there are two or more
+    (Kaggle's 2x T4), else the default strategy. "multi-worker" insists on
+    MultiWorkerMirroredStrategy (over this machine's devices alone without TF_CONFIG);
+    "mirrored" mirrors over all GPUs, or over all logical CPU devices when there is no GPU
+    (CPU tests split the CPU in two); "default" is the default strategy; "tpu" insists on a
+    TPU (see `tpu_addresses_to_try` for where it looks; set TPU_NAME to name one).
+
+    cluster: the checked TF_CONFIG; None reads it (`cluster.cluster_from_environment`).
+    Multi-worker: call this before anything else runs in TensorFlow (TensorFlow configures
+    its collectives once, at program start); collective_timeout: seconds a collective waits
+    for the other workers (0: for ever).
     """
+    cluster = cluster or cluster_from_environment()
+    several = cluster is not None and cluster.num_workers > 1
+    if name == "multi-worker" or (name == "auto" and several):
+        return multi_worker_strategy(cluster, collective_timeout)
+    if several:
+        raise ConfigError(
+            f"TF_CONFIG names {cluster.num_workers} training tasks but train.strategy={name} "
+            "trains on one machine, so every task would train alone and write the same run "
+            "directory. Use --set train.strategy=multi-worker (or auto), or unset TF_CONFIG.")
     if name in ("auto", "tpu"):
         strategy, errors = connect_tpu()
         if strategy is not None:
@@ -75,6 +94,60 @@ def select_strategy(name: str = "auto"):
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([device.name for device in devices])
     return tf.distribute.get_strategy()
+
+
+# TensorFlow configures collectives and starts this task's server once per process, so a
+# process joins one cluster: the strategy is kept and handed out again (train() called twice).
+_JOINED_CLUSTER: dict = {}
+
+
+def multi_worker_strategy(cluster: WorkerCluster | None, collective_timeout: float):
+    """MultiWorkerMirroredStrategy over `cluster` (None: this machine's devices alone)."""
+    key = (cluster, float(collective_timeout))
+    if key in _JOINED_CLUSTER:
+        return _JOINED_CLUSTER[key]
+    if _JOINED_CLUSTER:
+        raise TrainingError(
+            "This process already joined a multi-worker cluster with other settings (TF_CONFIG "
+            "or train.collective_timeout); TensorFlow sets that up once per process. Start a "
+            "new process for the other cluster.")
+    resolver = None
+    if cluster is not None:
+        check_port_free(cluster)
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec({job: list(addresses) for job, addresses in cluster.jobs}),
+            task_type=cluster.task_type, task_id=cluster.task_index, rpc_layer="grpc",
+            # the local replicas: every GPU of this machine (else its CPU)
+            num_accelerators={"GPU": len(tf.config.list_physical_devices("GPU"))})
+    options = tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=collective_timeout or None)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
+                                                              communication_options=options)
+    except RuntimeError as err:  # "Collective ops must be configured at program startup"
+        raise TrainingError(
+            f"train.strategy=multi-worker must be set up before TensorFlow runs anything in "
+            f"this process ({err}). Use `cmc-kit train` or `training.train`, or call "
+            "training.select_strategy('multi-worker') first thing and pass it to "
+            "Trainer(strategy=...).") from err
+    _JOINED_CLUSTER[key] = strategy
+    return strategy
+
+
+def check_port_free(cluster: WorkerCluster) -> None:
+    """ConfigError when this task's port is taken on this machine (TensorFlow's own server
+    would fail to start on it, with a less clear message)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # A port a killed worker used lingers in TIME_WAIT: that one is free to listen on.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", cluster.port))
+        except OSError as err:
+            raise ConfigError(
+                f"TF_CONFIG gives this task ({cluster.task}) the address {cluster.address}, but "
+                f"port {cluster.port} is already in use on this machine ({err.strerror}). Stop "
+                "what holds it (an earlier worker still running?) or give this task another "
+                "port, in the TF_CONFIG of every machine.") from None
 
 
 def has_accelerator() -> bool:

@@ -47,10 +47,12 @@ def append_csv(path: Path, row: dict) -> None:
 
 
 class RunLog:
-    """Writes a run's epoch and step rows to CSV and TensorBoard."""
+    """Writes a run's epoch and step rows to CSV and TensorBoard; with `enabled` False (a
+    worker other than the chief) it writes nothing."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, enabled: bool = True):
         self.run_dir = Path(run_dir)
+        self.enabled = enabled
         self._writer = None
 
     @property
@@ -77,10 +79,14 @@ class RunLog:
                     tf.summary.scalar(f"{prefix}/{name}", value)
 
     def step_row(self, step: int, logs: dict) -> None:
+        if not self.enabled:
+            return
         append_csv(self.run_dir / runs.STEP_LOG_FILE, {"step": step, **logs})
         self._scalars("step", step, logs)
 
     def epoch_row(self, row: dict) -> None:
+        if not self.enabled:
+            return
         append_csv(self.run_dir / runs.LOG_FILE, row)
         self._scalars("epoch", row["step"],
                       {k: v for k, v in row.items() if k not in ("epoch", "step")})
@@ -88,6 +94,8 @@ class RunLog:
 
     def drop_rows_after(self, *, epoch: int, step: int) -> None:
         """Drops rows written after the restored checkpoint (a crash between log and save)."""
+        if not self.enabled:
+            return
         for name, column, limit in ((runs.LOG_FILE, "epoch", epoch),
                                     (runs.STEP_LOG_FILE, "step", step)):
             path = self.run_dir / name

@@ -4,7 +4,9 @@ that holds them beside the networks, the optimizer and the queues."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import tempfile
 import time
 import warnings
 
@@ -154,11 +156,16 @@ class Checkpointer:
     Checkpoints are numbered by the checkpoint's own save counter, never by step, so a number
     is never reused and a checkpoint never overwritten in place (TF writes its state file
     atomically). Older layouts restore too (see `_checkpoint_for`).
+
+    Several workers: every worker saves (TensorFlow's collective save), the chief into the run
+    directory, each other worker (`chief=False`) into a temporary folder of its own that is
+    removed again; every worker restores the chief's checkpoints.
     """
 
     def __init__(self, run_dir, *, online, momentum, optimizer, queues, state: TrainState,
-                 keep: int):
+                 keep: int, chief: bool = True, worker_index: int = 0):
         self.run_dir = run_dir
+        self.chief, self.worker_index = chief, worker_index
         self.online, self.momentum, self.optimizer, self.queues = online, momentum, optimizer, queues
         self.state = state
         inner = saved_optimizer(optimizer)
@@ -168,13 +175,18 @@ class Checkpointer:
             self.objects[LOSS_SCALE] = tf.train.Checkpoint(
                 step_counter=optimizer.step_counter, dynamic_scale=optimizer.dynamic_scale)
         self.checkpoint = tf.train.Checkpoint(**self.objects)
+        self.directory = str(run_dir / runs.CHECKPOINT_DIR)
+        # Only the chief's manager writes (and prunes) RUN/checkpoints.
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, str(run_dir / runs.CHECKPOINT_DIR), max_to_keep=keep,
-            checkpoint_name=runs.CHECKPOINT_NAME)
+            self.checkpoint, self.directory, max_to_keep=keep,
+            checkpoint_name=runs.CHECKPOINT_NAME) if chief else None
         self.verified: str | None = None  # the last checkpoint saved or restored and checked
 
     @property
     def latest(self) -> str | None:
+        """The latest checkpoint; another worker reads the chief's checkpoint state each time."""
+        if self.manager is None:
+            return tf.train.latest_checkpoint(self.directory)
         return self.manager.latest_checkpoint
 
     def checkpoint_variables(self) -> list:
@@ -192,9 +204,19 @@ class Checkpointer:
         return [str(p) for p in leftovers]
 
     def save(self) -> str:
-        """Writes a checkpoint (refused when a weight or queue is non-finite) and returns it."""
+        """Writes a checkpoint (refused when a weight or queue is non-finite) and returns it
+        (another worker: the path of the chief's, which this save took part in)."""
         self._check_finite()
-        self.verified = self.manager.save()
+        if self.manager is not None:
+            self.verified = self.manager.save()
+            return self.verified
+        scratch = tempfile.mkdtemp(prefix=f"cmc-kit-worker{self.worker_index}-checkpoint-")
+        try:  # counts like the chief's save: the same save counter, the same next number
+            self.checkpoint.save(os.path.join(scratch, runs.CHECKPOINT_NAME))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self.verified = os.path.join(self.directory,
+                                     f"{runs.CHECKPOINT_NAME}-{int(self.checkpoint.save_counter.numpy())}")
         return self.verified
 
     def _non_finite(self) -> list[str]:

@@ -1,5 +1,5 @@
 """The Trainer: builds a run's networks, optimizer, queues, state and step, and trains them in
-epochs of steps with a time limit and callbacks; `train` does it for a run directory.
+epochs of steps with a time limit and callbacks (`launch.train` does it for a run directory).
 
 One `Trainer` owns everything that must survive a restart (online and momentum weights, the
 queues and their write pointer, the optimizer, the step and epoch counters and the place in
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -22,11 +21,11 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cmc_kit import layout, models, objectives, runs, views
-from cmc_kit.config import Config, parse_duration
+from cmc_kit import models, objectives, runs, views
+from cmc_kit.config import Config
 from cmc_kit.errors import ConfigError, TrainingError
-from cmc_kit.fileio import atomic_write_text, free_megabytes, write_problem
-from cmc_kit.training import devices
+from cmc_kit.fileio import free_megabytes, write_problem
+from cmc_kit.training import cluster, devices
 from cmc_kit.training.logs import RunLog
 from cmc_kit.training.queues import MemoryQueues, queue_size
 from cmc_kit.training.schedules import make_learning_rate
@@ -95,6 +94,8 @@ class Trainer:
             on_train_begin, on_epoch_begin, on_train_batch_end(step, logs),
             on_epoch_end(epoch, row) (before the row is logged, so a callback may add values,
             e.g. `embed.EpochEmbeddings`), on_train_end; `set_trainer(trainer)` if defined.
+            Several workers: called on the chief only, which alone writes the run directory
+            (`trainer.is_chief`); the other workers' logs are the chief's.
         jit_compile: force XLA on (True) or off (False); None follows train.jit_compile, which
             only takes effect with a GPU/TPU attached.
         metadata_csv: the dataset's metadata.csv, for callbacks that make embedding tables.
@@ -119,7 +120,10 @@ class Trainer:
         keras.utils.set_random_seed(tc.seed)
         # The strategy first: a TPU's devices exist only once it is initialised, and "auto"
         # precision asks which devices there are.
-        self.strategy = strategy or devices.select_strategy(tc.strategy)
+        self.strategy = strategy or devices.select_strategy(
+            tc.strategy, collective_timeout=tc.collective_timeout)
+        self.workers = cluster.Workers(self.strategy)  # one, or this worker's place among several
+        self.is_chief = self.workers.is_chief
         self.precision = devices.resolve_mixed_precision(tc.mixed_precision)
         self.replicas = self.strategy.num_replicas_in_sync
         if dc.batch_size % self.replicas:
@@ -142,7 +146,7 @@ class Trainer:
         self.step_function = build_train_step(self.strategy, self.online, self.momentum,
                                               self.optimizer, self.queues, settings, self.jit_mode)
         self.skipped_samples = views.SkippedCounter()  # files unreadable since validation
-        self.log = RunLog(self.run_dir)
+        self.log = RunLog(self.run_dir, enabled=self.is_chief)
         self._epoch_end_seconds = 0.0  # measured cost of the epoch-end work, for the time limit
         self._warned_collapse = False
         self.callbacks = list(callbacks or [])
@@ -176,7 +180,8 @@ class Trainer:
                 tc.seed], signal_keys=self.signal_keys)
         self.checkpointer = Checkpointer(
             self.run_dir, online=self.online, momentum=self.momentum, optimizer=self.optimizer,
-            queues=self.queues, state=self.state, keep=tc.keep_checkpoints)
+            queues=self.queues, state=self.state, keep=tc.keep_checkpoints,
+            chief=self.is_chief, worker_index=self.workers.index)
 
     # -- data -----------------------------------------------------------------------------------
     def dataset(self, epoch: int, seed: int | None = None, start_batch: int = 0,
@@ -208,7 +213,8 @@ class Trainer:
         batches = self.queue_size // self.global_batch
         # A different shuffle than epoch 0, so the first training batches are not all queued.
         dataset = self.dataset(epoch=0, seed=self.config.train.seed + 1_000_003).take(batches)
-        dataset = self.strategy.experimental_distribute_dataset(dataset)
+        dataset = cluster.distribute_batches(self.strategy, dataset, self.global_batch,
+                                             self.workers)
 
         @tf.function
         def keys_of(batch):
@@ -230,7 +236,8 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> str:
-        """A checkpoint of everything a restart needs, then RUN/state.json naming it."""
+        """A checkpoint of everything a restart needs, then RUN/state.json naming it (every
+        worker saves; the chief writes RUN)."""
         with self._writing("saving"):
             path = self.checkpointer.save()
             self._write_state(path)
@@ -263,6 +270,8 @@ class Trainer:
                 "make the folder writable and run the same command again.") from None
 
     def _write_state(self, checkpoint_path: str | None) -> None:
+        if not self.is_chief:  # only the chief writes RUN
+            return
         runs.write_state(self.run_dir, state_summary(
             self.state, self.queues, steps_per_epoch=self.steps_per_epoch,
             num_train=len(self.train_catalog), checkpoint_path=checkpoint_path))
@@ -272,8 +281,21 @@ class Trainer:
         (False). Either way leftovers of a save killed halfway are removed first, and after a
         restore RUN/state.json says again where the run stands (a kill between a save and its
         state.json would otherwise leave it one checkpoint behind)."""
-        self.checkpointer.remove_unfinished_saves()
+        if self.is_chief:
+            self.checkpointer.remove_unfinished_saves()
+        latest = self.checkpointer.latest
+        # Every worker must take the same branch (both run collectives), on the same data.
+        self.workers.agree({
+            "the checkpoint to resume from": int(latest.rsplit("-", 1)[1]) if latest else -1,
+            "the settings": cluster.fingerprint(self.config.to_dict()),
+            "the training samples": cluster.fingerprint(list(self.train_catalog["id"]))},
+            fix="Run the same command on every worker, with the same dataset at the same path "
+                "and the same run directory, a folder all of them share (a bucket mount): the "
+                "others read the chief's checkpoints.")
         if self.checkpointer.restore_latest():
+            self.workers.agree(  # a damaged checkpoint passed over: by all alike
+                {"the checkpoint restored": int(self.checkpointer.verified.rsplit("-", 1)[1])},
+                fix="Give every worker the same run directory, a folder all of them share.")
             self._write_state(self.checkpointer.verified)
             # The checkpoint holds the optimizer's learning rate too; the settings decide it,
             # so a changed train.learning_rate applies on resume (a schedule is rebuilt anyway).
@@ -294,6 +316,7 @@ class Trainer:
         session.last_checkpoint = self.checkpointer.latest
         if self.verbose:
             where = f"resumed at step {int(self.state.step.numpy())}" if resumed else "fresh run"
+            where += f", {self.workers.describe()}" if self.workers.count > 1 else ""
             print(f"Training {self.run_dir} ({where}): {len(self.train_catalog)} samples, "
                   f"{self.steps_per_epoch} steps/epoch, batch {self.global_batch}, queue "
                   f"{self.queue_size}, pairs {len(self.pairs)}, {self.replicas} replica(s), "
@@ -307,8 +330,7 @@ class Trainer:
                 status = "time_limit"
                 break
             history.append(self._finish_epoch(epoch_run, session))
-            if time_limit is not None and self.out_of_time(session.started, time_limit,
-                                                           session.step_seconds):
+            if time_limit is not None and self._stop_for_time(session):
                 status = "time_limit" if int(self.state.epoch.numpy()) < epochs else status
                 break
         step = int(self.state.step.numpy())
@@ -344,12 +366,13 @@ class Trainer:
         tc = self.config.train
         dataset = self.dataset(run.epoch, start_position=run.start_position, with_positions=True)
         self._notify("on_epoch_begin", run.epoch)
-        for batch in self.strategy.experimental_distribute_dataset(dataset):
+        for batch in cluster.distribute_batches(self.strategy, dataset, self.global_batch,
+                                                self.workers):
             step_started = time.monotonic()
-            positions = batch.pop("position")                           # [B] plan places
+            resume_at = batch.pop("resume_position")   # [b] per replica: after the global batch
             logs = self.train_step(batch)
-            self.state.epoch_position.assign(1 + max(
-                int(np.max(p)) for p in self.strategy.experimental_local_results(positions)))
+            self.state.epoch_position.assign(max(
+                int(np.max(p)) for p in self.strategy.experimental_local_results(resume_at)))
             logs = {k: float(v.numpy()) for k, v in logs.items()}
             session.timed(time.monotonic() - step_started)
             self._count_nonfinite(logs, session)
@@ -368,9 +391,8 @@ class Trainer:
             if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 \
                     and not epoch_ends_now:
                 session.last_checkpoint = self.save()
-            if (session.time_limit is not None and not epoch_ends_now
-                    and self.out_of_time(session.started, session.time_limit,
-                                         session.step_seconds)):
+            if session.time_limit is not None and not epoch_ends_now \
+                    and self._stop_for_time(session):
                 session.last_checkpoint = self.save()
                 return None
         return run
@@ -465,10 +487,18 @@ class Trainer:
             "collapsed.", stacklevel=3)
 
     def _notify(self, hook: str, *args) -> None:
+        if not self.is_chief:  # callbacks write (embeddings, plots): the chief's job
+            return
         for callback in self.callbacks:
             method = getattr(callback, hook, None)
             if method is not None:
                 method(*args)
+
+    def _stop_for_time(self, session: _Session) -> bool:
+        """Out of time here or on another worker: all stop at the same step, or some would wait
+        for the others' next step for ever."""
+        return self.workers.any(self.out_of_time(session.started, session.time_limit,
+                                                 session.step_seconds))
 
     def out_of_time(self, started: float, limit: float, step_seconds: float | None) -> bool:
         """True when one more step, a checkpoint and the epoch-end work (as last measured) would
@@ -481,114 +511,3 @@ class Trainer:
     def current_learning_rate(self) -> float:
         lr = saved_optimizer(self.optimizer).learning_rate
         return float(np.asarray(lr.numpy() if hasattr(lr, "numpy") else lr))
-
-
-def train(data=None, run=None, config: Config | None = None, *,
-          catalog: pd.DataFrame | None = None, fresh: bool = False,
-          time_limit: float | str | None = None, resume_from: Path | None = None,
-          verbose: int = 1, dataset_transform: Callable | None = None,
-          callbacks: list | None = None) -> TrainResult:
-    """Trains a run directory on a dataset, resuming from its latest checkpoint if present.
-
-    Args:
-        data: dataset folder (PNG triplets, any depth); or give `catalog` instead.
-        run: run directory; created if needed.
-        config: settings for a new run (default: saved config.json, else the cpu-demo preset).
-        catalog: a catalog DataFrame (`cmc_kit.data.discover`) to train on as it is.
-        fresh: start over: the run's checkpoints, logs and split are replaced once the new
-            settings and data pass their checks (a previous output attached on Kaggle is then
-            ignored).
-        time_limit: seconds (or "11.5h") after which to checkpoint and return cleanly.
-        resume_from: a previous run directory to copy in and continue (Kaggle inputs); None:
-            on Kaggle, one named like `run` under /kaggle/input, if any.
-        callbacks: keras.callbacks.Callback-like objects, e.g. `embed.EpochEmbeddings()` (the
-            held-out subset's embedding and kNN accuracy after each epoch, as the CLI and the
-            notebooks use) or a live loss plot.
-    """
-    if run is None:
-        raise TypeError("train() needs run=, the run directory.")
-    if (data is None) == (catalog is None):
-        raise TypeError("train() takes data= (a dataset folder) or catalog= (a DataFrame), "
-                        "exactly one of them.")
-    run_dir = Path(run)
-    runs.refuse_fresh_with_resume_from(fresh, resume_from)
-    with runs.RunLock(run_dir):  # one trainer per run: a second one is refused at once
-        trainer = _prepare(data, catalog, run_dir, config, fresh=fresh, resume_from=resume_from,
-                           verbose=verbose, callbacks=callbacks,
-                           dataset_transform=dataset_transform)
-        return trainer.fit(time_limit=parse_duration(time_limit, "time_limit"))
-
-
-def _prepare(data, catalog, run_dir: Path, config: Config | None, *, fresh: bool, resume_from,
-             **trainer_options) -> Trainer:
-    """Everything before the first step: the run directory made ready, the settings and data
-    checked, config.json / split.json / dataset.json written, the Trainer built."""
-    runs.recover_set_aside(run_dir)
-    # fresh: the old run is moved aside, not deleted, until every setting and the data have
-    # been checked; a typo in --data or --set then leaves it as it was.
-    set_aside = runs.FreshStart.set_aside(run_dir) if fresh else None
-    try:
-        runs.bring_in_previous_run(run_dir, resume_from, fresh=fresh)
-        if config is None:
-            config = runs.resolve_config(run_dir, fresh=fresh)
-        saved_path = run_dir / runs.CONFIG_FILE
-        if saved_path.exists() and runs.has_checkpoint(run_dir):
-            runs.check_resume_settings(config, Config.load(saved_path), run_dir)
-        trainer, split_ids, resuming, fingerprint = _trainer_for(
-            data, catalog, run_dir, config, **trainer_options)
-        # The input pipeline's own checks (the cache, its image size); reads no batch.
-        trainer.dataset(0, transform=False)
-    except BaseException:
-        if set_aside is not None:
-            set_aside.put_back()
-        raise
-    with trainer._writing("starting at"):
-        _save_settings(run_dir, config, split_ids, resuming, fingerprint)
-    if set_aside is not None:
-        set_aside.discard()
-    return trainer
-
-
-def _trainer_for(data, catalog, run_dir: Path, config: Config, **trainer_options):
-    """The run's catalog and split (new, or saved), and a Trainer built on them: building it
-    checks every setting (strategy, pairs, crop size...) before anything is written."""
-    split_path = run_dir / runs.SPLIT_FILE
-    resuming = split_path.exists()
-    metadata_csv = None
-    if catalog is None:
-        catalog = runs.usable_catalog(data, check_pixels=not resuming)
-        metadata_csv = layout.find_metadata_csv(data)
-    if resuming:
-        split_ids = runs.read_json(split_path)
-        if data is not None:
-            catalog = runs.keep_lost_training_samples(catalog, split_ids, data, run_dir,
-                                                      cache=config.data.cache)
-    else:
-        split_ids = runs.new_split(catalog, config)
-    fingerprint = runs.dataset_fingerprint(catalog, split_ids)
-    if resuming:
-        runs.check_dataset(run_dir, fingerprint, allow_changed=config.data.allow_changed_data)
-    split = runs.apply_split(catalog, split_ids)
-    trainer = Trainer(config, run_dir, split["train"], split["validation"],
-                      metadata_csv=metadata_csv, **trainer_options)
-    return trainer, split_ids, resuming, fingerprint
-
-
-def _save_settings(run_dir: Path, config: Config, split_ids: dict, resuming: bool,
-                   fingerprint: dict) -> None:
-    """config.json, split.json and dataset.json, once everything passed its checks."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        atomic_write_text(run_dir / runs.SPLIT_FILE, json.dumps(split_ids) + "\n")
-    if not resuming or not (run_dir / runs.DATASET_FILE).exists():  # older runs: from now on
-        runs.write_dataset_fingerprint(run_dir, fingerprint)
-    saved_path = run_dir / runs.CONFIG_FILE
-    reached = runs.saved_state(run_dir).get("epoch")
-    if saved_path.exists() and reached is not None and config.train.epochs < reached:
-        # Asking for fewer epochs than done trains nothing; it must not shrink the run's goal.
-        kept = Config.load(saved_path).train.epochs
-        warnings.warn(f"train.epochs {config.train.epochs} is below the {reached} epoch(s) "
-                      f"{run_dir} has trained: nothing to train. Its config.json keeps "
-                      f"train.epochs {kept}.", stacklevel=3)
-        config = config.with_overrides({"train.epochs": kept})
-    config.save(saved_path)
