@@ -19,9 +19,11 @@
 # **What it does.** Freezes the trained encoder and fits two cheap probes on its features: a
 # k-nearest-neighbour classifier and linear models. They predict properties read from the data
 # itself (dominant segmentation class of the crop, class fractions, mean height, and on the
-# synthetic set the generator's parameters). The same probes run on two baselines: the same
-# network **untrained** (random initialisation) and the **raw pixels** of the crop downsampled to
-# 8×8. Probes fit on the run's training split and score on its held-out split.
+# synthetic set the generator's parameters). The same probes run on three baselines: the same
+# network **untrained** (random initialisation), the **raw pixels** of the crop downsampled to
+# 8×8, and the crop's **mean colour**. Probes fit on the run's training split and score on its
+# held-out split. The features are every stage's activations (mean and std per channel), for the
+# trained and the random network alike.
 #
 # **Accelerator.** Optional (embedding the samples is the only network work).
 #
@@ -85,9 +87,16 @@ OUT = RUN / "evaluation.csv"
 #
 # Why these baselines: a randomly initialised convolutional network already gives features that
 # a linear probe can use (the architecture is a prior), and for terrain much is visible in the
-# average colour. Training has taught the encoder something only where **trained** beats both.
-# Accuracy is for the 7-way dominant class (chance is the share of the most common class); R² is
-# 1 for perfect predictions and 0 for predicting the mean.
+# average colour. Training has taught the encoder something only where **trained** beats all
+# three. Accuracy is for the 7-way dominant class (chance is the share of the most common class);
+# R² (variance-weighted over a target's columns) is 1 for perfect predictions and 0 for
+# predicting the mean.
+#
+# Every value comes with a 95% interval (`_low`, `_high`): a bootstrap over the held-out
+# samples. It says how much the held-out set's luck moves the figure, not how much another
+# training seed would; for that, train several seeds and pass their runs to
+# `evaluate.evaluate_runs` (a t-interval over seeds; `benchmarks/learning.py` does it all).
+# Overlapping intervals mean the difference is not shown by this split.
 
 # %%
 table = evaluate.evaluate_run(RUN, DATA, out=OUT, checkpoints=CHECKPOINTS)
@@ -102,7 +111,8 @@ notebook.probe_figure(table)
 #
 # The smoke run (a few steps on 40 tiny synthetic samples) is only a check that everything
 # connects: its numbers mean nothing. On the Kaggle data with the `kaggle-t4` preset, look for
-# **trained** above **random_init** and **raw_pixels** on the dominant class and the class
+# **trained** above **random_init**, **raw_pixels** and **mean_colour** (beyond the intervals)
+# on the dominant class and the class
 # fractions; with `CHECKPOINTS = "all"` the `epoch_N` columns show whether the gap grew with
 # training. If it does not, the embedding learned little about terrain: check the loss curve in
 # `02_train` / `03_resume` and the explorer in `04_explore`.
