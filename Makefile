@@ -27,8 +27,10 @@ browser:
 	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium install failed: browser tests will skip"; \
 	  else echo "chromium not found: browser tests will skip (install Debian's chromium to run them)"; fi; }
 
+# Two processes, a test file each at a time (--dist loadfile keeps a file's shared fixtures in
+# one process): on 2 cores most tests wait on TensorFlow's tracing, one core each.
 test: venv browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
