@@ -62,16 +62,16 @@ def train(data=None, run=None, config: Config | None = None, *,
     # One trainer per run: a second one is refused at once. On several machines the chief
     # holds the lock for all; the others share its folder.
     with runs.RunLock(run_dir) if chief else contextlib.nullcontext():
-        trainer, workers = _prepare(data, catalog, run_dir, config, chief=chief,
-                                    tf_cluster=tf_cluster, fresh=fresh, resume_from=resume_from,
-                                    verbose=verbose, callbacks=callbacks,
-                                    dataset_transform=dataset_transform)
+        trainer = _prepare(data, catalog, run_dir, config, chief=chief, tf_cluster=tf_cluster,
+                           fresh=fresh, resume_from=resume_from, verbose=verbose,
+                           callbacks=callbacks, dataset_transform=dataset_transform)
 
         def where() -> str:
             return (f"at step {int(trainer.state.step.numpy())}; the latest checkpoint is "
                     f"{trainer.checkpointer.latest}")
 
-        with cluster.lost_workers_explained(workers, where, trainer.config.train.collective_timeout):
+        with cluster.lost_workers_explained(trainer.workers, where,
+                                            trainer.config.train.collective_timeout):
             return trainer.fit(time_limit=parse_duration(time_limit, "time_limit"))
 
 
@@ -79,7 +79,7 @@ def _prepare(data, catalog, run_dir: Path, config: Config | None, *, chief: bool
              fresh: bool, resume_from, **trainer_options):
     """Everything before the first step: the run directory made ready (by the chief), the
     settings and data checked, config.json / split.json / dataset.json written, the Trainer
-    built; returns it and the workers it trains with."""
+    built."""
     set_aside = None
     if chief:
         runs.recover_set_aside(run_dir)
@@ -101,17 +101,18 @@ def _prepare(data, catalog, run_dir: Path, config: Config | None, *, chief: bool
                                             tc.collective_timeout):
             workers.barrier()  # the chief has readied RUN (fresh start, previous run) for all
             trainer, split_ids, resuming, fingerprint = _checked_trainer(
-                data, catalog, run_dir, config, strategy=strategy, **trainer_options)
+                data, catalog, run_dir, config, strategy=strategy, workers=workers,
+                **trainer_options)
     except BaseException:
         if set_aside is not None:
             set_aside.put_back()
         raise
     if chief:
-        with trainer._writing("starting at"):
+        with trainer.writing("starting at"):
             _save_settings(run_dir, config, split_ids, resuming, fingerprint)
     if set_aside is not None:
         set_aside.discard()
-    return trainer, workers
+    return trainer
 
 
 def _checked_trainer(data, catalog, run_dir: Path, config: Config, **trainer_options):

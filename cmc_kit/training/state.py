@@ -165,7 +165,7 @@ class Checkpointer:
     def __init__(self, run_dir, *, online, momentum, optimizer, queues, state: TrainState,
                  keep: int, chief: bool = True, worker_index: int = 0):
         self.run_dir = run_dir
-        self.chief, self.worker_index = chief, worker_index
+        self.worker_index = worker_index
         self.online, self.momentum, self.optimizer, self.queues = online, momentum, optimizer, queues
         self.state = state
         inner = saved_optimizer(optimizer)

@@ -88,6 +88,7 @@ class Trainer:
         eval_catalog: held-out samples, for callbacks that evaluate per epoch (optional).
         verbose: 0 silent, 1 progress bar per epoch, 2 also every pair's loss terms.
         strategy: a tf.distribute strategy (default: `select_strategy(train.strategy)`).
+        workers: `cluster.Workers` of that strategy, if already built (`launch.train` has one).
         dataset_transform: applied to every epoch's dataset (tests, experiments). Training
             batches also hold "position": int64 [B], the samples' plan places, from which the
             checkpoint's resume point is taken: pass it through unchanged.
@@ -104,6 +105,7 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: Path, train_catalog: pd.DataFrame,
                  eval_catalog: pd.DataFrame | None = None, *, verbose: int = 1, strategy=None,
+                 workers: cluster.Workers | None = None,
                  dataset_transform: Callable | None = None, callbacks: list | None = None,
                  jit_compile: bool | None = None, metadata_csv: Path | None = None):
         tc, dc, mc = config.train, config.data, config.model
@@ -123,7 +125,8 @@ class Trainer:
         # precision asks which devices there are.
         self.strategy = strategy or devices.select_strategy(
             tc.strategy, collective_timeout=tc.collective_timeout)
-        self.workers = cluster.Workers(self.strategy)  # one, or this worker's place among several
+        # One, or this worker's place among several.
+        self.workers = workers or cluster.Workers(self.strategy)
         self.is_chief = self.workers.is_chief
         self.precision = devices.resolve_mixed_precision(tc.mixed_precision)
         self.replicas = self.strategy.num_replicas_in_sync
@@ -239,13 +242,13 @@ class Trainer:
     def save(self) -> str:
         """A checkpoint of everything a restart needs, then RUN/state.json naming it (every
         worker saves; the chief writes RUN)."""
-        with self._writing("saving"):
+        with self.writing("saving"):
             path = self.checkpointer.save()
             self._write_state(path)
         return path
 
     @contextlib.contextmanager
-    def _writing(self, doing: str):
+    def writing(self, doing: str):
         """A write to the run directory that fails for want of space or permission ends with
         one line naming the folder and what to do; the last checkpoint stays as it was (TF
         writes a checkpoint under a temporary name, removed at the next start)."""
@@ -447,7 +450,7 @@ class Trainer:
             self._watch_for_collapse(run.epoch, row["embedding_spread"])
         self.state.next_epoch()
         self._notify("on_epoch_end", run.epoch, row)  # may add values to the row
-        with self._writing("logging"):
+        with self.writing("logging"):
             self.log.epoch_row(row)
         session.last_checkpoint = self.save()
         self._epoch_end_seconds = time.monotonic() - end_started
