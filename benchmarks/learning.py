@@ -71,8 +71,19 @@ def train_seeds(data: Path, out: Path, config, seeds: int) -> list[dict]:
     return rows
 
 
+def verdict(by_source: pd.DataFrame, metric: str) -> str:
+    """Which source wins a probe: "trained" when the trained encoder beats every baseline, the
+    best baseline's name when it does not, "no signal" when no source does better than
+    predicting the training mean (R^2 <= 0 for all: nothing to beat)."""
+    values = by_source["value"]
+    if metric == "r2" and (values <= 0).all():
+        return "no signal"
+    best = max(evaluate.BASELINES, key=lambda s: values.get(s, -np.inf))
+    return "trained" if values["trained"] > values[best] else best
+
+
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Per probe: mean +- sd of every source, and trained minus the best baseline."""
+    """Per probe: mean +- sd of every source, trained minus the best baseline and the verdict."""
     rows = []
     for (task, probe, metric), group in table.groupby(["task", "probe", "metric"], sort=False):
         by_source = group.set_index("source")
@@ -82,8 +93,38 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
                 row[source] = f"{by_source.at[source, 'value']:.3f} +- {by_source.at[source, 'sd']:.3f}"
         best = max(by_source.at[s, "value"] for s in evaluate.BASELINES if s in by_source.index)
         row["trained - best baseline"] = f"{by_source.at['trained', 'value'] - best:+.3f}"
+        row["winner"] = verdict(by_source, metric)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def verdict_line(summary: pd.DataFrame) -> str:
+    """One line: on how many probes with any signal the trained encoder beats every baseline."""
+    scored = summary[summary["winner"] != "no signal"]
+    lost = scored[scored["winner"] != "trained"]
+    line = (f"trained beats every baseline on {len(scored) - len(lost)} of {len(scored)} probes "
+            f"with signal")
+    if len(lost):
+        line += "; not on " + ", ".join(f"{t} {p} ({w})" for t, p, w in
+                                        zip(lost["task"], lost["probe"], lost["winner"]))
+    silent = summary[summary["winner"] == "no signal"]
+    if len(silent):
+        line += "; no source predicts " + ", ".join(silent["task"])
+    return line
+
+
+def below_random_init(table: pd.DataFrame, summary: pd.DataFrame, seeds: int) -> list[str]:
+    """Per seed, the probes with signal on which that seed's trained encoder does not beat its
+    own random-init network ("-" when it beats it on all)."""
+    scored = set(zip(summary.loc[summary["winner"] != "no signal", "task"],
+                     summary.loc[summary["winner"] != "no signal", "probe"]))
+    values = {(row.task, row.probe, row.source): row["values"] for _, row in table.iterrows()}
+    below = []
+    for seed in range(seeds):
+        lost = [f"{task} {probe}" for task, probe in sorted(scored)
+                if values[(task, probe, "trained")][seed] <= values[(task, probe, "random_init")][seed]]
+        below.append(", ".join(lost) or "-")
+    return below
 
 
 def main(argv=None) -> int:
@@ -108,7 +149,11 @@ def main(argv=None) -> int:
                                        features=args.features)
         print(f"\nHeld-out probes, mean +- sd over {seeds} seeds "
               f"({table.attrs['train_samples']} train / {table.attrs['test_samples']} held out):")
-        print(summary_table(table).to_string(index=False))
+        summary = summary_table(table)
+        print(summary.to_string(index=False))
+        print(verdict_line(summary))
+        for row, lost in zip(per_seed, below_random_init(table, summary, seeds)):
+            row["not above random init"] = lost
         print("\nper seed:")
         print(pd.DataFrame(per_seed).drop(columns="run").to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))

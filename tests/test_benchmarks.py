@@ -1,4 +1,5 @@
-"""The prepared GPU script must run when a GPU session finally gets one: smoke it on the CPU."""
+"""Benchmark scripts run (smoke mode on the CPU; the GPU report must work when a GPU session
+finally gets one), and the learning benchmark's verdicts are right."""
 
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def test_learning_benchmark_smoke_runs_and_prints_every_source(tmp_path):
     out = result.stdout
     assert "mean +- sd over 2 seeds" in out
     for column in ("trained", "random_init", "raw_pixels", "mean_colour", "trained - best baseline",
-                   "epoch2_accuracy"):
+                   "winner", "epoch2_accuracy", "probes with signal"):
         assert column in out, out
     assert (tmp_path / "seed0" / "log.csv").is_file() and (tmp_path / "seed1" / "log.csv").is_file()
 
@@ -57,3 +58,52 @@ def test_multi_worker_benchmark_smoke_runs_two_local_workers():
     assert float(lines["one worker (1 process)"][0]) > 0
     assert float(lines["two workers (2 processes)"][0]) > 0
     assert float(lines["scaling efficiency (speedup / 2)"][0]) > 0
+
+
+def _learning_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learning_benchmark",
+                                                  ROOT / "benchmarks" / "learning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_verdict_names_the_winner_and_the_probes_nobody_predicts():
+    import pandas as pd
+
+    learning = _learning_module()
+    sources = ("trained", "random_init", "raw_pixels", "mean_colour")
+    rows = []
+    for task, probe, metric, values in [
+            ("dominant_class", "knn", "accuracy", (0.8, 0.7, 0.6, 0.65)),    # trained wins
+            ("height_mean", "linear", "r2", (0.3, 0.4, 0.1, 0.1)),          # random init wins
+            ("ridge", "linear", "r2", (-0.03, -0.03, -0.03, -0.03)),         # no signal
+            ("slope", "linear", "r2", (-0.01, 0.02, -0.03, -0.03))]:         # a weak one wins
+        rows += [{"task": task, "probe": probe, "metric": metric, "source": s, "value": v,
+                  "sd": 0.01} for s, v in zip(sources, values)]
+    summary = learning.summary_table(pd.DataFrame(rows))
+    assert list(summary["winner"]) == ["trained", "random_init", "no signal", "random_init"]
+    assert list(summary["trained - best baseline"]) == ["+0.100", "-0.100", "+0.000", "-0.030"]
+    line = learning.verdict_line(summary)
+    assert line.startswith("trained beats every baseline on 1 of 3 probes with signal")
+    assert "height_mean linear (random_init)" in line and "no source predicts ridge" in line
+
+
+def test_learning_lists_per_seed_the_probes_below_random_init():
+    import pandas as pd
+
+    learning = _learning_module()
+    rows = []
+    for task, trained, random_init, pixels in [
+            ("dominant_class", (0.8, 0.6), (0.7, 0.7), (0.1, 0.1)),
+            ("height_mean", (0.5, 0.5), (0.4, 0.4), (0.1, 0.1)),
+            ("ridge", (-0.2, -0.2), (-0.1, -0.1), (-0.1, -0.1))]:  # no signal: not counted
+        for source, values in (("trained", trained), ("random_init", random_init),
+                               ("raw_pixels", pixels), ("mean_colour", pixels)):
+            rows.append({"task": task, "probe": "linear", "metric": "r2", "source": source,
+                         "value": sum(values) / 2, "sd": 0.0, "values": list(values)})
+    table = pd.DataFrame(rows)
+    summary = learning.summary_table(table)
+    assert learning.below_random_init(table, summary, seeds=2) == ["-", "dominant_class linear"]
