@@ -15,11 +15,16 @@ def test_resume_with_a_different_model_names_the_fields(train_root, tmp_path):
     from cmc_kit import training
 
     run = tmp_path / "run"
-    training.train(train_root, run, tiny_config(**{"train.epochs": 1}), verbose=0)
+    cosine = {"train.lr_schedule": "cosine"}
+    training.train(train_root, run, tiny_config(**cosine, **{"train.epochs": 1}), verbose=0)
     with pytest.raises(CheckpointError, match="model.embedding_dim: saved 16, requested 32"):
         training.train(train_root, run, tiny_config(**{"model.embedding_dim": 32}), verbose=0)
-    # Epochs may change on resume: training continues from the checkpoint.
-    result = training.train(train_root, run, tiny_config(**{"train.epochs": 2}), verbose=0)
+    # Epochs may change on resume: training continues from the checkpoint, and a cosine
+    # schedule, which spans the epochs asked for, says it is re-spaced.
+    with pytest.warns(UserWarning, match="from 1 to 2 after 1 epoch.*cosine lr_schedule is "
+                                         "re-spaced over 2 epochs"):
+        result = training.train(train_root, run, tiny_config(**cosine, **{"train.epochs": 2}),
+                                verbose=0)
     assert result.step == 12 and result.epoch == 2
 
 

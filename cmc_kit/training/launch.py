@@ -169,4 +169,20 @@ def _save_settings(run_dir: Path, config: Config, split_ids: dict, resuming: boo
                       f"{run_dir} has trained: nothing to train. Its config.json keeps "
                       f"train.epochs {kept}.", stacklevel=3)
         config = config.with_overrides({"train.epochs": kept})
+    elif saved_path.exists() and reached is not None:
+        _warn_if_schedule_stretches(Config.load(saved_path), config, reached)
     config.save(saved_path)
+
+
+def _warn_if_schedule_stretches(saved: Config, config: Config, reached: int) -> None:
+    """A cosine schedule spans train.epochs: resuming with another number of epochs re-spaces
+    it from the current step on (more epochs: the learning rate goes back up)."""
+    stretched = [name for name in ("lr_schedule", "momentum_schedule")
+                 if getattr(config.train, name) == "cosine"]
+    if saved.train.epochs == config.train.epochs or not stretched:
+        return
+    warnings.warn(f"train.epochs changes from {saved.train.epochs} to {config.train.epochs} after "
+                  f"{reached} epoch(s): the cosine {' and '.join(stretched)} is re-spaced over "
+                  f"{config.train.epochs} epochs, so it jumps from where the "
+                  f"{saved.train.epochs}-epoch schedule had taken it, and the run will not match "
+                  f"a straight {config.train.epochs}-epoch run.", stacklevel=4)
