@@ -5,7 +5,7 @@ Usage: python benchmarks/learning.py [--data DIR] [--preset cpu-demo] [--seeds 3
 
 For each seed: `cmc-kit train` the preset (train.seed = the seed; the split stays the same, so
 every seed is scored on the same held-out samples), then `evaluate` the trained encoder, the
-same architecture at random initialisation (same feature source), raw pixels (8x8x3) and the
+network it started from (its seed's initial weights, same feature source), raw pixels (8x8x3) and the
 crop's mean colour. Printed per probe: mean +- sd over the seeds for every source, the margin
 of trained over the best baseline, and per seed the contrastive accuracy at the end of epoch 2
 (chance = 1 / batch) and the training wall time. Default data: the demo's synthetic set (400

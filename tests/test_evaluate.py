@@ -181,3 +181,22 @@ def test_the_random_init_baseline_uses_the_same_feature_source(trained_run, smal
     assert table.attrs["features"] == "stage1"
     assert "features: stage1" in evaluate.format_table(table)
 
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_the_random_init_baseline_is_the_network_training_started_from(small_dataset, tmp_path,
+                                                                       seed):
+    from cmc_kit import data as data_module
+    from cmc_kit import training
+    from helpers import tiny_config
+
+    config = tiny_config(**{"train.seed": seed})
+    trainer = training.Trainer(config, tmp_path / "run", data_module.discover(small_dataset),
+                               verbose=0)
+    started = trainer.online.get_weights()
+    baseline = evaluate.initial_encoder(config).get_weights()
+    assert len(started) == len(baseline) > 0
+    for a, b in zip(started, baseline):
+        np.testing.assert_array_equal(a, b)
+    other = evaluate.initial_encoder(config.with_overrides({"train.seed": seed + 1}))
+    assert not all(np.array_equal(a, b) for a, b in zip(started, other.get_weights()))
