@@ -20,7 +20,7 @@
 # k-nearest-neighbour classifier and linear models. They predict properties read from the data
 # itself (dominant segmentation class of the crop, class fractions, mean height, and on the
 # synthetic set the generator's parameters). The same probes run on three baselines: the same
-# network **untrained** (random initialisation), the **raw pixels** of the crop downsampled to
+# network **untrained** (the very weights this run started from), the **raw pixels** of the crop downsampled to
 # 8×8, and the crop's **mean colour**. Probes fit on the run's training split and score on its
 # held-out split. The features are every stage's activations (mean and std per channel), for the
 # trained and the random network alike.
