@@ -79,13 +79,13 @@ def test_learning_verdict_names_the_winner_and_the_probes_nobody_predicts():
     for task, probe, metric, values in [
             ("dominant_class", "knn", "accuracy", (0.8, 0.7, 0.6, 0.65)),    # trained wins
             ("height_mean", "linear", "r2", (0.3, 0.4, 0.1, 0.1)),          # random init wins
-            ("ridge", "linear", "r2", (-0.03, -0.03, -0.03, -0.03)),         # no signal
+            ("ridge", "linear", "r2", (-0.03, 1e-5, -0.03, -0.03)),          # no signal
             ("slope", "linear", "r2", (-0.01, 0.02, -0.03, -0.03))]:         # a weak one wins
         rows += [{"task": task, "probe": probe, "metric": metric, "source": s, "value": v,
                   "sd": 0.01} for s, v in zip(sources, values)]
     summary = learning.summary_table(pd.DataFrame(rows))
     assert list(summary["winner"]) == ["trained", "random_init", "no signal", "random_init"]
-    assert list(summary["trained - best baseline"]) == ["+0.100", "-0.100", "+0.000", "-0.030"]
+    assert list(summary["trained - best baseline"]) == ["+0.100", "-0.100", "-0.030", "-0.030"]
     line = learning.verdict_line(summary)
     assert line.startswith("trained beats every baseline on 1 of 3 probes with signal")
     assert "height_mean linear (random_init)" in line and "no source predicts ridge" in line
