@@ -514,9 +514,9 @@ def test_soak_random_sigkills_resume_bit_identical_to_a_straight_run(dataset, tm
 
     straight = start(tmp_path / "straight", "fast")
     victim_run, rng, kills = tmp_path / "victim", random.Random(7), 0
-    deadline = time.monotonic() + 480  # bounded: up to three kills, at least two
+    deadline = time.monotonic() + 480  # bounded: two kills (each restart is a TensorFlow start)
     total_steps = 3 * (16 // 4)
-    while time.monotonic() < deadline and kills < 3:
+    while time.monotonic() < deadline and kills < 2:
         victim = start(victim_run, "slow")
         state_file = victim_run / "state.json"
         done = json.loads(state_file.read_text())["step"] if state_file.exists() else 0
