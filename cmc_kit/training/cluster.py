@@ -285,6 +285,9 @@ def _let_go_in_background(distributed):
     On a worker of several, destroying a tf.data iterator waits for its autotuning thread's
     next wake-up, up to a minute after a long epoch (TensorFlow 2.21, also with autotuning
     off): the other workers would wait as long at every epoch end. The wait releases the GIL.
+    Not a daemon thread: the interpreter waits for it at exit. A daemon thread still inside that
+    destructor when the process ends is torn down mid-C++ ("terminate called after throwing an
+    instance of ''", SIGABRT: seen once on a worker that had finished its last epoch).
     """
     iterator = iter(distributed)
     try:
@@ -292,7 +295,7 @@ def _let_go_in_background(distributed):
     finally:
         spent = [iterator]
         del iterator
-        threading.Thread(target=spent.clear, name="cmc-kit-spent-iterator", daemon=True).start()
+        threading.Thread(target=spent.clear, name="cmc-kit-spent-iterator", daemon=False).start()
 
 
 # -- a worker lost --------------------------------------------------------------------------------
