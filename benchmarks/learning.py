@@ -5,8 +5,8 @@ Usage: python benchmarks/learning.py [--data DIR] [--preset cpu-demo] [--seeds 3
 
 For each seed: `cmc-kit train` the preset (train.seed = the seed; the split stays the same, so
 every seed is scored on the same held-out samples), then `evaluate` the trained encoder, the
-network it started from (its seed's initial weights, same feature source), raw pixels (8x8x3) and the
-crop's mean colour. Printed per probe: mean +- sd over the seeds for every source, the margin
+network it started from (its seed's initial weights, same feature source), raw pixels (8x8x3)
+and the crop's mean colour. Printed per probe: mean +- sd over the seeds for every source, the margin
 of trained over the best baseline, and per seed the contrastive accuracy at the end of epoch 2
 (chance = 1 / batch) and the training wall time. Default data: the demo's synthetic set (400
 samples of 256 px, generator seed 0), made under the output folder; `--data` takes any folder
@@ -83,8 +83,13 @@ def verdict(by_source: pd.DataFrame, metric: str) -> str:
     values = by_source["value"]
     if metric == "r2" and (values < NO_SIGNAL_R2).all():
         return "no signal"
-    best = max(evaluate.BASELINES, key=lambda s: values.get(s, -np.inf))
+    best = best_baseline(values)
     return "trained" if values["trained"] > values[best] else best
+
+
+def best_baseline(values: pd.Series) -> str:
+    """The baseline (of those present) with the highest value."""
+    return max((s for s in evaluate.BASELINES if s in values.index), key=values.get)
 
 
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -96,8 +101,9 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
         for source in ("trained",) + evaluate.BASELINES:
             if source in by_source.index:
                 row[source] = f"{by_source.at[source, 'value']:.3f} +- {by_source.at[source, 'sd']:.3f}"
-        best = max(by_source.at[s, "value"] for s in evaluate.BASELINES if s in by_source.index)
-        row["trained - best baseline"] = f"{by_source.at['trained', 'value'] - best:+.3f}"
+        values = by_source["value"]
+        margin = values["trained"] - values[best_baseline(values)]
+        row["trained - best baseline"] = f"{margin:+.3f}"
         row["winner"] = verdict(by_source, metric)
         rows.append(row)
     return pd.DataFrame(rows)
