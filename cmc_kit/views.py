@@ -93,19 +93,25 @@ def sources_for(views: Iterable[str]) -> tuple[str, ...]:
 # -- views of one sample ------------------------------------------------------------------------
 
 def make_views(raw: Mapping[str, tf.Tensor], seed: tf.Tensor, *, views: Iterable[str],
-               crop_size: int, training: bool, augment: bool = False) -> dict[str, tf.Tensor]:
+               crop_size: int, training: bool, augment: bool = False,
+               corner: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     """Cuts the views of one sample out of its raw arrays.
 
-    The crop views share one window: random (from `seed`) when training, the centre otherwise.
-    With `augment` (training only) one random horizontal flip and 90-degree rotation is applied
-    to every view, overview included, so the views stay pixel-aligned.
+    The crop views share one window: random (from `seed`) when training, the centre otherwise,
+    or `corner` when given (evaluation only, see `window_corners`). With `augment` (training
+    only) one random horizontal flip and 90-degree rotation is applied to every view, overview
+    included, so the views stay pixel-aligned.
 
     Args:
         raw: the arrays of `decode_sample` the views need, all [H, W, C] of one size.
         seed: int64 [2] stateless seed of this sample (ignored when not training).
+        corner: int32 [2] top-left (row, column) of the crop window; not with `training`.
     Returns:
         {view_name: float32 [crop_size, crop_size, channels]}
     """
+    if corner is not None and training:
+        raise ValueError("make_views: a fixed crop `corner` is for evaluation; training draws "
+                         "its window from the sample's seed. Received: training=True")
     views = check_views(views)
     first = raw[sources_for(views)[0]]
     size = tf.shape(first)[:2]                                           # [2]: H, W
@@ -123,7 +129,7 @@ def make_views(raw: Mapping[str, tf.Tensor], seed: tf.Tensor, *, views: Iterable
         # (The modulo bias is below 2^-21 for images up to 1024 px.)
         corner = tf.random.stateless_uniform([2], crop_seed, minval=0, maxval=tf.int32.max,
                                              dtype=tf.int32) % (size - crop_size + 1)  # [2]
-    else:
+    elif corner is None:
         corner = (size - crop_size) // 2                                   # centre crop
     top, left = corner[0], corner[1]
 
@@ -151,6 +157,26 @@ def make_views(raw: Mapping[str, tf.Tensor], seed: tf.Tensor, *, views: Iterable
         image = tf.ensure_shape(image, (crop_size, crop_size, SOURCE_CHANNELS[spec.source]))
         out[name] = spec.normalise(image)                               # [c, c, channels]
     return out
+
+
+def window_corners(size: tf.Tensor, crop_size: int, grid: int) -> tf.Tensor:
+    """Top-left corners of a grid x grid set of evaluation crops, row-major: int32 [grid^2, 2].
+
+    Each crop is centred in its cell of the image cut into grid x grid equal cells and clipped
+    to the image, so grid 1 is the centre crop and a 256 px image with 64 px crops and grid 4
+    is tiled exactly (corners 0, 64, 128, 192). Crops overlap when grid x crop_size > size.
+
+    Args:
+        size: int32 [2] image height and width.
+    """
+    steps = (tf.range(grid, dtype=tf.float64) + 0.5) / grid                 # [g] cell centres
+    size = tf.cast(size, tf.float64)                                        # [2]
+    starts = tf.round(steps[:, None] * size[None, :] - crop_size / 2)       # [g, 2]
+    starts = tf.clip_by_value(starts, 0.0, size - crop_size)
+    starts = tf.cast(starts, tf.int32)
+    rows = tf.repeat(starts[:, 0], grid)                                    # [g^2]
+    columns = tf.tile(starts[:, 1], [grid])                                 # [g^2]
+    return tf.stack([rows, columns], axis=1)                                # [g^2, 2]
 
 
 # -- skipped samples ----------------------------------------------------------------------------
@@ -199,6 +225,7 @@ def make_dataset(
     start_batch: int = 0,
     start_position: int | None = None,
     with_positions: bool = False,
+    grid: int = 1,
 ) -> tf.data.Dataset:
     """Batches of views of the catalog's samples.
 
@@ -216,6 +243,9 @@ def make_dataset(
         views: view names from `VIEW_SPECS`.
         cache: folder written by `cache.prepare_cache`; read instead of the PNGs.
         with_ids: add `"id"`: tf.string [B] to every batch.
+        grid: evaluation only: every sample gives grid x grid crops in a row (`window_corners`,
+            row-major) instead of its centre crop, each with `"window"`: tf.int64, its index
+            in the grid (kept with `with_ids`); batches then hold crops, not samples.
         with_positions: add `"position"`: tf.int64 [B], each sample's place in the epoch plan.
             After a batch, `max(position) + 1` is where the epoch continues, also when
             unreadable samples were skipped on the way (then it differs from batches x B).
@@ -232,6 +262,10 @@ def make_dataset(
     crop_size = _positive_int("crop_size", crop_size, "data.crop_size")
     batch_size = _positive_int("batch_size", batch_size, "data.batch_size")
     seed, epoch = _non_negative_int("seed", seed), _non_negative_int("epoch", epoch)
+    grid = _positive_int("grid", grid, "the evaluation grid")
+    if grid > 1 and training:
+        raise ValueError(f"grid={grid} cuts fixed evaluation crops; training draws one random "
+                         "crop per sample. Pass training=False or grid=1.")
     ids = catalog_ids(catalog)
     n = len(ids)
     if training and n < batch_size:
@@ -251,7 +285,19 @@ def make_dataset(
     def sample_views(element):
         out = make_views(load(element), element["seed"], views=views, crop_size=crop_size,
                          training=training, augment=augment)
-        out.update(id=element["id"], position=element["position"])
+        out.update(id=element["id"], position=element["position"],
+                   window=tf.constant(0, tf.int64))
+        return out
+
+    def sample_windows(element):  # grid > 1: every window of one sample, stacked
+        raw = load(element)
+        corners = window_corners(tf.shape(raw[sources[0]])[:2], crop_size, grid)  # [g^2, 2]
+        crops = [make_views(raw, element["seed"], views=views, crop_size=crop_size,
+                            training=False, corner=corners[i]) for i in range(grid * grid)]
+        out = {name: tf.stack([crop[name] for crop in crops]) for name in views}  # [g^2, c, c, C]
+        out.update(id=tf.fill([grid * grid], element["id"]),
+                   position=tf.fill([grid * grid], element["position"]),
+                   window=tf.range(grid * grid, dtype=tf.int64))
         return out
 
     epoch_table = table
@@ -259,12 +305,16 @@ def make_dataset(
     options = tf.data.Options()
     options.deterministic = True  # parallel decode, but batches in plan order
     dataset = (tf.data.Dataset.from_tensor_slices(table)
-               .map(sample_views, num_parallel_calls=num_parallel_calls, deterministic=True)
+               .map(sample_views if grid == 1 else sample_windows,
+                    num_parallel_calls=num_parallel_calls, deterministic=True)
                .ignore_errors(log_warning=True))
+    if grid > 1:
+        dataset = dataset.unbatch()  # one element per window, a sample's windows in a row
     dataset = _count_skipped(dataset, epoch_ids=epoch_ids, views=views, crop_size=crop_size,
                              counter=skipped_counter, first=first,
                              epoch_files=None if cache is not None else epoch_table[sources[0]])
-    keep = set(views) | {name for name, wanted in (("id", with_ids), ("position", with_positions))
+    keep = set(views) | {name for name, wanted in (("id", with_ids), ("position", with_positions),
+                                                   ("window", with_ids and grid > 1))
                          if wanted}
     dataset = dataset.map(lambda element: {k: v for k, v in element.items() if k in keep})
     dataset = dataset.batch(batch_size, drop_remainder=training)
@@ -340,7 +390,8 @@ def _count_skipped(dataset, *, epoch_ids, views, crop_size, counter, first=0, ep
     counter = counter if counter is not None else SkippedCounter()
     sentinel = {name: tf.zeros((crop_size, crop_size, VIEW_SPECS[name].channels), tf.float32)
                 for name in views}
-    sentinel.update(id=tf.constant(""), position=tf.constant(n, tf.int64))
+    sentinel.update(id=tf.constant(""), position=tf.constant(n, tf.int64),
+                    window=tf.constant(0, tf.int64))
 
     def record(first: np.int64, stop: np.int64) -> np.int64:
         skipped = epoch_ids[int(first):int(stop)]
@@ -357,6 +408,7 @@ def _count_skipped(dataset, *, epoch_ids, views, crop_size, counter, first=0, ep
         return np.int64(len(skipped))
 
     def step(expected, element):
+        # A sample's grid windows share its position: only a jump past `expected` is a gap.
         position = element["position"]
         gap = tf.cond(position > expected,
                       # stateful=False: under op determinism a stateful function would

@@ -252,6 +252,69 @@ def test_eval_mode_is_centre_crop_in_catalog_order_and_keeps_remainder(coordinat
     assert_same_batches(first, make(5, 3))  # no randomness at all
 
 
+@pytest.mark.parametrize("size, crop, grid, starts", [
+    (256, 64, 4, [0, 64, 128, 192]),   # an exact tiling
+    (512, 256, 2, [0, 256]),
+    (48, 16, 3, [0, 16, 32]),
+    (48, 16, 1, [16]),                 # the centre crop
+    (48, 32, 2, [0, 16]),              # cells smaller than the crop: clipped, overlapping
+])
+def test_window_corners_centre_a_crop_in_each_grid_cell(size, crop, grid, starts):
+    corners = views.window_corners(tf.constant([size, size]), crop, grid).numpy()
+    expected = [(row, column) for row in starts for column in starts]  # row-major
+    assert corners.tolist() == [list(pair) for pair in expected]
+
+
+def test_eval_grid_gives_every_window_of_each_sample_in_a_row(coordinate_catalog):
+    grid, crop = 3, 16
+    dataset = views.make_dataset(coordinate_catalog, views=ALL_VIEWS, crop_size=crop,
+                                 batch_size=4, training=False, seed=0, with_ids=True, grid=grid)
+    got = batches(dataset)
+    ids = [i.decode() for b in got for i in b["id"]]
+    windows = [int(w) for b in got for w in b["window"]]
+    assert ids == [i for i in coordinate_catalog["id"] for _ in range(grid * grid)]
+    assert windows == list(range(grid * grid)) * N_SAMPLES
+    starts = [0, 16, 32]
+    expected_corners = [(row, column) for row in starts for column in starts]
+    terrains = np.concatenate([b["terrain"] for b in got])      # [N * 9, 16, 16, 3]
+    heights = np.concatenate([b["height"] for b in got])
+    overviews = np.concatenate([b["overview"] for b in got])
+    single = batches(views.make_dataset(coordinate_catalog, views=("overview",), crop_size=crop,
+                                        batch_size=N_SAMPLES, training=False, seed=0))[0]
+    for index, (sample_id, window) in enumerate(zip(ids, windows)):
+        top, left = expected_corners[window]
+        x, y, sample = terrain_coordinates(terrains[index])
+        rows, columns = np.mgrid[0:crop, 0:crop]
+        np.testing.assert_array_equal(x, left + columns)
+        np.testing.assert_array_equal(y, top + rows)
+        assert (sample == int(sample_id)).all()
+        np.testing.assert_array_equal(height_values(heights[index]),
+                                      (top + rows) * SIZE + left + columns)
+        # the overview is the whole image, the same for every window of a sample
+        np.testing.assert_allclose(overviews[index], single["overview"][int(sample_id)],
+                                   atol=1e-6)
+
+
+def test_eval_grid_skips_an_unreadable_sample_once(catalog_copy):
+    victim = 2
+    with open(catalog_copy["terrain"].iloc[victim], "wb") as handle:
+        handle.write(b"not a png")
+    counter = views.SkippedCounter()
+    dataset = views.make_dataset(catalog_copy, views=("terrain",), crop_size=16, batch_size=5,
+                                 training=False, seed=0, with_ids=True, grid=2,
+                                 skipped_counter=counter)
+    ids = [i.decode() for b in batches(dataset) for i in b["id"]]
+    survivors = [i for k, i in enumerate(catalog_copy["id"]) if k != victim]
+    assert ids == [i for i in survivors for _ in range(4)]
+    assert counter.ids == [catalog_copy["id"].iloc[victim]]
+
+
+def test_eval_grid_is_not_for_training(coordinate_catalog):
+    with pytest.raises(ValueError, match="grid=2"):
+        views.make_dataset(coordinate_catalog, views=("terrain",), crop_size=16, batch_size=2,
+                           training=True, seed=0, grid=2)
+
+
 def test_augmentation_is_identical_across_views(coordinate_catalog):
     plain = batches(views.make_dataset(coordinate_catalog, views=("overview",), crop_size=16,
                                        batch_size=N_SAMPLES, training=False, seed=0))[0]
