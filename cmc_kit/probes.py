@@ -13,6 +13,8 @@ training split alone; the test split is only ever transformed and scored.
   variance-weighted R^2, so a rare target with a tiny variance cannot sink the mean.
 - `bootstrap_interval` / `seed_interval`: 95% intervals over held-out samples (predictions
   fixed) or over independent runs.
+- `groups` (the linear probes, `bootstrap_interval`): rows that share a label (crops of one
+  image) stay together in cross-validation folds and in bootstrap draws.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 from sklearn.base import clone
-from sklearn.linear_model import LogisticRegression, RidgeCV
-from sklearn.model_selection import StratifiedKFold
+from sklearn.linear_model import LogisticRegression, Ridge, RidgeCV
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -154,12 +156,15 @@ def _vote_weights(top_similarity, temperature):
 # -- linear probes -----------------------------------------------------------------------------
 
 def linear_probe_classification(train_x, train_y, test_x, test_y, *, seed=0,
-                                c_grid=DEFAULT_C_GRID, folds=5, max_iter=1000) -> dict:
+                                c_grid=DEFAULT_C_GRID, folds=5, max_iter=1000,
+                                groups=None) -> dict:
     """Logistic regression on standardised frozen features, C chosen by CV on train only.
 
     Cross-validation uses stratified folds (shuffled with `seed`); with rare classes the number
     of folds drops to the smallest class count (at least 2), and folds whose training part has a
     single class are skipped. If no fold is usable (e.g. 3 training samples), C = 1.0.
+    `groups` (one label per training row, e.g. its image) keeps each group within one fold, so
+    crops of one image never validate each other (which would favour weak regularisation).
 
     Returns:
         dict with accuracy (test top-1), C (chosen), cv_accuracy (its mean validation accuracy,
@@ -179,29 +184,37 @@ def linear_probe_classification(train_x, train_y, test_x, test_y, *, seed=0,
                          f"Received: c_grid={c_grid!r}")
 
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-    n_splits = min(int(folds), max(2, int(counts.min())), len(train_y))
+    units = len(train_y) if groups is None else len(_group_members(groups, len(train_y)))
+    n_splits = min(int(folds), max(2, int(counts.min())), units)
     splits = []
-    if counts.max() >= n_splits:  # otherwise every class is a singleton: nothing to validate on
-        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    if counts.max() >= n_splits and units >= 2:  # else nothing to validate on
+        splitter = (StratifiedKFold if groups is None else StratifiedGroupKFold)(
+            n_splits=n_splits, shuffle=True, random_state=seed)
         with warnings.catch_warnings():
             # Classes smaller than the fold count are expected here; those folds just lack them.
             warnings.filterwarnings("ignore", message="The least populated class",
                                     category=UserWarning)
-            splits = [(fit, val) for fit, val in splitter.split(train_x, train_y)
-                      if len(np.unique(train_y[fit])) >= 2]
+            splits = [(fit, val) for fit, val in splitter.split(train_x, train_y, groups)
+                      if len(val) and len(np.unique(train_y[fit])) >= 2]
 
     best_c, best_score = 1.0, float("nan")
     # lbfgs makes many small BLAS calls: one thread avoids the thread hand-offs that dominate
     # them (measured ~100x slower with 2 BLAS threads on a loaded 2-core machine).
     with threadpool_limits(limits=1, user_api="blas"):
-        for c in sorted(c_grid):  # ascending: on a tie the stronger regularisation wins
-            if not splits:
-                break
-            scores = [clone(probe).set_params(logisticregression__C=c)
-                      .fit(train_x[fit], train_y[fit]).score(train_x[val], train_y[val])
-                      for fit, val in splits]
-            if np.isnan(best_score) or np.mean(scores) > best_score:
-                best_c, best_score = float(c), float(np.mean(scores))
+        grid = sorted(c_grid)  # ascending: on a tie the stronger regularisation wins
+        scores = np.zeros((len(grid), len(splits)))  # [C, folds]
+        for fold, (fit, val) in enumerate(splits):
+            scaler = StandardScaler().fit(train_x[fit])
+            fit_x, val_x = scaler.transform(train_x[fit]), scaler.transform(train_x[val])
+            # Each C starts from the previous (stronger) one's solution: the same optimum,
+            # reached in a fraction of the iterations of a cold start.
+            model = LogisticRegression(max_iter=max_iter, warm_start=True)
+            for index, c in enumerate(grid):
+                scores[index, fold] = model.set_params(C=c).fit(fit_x, train_y[fit]).score(
+                    val_x, train_y[val])
+        for c, fold_scores in zip(grid, scores):
+            if splits and (np.isnan(best_score) or fold_scores.mean() > best_score):
+                best_c, best_score = float(c), float(fold_scores.mean())
         final = clone(probe).set_params(logisticregression__C=best_c).fit(train_x, train_y)
     predictions = final.predict(test_x)
     return {
@@ -214,12 +227,15 @@ def linear_probe_classification(train_x, train_y, test_x, test_y, *, seed=0,
 
 
 def linear_probe_regression(train_x, train_y, test_x, test_y, *,
-                            alpha_grid=DEFAULT_ALPHA_GRID) -> dict:
+                            alpha_grid=DEFAULT_ALPHA_GRID, groups=None, folds=5) -> dict:
     """Ridge regression on standardised frozen features, alpha by leave-one-out on train only.
 
     train_y / test_y are [N] or [N, T] (e.g. per-class area fractions); each target gets its own
     alpha. R^2 over several targets is variance-weighted (`variance_weighted_r2`); a target that
     is constant over the test set has no R^2 of its own and reports NaN in `r2_per_target`.
+    With `groups` (one label per training row, e.g. its image) alpha is chosen by `folds`-fold
+    cross-validation that keeps each group in one fold instead: leaving out one crop of an
+    image whose other crops stay in would favour weak regularisation.
 
     Returns:
         dict with r2 (variance-weighted over targets), r2_per_target (list of T floats), alpha
@@ -238,21 +254,50 @@ def linear_probe_regression(train_x, train_y, test_x, test_y, *,
         raise ProbeError("alpha_grid must list positive regularisation strengths. "
                          f"Received: alpha_grid={alpha_grid!r}")
 
-    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=tuple(alpha_grid),
-                                                    alpha_per_target=train_y.ndim == 2))
+    if groups is None:
+        probe = make_pipeline(StandardScaler(), RidgeCV(alphas=tuple(alpha_grid),
+                                                        alpha_per_target=train_y.ndim == 2))
+    else:
+        chosen = _grouped_ridge_alphas(train_x, train_y, groups, alpha_grid, folds)  # [T]
+        probe = make_pipeline(StandardScaler(),
+                              Ridge(alpha=chosen if train_y.ndim == 2 else float(chosen[0])))
     probe.fit(train_x, train_y)
     predictions = probe.predict(test_x)
     truth_2d = test_y.reshape(len(test_y), -1)          # [M, T]
     predicted_2d = predictions.reshape(len(test_y), -1)  # [M, T]
     per_target = [variance_weighted_r2(truth_2d[:, t], predicted_2d[:, t])
                   for t in range(truth_2d.shape[1])]
-    alpha = np.asarray(probe[-1].alpha_, dtype=np.float64)
+    alpha = np.asarray(probe[-1].alpha_ if groups is None else probe[-1].alpha, dtype=np.float64)
     return {
         "r2": variance_weighted_r2(test_y, predictions),
         "r2_per_target": per_target,
         "alpha": float(alpha) if alpha.ndim == 0 else alpha.tolist(),
         "predictions": predictions,
     }
+
+
+def _grouped_ridge_alphas(x, y, groups, alpha_grid, folds: int) -> np.ndarray:
+    """Per target, the alpha of `alpha_grid` with the least squared error summed over grouped
+    cross-validation folds (the strongest on a tie): float64 [T]. Every alpha of a fold comes
+    from one SVD of its standardised, centred training part, as ridge's closed form allows."""
+    y2 = y.reshape(len(y), -1)                                       # [N, T]
+    alphas = np.sort(np.asarray(alpha_grid, dtype=np.float64))[::-1]  # strongest first
+    units = len(_group_members(groups, len(y)))
+    if units < 2:  # one group: nothing to validate on, take the strongest
+        return np.full(y2.shape[1], alphas[0])
+    errors = np.zeros((len(alphas), y2.shape[1]))                    # [A, T]
+    for fit, val in GroupKFold(n_splits=min(int(folds), units)).split(x, y2, groups):
+        scaler = StandardScaler().fit(x[fit])
+        fit_x, val_x = scaler.transform(x[fit]), scaler.transform(x[val])
+        x_mean, y_mean = fit_x.mean(axis=0), y2[fit].mean(axis=0)
+        u, singular, vt = np.linalg.svd(fit_x - x_mean, full_matrices=False)  # [n, r], [r], [r, D]
+        projected_y = u.T @ (y2[fit] - y_mean)                       # [r, T]
+        projected_val = (val_x - x_mean) @ vt.T                      # [m, r]
+        for index, alpha in enumerate(alphas):
+            shrink = singular / (singular ** 2 + alpha)              # [r]
+            predicted = projected_val @ (shrink[:, None] * projected_y) + y_mean  # [m, T]
+            errors[index] += np.sum((y2[val] - predicted) ** 2, axis=0)
+    return alphas[np.argmin(errors, axis=0)]  # argmin takes the first (strongest) on a tie
 
 
 def variance_weighted_r2(truth, predicted) -> float:
@@ -272,12 +317,15 @@ def variance_weighted_r2(truth, predicted) -> float:
 # -- intervals ---------------------------------------------------------------------------------
 
 def bootstrap_interval(metric: Callable[..., float], *arrays, resamples: int = BOOTSTRAP_RESAMPLES,
-                       confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float]:
+                       confidence: float = CONFIDENCE, seed: int = 0,
+                       groups=None) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric(*arrays)` over the rows (held-out samples).
 
     The arrays are row-aligned (e.g. truth and fixed predictions); each resample draws M rows
-    with replacement and re-scores them, without refitting anything. Resamples where the metric
-    is undefined (NaN) are left out; (NaN, NaN) when none is defined.
+    with replacement and re-scores them, without refitting anything. With `groups` (one label
+    per row, e.g. the image each crop came from) whole groups are drawn instead, so rows that
+    share an image count as one draw: a cluster bootstrap, honest when rows are correlated.
+    Resamples where the metric is undefined (NaN) are left out; (NaN, NaN) when none is.
     """
     arrays = [np.asarray(a) for a in arrays]
     rows = len(arrays[0])
@@ -286,7 +334,13 @@ def bootstrap_interval(metric: Callable[..., float], *arrays, resamples: int = B
                          f"lengths {[len(a) for a in arrays]}")
     if not 0 < confidence < 1:
         raise ProbeError(f"confidence must be in (0, 1). Received: confidence={confidence!r}")
-    draws = np.random.default_rng(seed).integers(0, rows, size=(int(resamples), rows))
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        draws = rng.integers(0, rows, size=(int(resamples), rows))
+    else:
+        members = _group_members(groups, rows)  # one index array per group
+        picks = rng.integers(0, len(members), size=(int(resamples), len(members)))
+        draws = [np.concatenate([members[g] for g in pick]) for pick in picks]
     values = np.array([metric(*(a[draw] for a in arrays)) for draw in draws], dtype=np.float64)
     values = values[np.isfinite(values)]
     if len(values) == 0:
@@ -314,6 +368,22 @@ def accuracy_of(truth, predicted) -> float:
 
 
 # -- validation ------------------------------------------------------------------------------
+
+def _group_members(groups, rows: int) -> list[np.ndarray]:
+    """Row indices of each distinct group label, in order of first appearance."""
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or len(groups) != rows:
+        raise ProbeError(f"groups must be 1-D with one label per row ({rows}). "
+                         f"Received: groups.shape={groups.shape}")
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # group number by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    labels = rank[inverse]
+    sorted_rows = np.argsort(labels, kind="stable")
+    bounds = np.cumsum(np.bincount(labels, minlength=len(order)))[:-1]
+    return np.split(sorted_rows, bounds)
+
 
 def _features(x, name: str) -> np.ndarray:
     array = np.asarray(x, dtype=np.float64)

@@ -340,3 +340,85 @@ def test_seed_interval_is_the_t_interval_of_the_mean():
     with pytest.raises(ProbeError, match="row-aligned"):
         bootstrap_interval(accuracy_of, np.zeros(3), np.zeros(4))
 
+
+
+# -- grouped rows (several crops per image) ----------------------------------------------------
+
+def test_group_bootstrap_covers_the_truth_where_a_row_bootstrap_is_overconfident():
+    """40 images x 16 crops: each image has its own chance (0.7 +- 0.2) of the crops being right,
+    so crops of one image agree. Drawing whole images covers the true 0.7 about 95% of the
+    time; drawing crops as if independent is far too narrow."""
+    rng = np.random.default_rng(5)
+    images, crops = 40, 16
+    groups = np.repeat(np.arange(images), crops)
+    covered = {"groups": [], "rows": []}
+    for trial in range(150):
+        chance = np.clip(0.7 + 0.2 * rng.uniform(-1, 1, size=images) * math.sqrt(3), 0, 1)
+        truth = rng.integers(0, 7, size=images * crops)
+        right = rng.random(images * crops) < chance[groups]
+        predicted = np.where(right, truth, (truth + 1) % 7)
+        for name, labels in (("groups", groups), ("rows", None)):
+            low, high = bootstrap_interval(accuracy_of, truth, predicted, resamples=300,
+                                           seed=trial, groups=labels)
+            covered[name].append(low <= 0.7 <= high)
+    assert 0.88 <= np.mean(covered["groups"]) <= 0.99
+    assert np.mean(covered["rows"]) < 0.75
+
+
+def test_group_bootstrap_of_singleton_groups_is_the_row_bootstrap():
+    rng = np.random.default_rng(6)
+    truth, predicted = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
+    rows = bootstrap_interval(accuracy_of, truth, predicted, resamples=200, seed=1)
+    singletons = bootstrap_interval(accuracy_of, truth, predicted, resamples=200, seed=1,
+                                    groups=np.arange(50))
+    assert singletons == pytest.approx(rows)
+    with pytest.raises(ProbeError, match="groups"):
+        bootstrap_interval(accuracy_of, truth, predicted, groups=np.arange(49))
+
+
+def copies_per_image(x, y, copies, noise, seed):
+    """Each row repeated `copies` times with a little noise: crops of one image."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(len(x)), copies)
+    return x[groups] + noise * rng.normal(size=(len(groups), x.shape[1])), y[groups], groups
+
+
+def test_grouped_ridge_choice_matches_a_brute_force_grouped_search():
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(30, 12))
+    y = np.stack([x[:, 0] + 0.5 * rng.normal(size=30), rng.normal(size=30)], axis=1)
+    x, y, groups = copies_per_image(x, y, 4, 0.05, 8)
+    alphas = (0.1, 1.0, 10.0, 100.0, 1e4)
+    result = linear_probe_regression(x, y, x[:8], y[:8], alpha_grid=alphas, groups=groups)
+    errors = np.zeros((len(alphas), 2))
+    for fit, val in GroupKFold(n_splits=5).split(x, y, groups):
+        for index, alpha in enumerate(alphas):
+            model = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(x[fit], y[fit])
+            errors[index] += ((model.predict(x[val]) - y[val]) ** 2).sum(axis=0)
+    assert result["alpha"] == [alphas[i] for i in np.argmin(errors, axis=0)]
+    assert result["alpha"][1] == 1e4  # the noise target falls back to the mean
+
+
+def test_crops_of_one_image_do_not_validate_each_other():
+    """Noise features, 16 near-copies per image: leave-one-out (or ungrouped folds) sees each
+    validation crop's twins in training, so it trusts the noise and picks weak regularisation;
+    grouped folds see that the features predict nothing and regularise strongly."""
+    rng = np.random.default_rng(9)
+    x, y, groups = copies_per_image(rng.normal(size=(200, 60)), rng.normal(size=200), 16,
+                                    0.01, 10)
+    test_x, test_y, _ = copies_per_image(rng.normal(size=(200, 60)), rng.normal(size=200), 16,
+                                         0.01, 11)
+    ungrouped = linear_probe_regression(x, y, test_x, test_y)
+    grouped = linear_probe_regression(x, y, test_x, test_y, groups=groups)
+    assert ungrouped["alpha"] < 1e3 and ungrouped["r2"] < -0.3
+    assert grouped["alpha"] >= 1e4 and abs(grouped["r2"]) < 0.05
+    labels, test_labels = (y > 0).astype(int), (test_y > 0).astype(int)
+    leaky = linear_probe_classification(x, labels, test_x, test_labels)
+    honest = linear_probe_classification(x, labels, test_x, test_labels, groups=groups)
+    assert leaky["cv_accuracy"] > 0.65  # twins in the training folds: looks learnable
+    assert abs(honest["cv_accuracy"] - 0.5) < 0.1  # chance, as on the held-out images
+    assert abs(honest["accuracy"] - 0.5) < 0.1
