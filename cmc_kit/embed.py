@@ -13,6 +13,8 @@ Table format (written by `save_table`, read by `load_table`, also used for the t
   that clashes with one above is kept as `meta_<name>` (e.g. the generator's whole-image
   `fraction_water` becomes `meta_fraction_water`)
 - `split` ("train"/"validation") when the table came from `embed_run`
+- `window` (0..grid^2-1) with `compute_embeddings(grid=...)`: one row per crop of a grid over
+  each sample (`cmc_kit.views.window_corners`), the labels of that crop; ids then repeat
 
 `table.attrs` carries provenance (source, view, network, checkpoint, epoch, step); Parquet keeps
 it, CSV does not.
@@ -54,7 +56,8 @@ EMBEDDABLE_VIEWS = ALL_VIEWS
 def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
                        source: str = "trunk", crop_size: int, batch_size: int = 32,
                        progress: bool = True,
-                       metadata_csv: str | os.PathLike | None = None) -> pd.DataFrame:
+                       metadata_csv: str | os.PathLike | None = None,
+                       grid: int = 1) -> pd.DataFrame:
     """Embeds every sample of `catalog` in one batched pass over deterministic centre crops.
 
     Args:
@@ -70,8 +73,11 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
         batch_size: samples per batch; memory holds the embeddings plus one batch.
         progress: show a keras Progbar.
         metadata_csv: optional `metadata.csv` whose columns are joined on `id`.
+        grid: embed grid x grid crops of each sample (a tiling, see `views.window_corners`)
+            instead of its centre crop: a row per crop, with a `window` column.
     Returns:
-        DataFrame in the table format of this module's docstring, in catalog order.
+        DataFrame in the table format of this module's docstring, in catalog order (a sample's
+        windows in a row).
     """
     check_source(source)
     if view not in EMBEDDABLE_VIEWS:
@@ -89,18 +95,22 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
     needed_views = tuple(dict.fromkeys((view, "segmentation", "height")))
     dataset = views_module.make_dataset(catalog, views=needed_views, crop_size=crop_size,
                                         batch_size=batch_size, training=False, seed=0,
-                                        with_ids=True)
+                                        with_ids=True, grid=grid)
     progbar = None
     if progress:
         import keras
-        progbar = keras.utils.Progbar(len(catalog), unit_name="sample")
+        progbar = keras.utils.Progbar(len(catalog) * grid * grid,
+                                      unit_name="sample" if grid == 1 else "crop")
 
-    ids, embeddings, fractions, height_means, height_stds = [], [], [], [], []
+    features_of = feature_function(encoder, view=view, source=source)
+    ids, windows, embeddings, fractions, height_means, height_stds = [], [], [], [], [], []
     seen = 0
     for batch in dataset:
         x = batch[view]  # [B, H, W, C]
-        embeddings.append(feature_vectors(encoder, x, view=view, source=source))  # [B, F]
+        embeddings.append(features_of(x))  # [B, F]
         ids.extend(_decode_ids(batch["id"]))
+        if grid > 1:
+            windows.append(np.asarray(batch["window"], dtype=np.int64))
         segmentation = np.asarray(batch["segmentation"], dtype=np.float32)  # [B, H, W, 7]
         fractions.append(segmentation.mean(axis=(1, 2)))  # [B, 7]
         raw_height = (np.asarray(batch["height"], dtype=np.float64) + 1.0) * HEIGHT_SCALE
@@ -121,6 +131,8 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
                           "weights are damaged. Use an earlier checkpoint (--checkpoint) or "
                           "train again.")
     table = embeddings_frame(ids, matrix)
+    if grid > 1:
+        table.insert(1, "window", np.concatenate(windows))
     fraction_matrix = np.concatenate(fractions, axis=0)  # [N, 7]
     for class_id, column in enumerate(FRACTION_COLUMNS):
         table[column] = fraction_matrix[:, class_id].astype(np.float32)
@@ -131,7 +143,8 @@ def compute_embeddings(encoder, catalog: pd.DataFrame, *, view: str = "terrain",
     table["height_std"] = np.concatenate(height_stds).astype(np.float32)
     if metadata_csv is not None:
         table = join_metadata(table, layout.read_metadata(metadata_csv))
-    table.attrs.update({"source": source, "view": view, "crop_size": int(crop_size)})
+    table.attrs.update({"source": source, "view": view, "crop_size": int(crop_size),
+                        "grid": int(grid)})
     return table
 
 
@@ -225,18 +238,42 @@ def check_source(source: str) -> str:
 
 def feature_vectors(encoder, x, *, view: str, source: str) -> np.ndarray:
     """One batch's features of `source` (see `SOURCES`): float32 [B, F]."""
+    return feature_function(encoder, view=view, source=source, compile=False)(x)
+
+
+def feature_function(encoder, *, view: str, source: str, compile: bool = True):
+    """`x [B, H, W, C] -> float32 [B, F]`, the features of `source` (see `SOURCES`).
+
+    For a Keras encoder the network's part runs as one `tf.function` (`compile`): called eagerly
+    batch by batch, Keras' per-layer dispatch took most of an evaluation's embedding time.
+    """
     if source == "trunk":
-        return np.asarray(encoder.encode_features(x, view=view), np.float32)
-    if source == "head":
-        return np.asarray(_head_embedding(encoder, x, view), np.float32)
-    maps = encoder.stage_features(x, view=view)                 # [B, h_i, w_i, c_i] each
-    if source != "stages":
-        number = int(_STAGE_SOURCE.fullmatch(source).group(1))
-        if number > len(maps):
-            raise CmcKitError(f"Embedding source {source!r}: the trunk has {len(maps)} stages. "
-                              f"Use stage1 .. stage{len(maps)}.")
-        maps = [maps[number - 1]]
-    return np.concatenate([pooled_stage(m) for m in maps], axis=1)
+        network = lambda x: encoder.encode_features(x, view=view)  # noqa: E731  [B, F]
+    elif source == "head":
+        network = lambda x: _head_embedding(encoder, x, view)  # noqa: E731  [B, D]
+    else:
+        def network(x):
+            maps = encoder.stage_features(x, view=view)            # [B, h_i, w_i, c_i] each
+            if source == "stages":
+                return list(maps)
+            number = int(_STAGE_SOURCE.fullmatch(source).group(1))
+            if number > len(maps):
+                raise CmcKitError(f"Embedding source {source!r}: the trunk has {len(maps)} "
+                                  f"stages. Use stage1 .. stage{len(maps)}.")
+            return [maps[number - 1]]
+    if compile and isinstance(encoder, keras.Model):
+        import tensorflow as tf
+
+        # autograph=False: plain Python control flow, traced once per input shape.
+        network = tf.function(network, reduce_retracing=True, autograph=False)
+
+    def features(x) -> np.ndarray:
+        out = network(x)
+        if source in ("trunk", "head"):
+            return np.asarray(out, np.float32)
+        return np.concatenate([pooled_stage(m) for m in out], axis=1)
+
+    return features
 
 
 def pooled_stage(feature_map) -> np.ndarray:

@@ -99,6 +99,33 @@ def test_trunk_embeddings_and_crop_metadata_match_numpy_reference(dataset):
     assert max(call[2][0] for call in encoder.calls) == 2
 
 
+def test_grid_embeds_every_tile_with_its_own_crop_statistics(dataset):
+    """grid 2 on 32 px images with 16 px crops: the four quadrants, row-major, each with the
+    mean colour, class fractions and height of its own pixels."""
+    encoder = MeanColourEncoder()
+    table = embed.compute_embeddings(encoder, dataset.catalog, view="terrain", source="trunk",
+                                     crop_size=CROP, batch_size=3, progress=False, grid=2)
+    assert len(table) == 4 * len(dataset.samples) and table.attrs["grid"] == 2
+    assert list(table["window"]) == [0, 1, 2, 3] * len(dataset.samples)
+    corners = [(0, 0), (0, CROP), (CROP, 0), (CROP, CROP)]
+    row = 0
+    for sample_id, terrain, height, classes in dataset.samples:
+        for top, left in corners:
+            window = (slice(top, top + CROP), slice(left, left + CROP))
+            fractions = np.bincount(classes[window].ravel(), minlength=7) / CROP ** 2
+            got = table.iloc[row]
+            assert got["id"] == sample_id
+            np.testing.assert_allclose(embed.embedding_matrix(table)[row],
+                                       terrain[window].reshape(-1, 3).mean(0) / 127.5 - 1,
+                                       atol=1e-4)
+            np.testing.assert_allclose(got[[f"fraction_{n}" for n in CLASS_NAMES]].to_numpy(float),
+                                       fractions, atol=1e-6)
+            assert got["dominant_class_id"] == int(np.argmax(fractions))
+            assert got["height_mean"] == pytest.approx(height[window].astype(float).mean(),
+                                                       rel=1e-4)
+            row += 1
+
+
 def test_head_source_uses_the_encoder_output_for_the_chosen_view(dataset):
     encoder = MeanColourEncoder(dim=5)
     table = embed.compute_embeddings(encoder, dataset.catalog, view="height", source="head",
