@@ -255,7 +255,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     # Before the probes, which take minutes.
     out = evaluate.resolve_output(args.out, args.run[0], force=args.force)
-    options = dict(out=out, features=args.features, per_target=args.per_target)
+    options = dict(out=out, features=args.features, per_target=args.per_target, grid=args.grid)
     if len(args.run) == 1:
         table = evaluate.evaluate_run(args.run[0], args.data, **options)
     else:

@@ -128,8 +128,8 @@ def test_evaluate_out_folder_gets_evaluation_csv_checked_before_the_probes(tmp_p
     folder.mkdir()
     seen = {}
 
-    def fake_evaluate_run(run, data, *, out=None, **kwargs):
-        seen["out"] = out
+    def fake_evaluate_run(run, data, *, out=None, grid=None, **kwargs):
+        seen["out"], seen["grid"] = out, grid
         table = pd.DataFrame([{"task": "dominant_class", "probe": "knn", "metric": "accuracy",
                                "source": "trained", "value": 0.5, "low": 0.4, "high": 0.6}])
         evaluate.write_table(table, out)
@@ -137,7 +137,7 @@ def test_evaluate_out_folder_gets_evaluation_csv_checked_before_the_probes(tmp_p
 
     monkeypatch.setattr(evaluate, "evaluate_run", fake_evaluate_run)
     assert cli.main(["evaluate", "--run", "R", "--data", "D", "--out", str(folder)]) == 0
-    assert seen["out"] == folder / "evaluation.csv"
+    assert seen["out"] == folder / "evaluation.csv" and seen["grid"] == 1
     assert f"Wrote {folder / 'evaluation.csv'}" in capsys.readouterr().out
     assert os.listdir(folder) == ["evaluation.csv"] and os.listdir(tmp_path) == ["X"]
 
@@ -153,6 +153,13 @@ def test_evaluate_out_below_a_file_fails_before_loading_the_run(tmp_path, capsys
     assert "is a file, not a folder" in _one_error_line(capsys.readouterr().err, "evaluate")
     with pytest.raises(CmcKitError, match="is a file, not a folder"):
         evaluate.evaluate_run(tmp_path / "no_run", "D", out=afile / "eval.csv")
+
+
+def test_evaluate_grid_is_checked_before_loading_the_run(tmp_path, capsys):
+    assert cli.main(["evaluate", "--run", str(tmp_path / "no_run"), "--data", "D",
+                     "--grid", "0"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "evaluate")
+    assert "grid (--grid" in line and "Received: 0" in line
 
 
 def test_atomic_write_text_leaves_no_temp_file_when_it_fails(tmp_path):

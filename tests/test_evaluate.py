@@ -47,14 +47,85 @@ def test_evaluate_run_scores_every_source_on_held_out_ids_only(trained_run, smal
     assert ((finite["low"] <= finite["value"] + 1e-9) & (finite["value"] <= finite["high"] + 1e-9)).all()
 
     wide = pd.read_csv(out)
-    assert list(wide.columns[:7]) == ["task", "probe", "metric", "features", "trained",
+    assert list(wide.columns[:8]) == ["task", "probe", "metric", "features", "grid", "trained",
                                       "trained_low", "trained_high"]
+    assert (wide["grid"] == 1).all()
     assert {"random_init", "raw_pixels_low", "mean_colour_high"} <= set(wide.columns)
     assert (wide["features"] == "stages").all()
     assert len(wide) == len(table) // 4
     text = evaluate.format_table(table)
     assert "dominant_class" in text and "random_init" in text and "rough" in text
     assert "features: stages" in text and "95% bootstrap interval" in text
+
+
+@pytest.mark.slow
+def test_a_grid_scores_every_crop_of_the_held_out_samples_and_resamples_whole_samples(
+        trained_run, small_dataset, monkeypatch):
+    from cmc_kit import probes
+
+    split = json.loads((trained_run / "split.json").read_text())
+    seen = {"knn": [], "groups": [], "linear_groups": []}
+    real_knn, real_interval = probes.knn_classify, probes.bootstrap_interval
+    real_linear = probes.linear_probe_regression
+
+    def recording_knn(train_x, train_y, test_x, **kwargs):
+        seen["knn"].append((len(train_x), len(test_x)))
+        return real_knn(train_x, train_y, test_x, **kwargs)
+
+    def recording_interval(metric, *arrays, groups=None, **kwargs):
+        seen["groups"].append(groups)
+        return real_interval(metric, *arrays, groups=groups, **kwargs)
+
+    def recording_linear(*args, groups=None, **kwargs):
+        seen["linear_groups"].append(groups)
+        return real_linear(*args, groups=groups, **kwargs)
+
+    monkeypatch.setattr(probes, "knn_classify", recording_knn)
+    monkeypatch.setattr(probes, "bootstrap_interval", recording_interval)
+    monkeypatch.setattr(probes, "linear_probe_regression", recording_linear)
+    with pytest.warns(UserWarning, match="rough"):
+        table = evaluate.evaluate_run(trained_run, small_dataset, grid=2)  # 64 px, 32 px crops
+    train_n, test_n = len(split["train"]), len(split["validation"])
+    assert seen["knn"] == [(4 * train_n, 4 * test_n)] * 4  # every source, every crop
+    assert table.attrs["grid"] == 2 and table.attrs["test_samples"] == test_n
+    assert table.attrs["test_crops"] == 4 * test_n
+    # The bootstrap draws held-out samples (4 crops each), the probes' folds training samples.
+    for groups in seen["groups"]:
+        assert sorted(set(groups)) == sorted(split["validation"]) and len(groups) == 4 * test_n
+    for groups in seen["linear_groups"]:
+        assert sorted(set(groups)) == sorted(split["train"]) and len(groups) == 4 * train_n
+    assert "2x2 crops each" in evaluate.format_table(table)
+    # The mean colour of a crop is its raw pixels at 1x1: both baselines agree on the tiles.
+    test_catalog = small_dataset_catalog(small_dataset, split["validation"])
+    colours = evaluate.raw_pixel_features(test_catalog, 32, side=1, grid=2)
+    pixels = evaluate.raw_pixel_features(test_catalog, 32, side=2, grid=2)
+    np.testing.assert_allclose(colours, pixels.reshape(-1, 4, 3).mean(axis=1), atol=1e-5)
+    assert colours.shape == (4 * test_n, 3)
+
+
+def small_dataset_catalog(root, ids):
+    from cmc_kit import data
+
+    catalog = data.Dataset.find(root).catalog
+    return catalog[catalog["id"].isin(ids)].reset_index(drop=True)
+
+
+def test_tiling_grid_is_the_most_crops_that_fit_side_by_side(small_dataset):
+    from cmc_kit import data
+
+    catalog = data.Dataset.find(small_dataset).catalog  # 64 px images
+    assert [evaluate.tiling_grid(catalog, crop) for crop in (64, 40, 32, 21, 16, 8)] == \
+        [1, 1, 2, 3, 4, 4]
+    assert evaluate.tiling_grid(catalog, 8, most=8) == 8
+    assert evaluate.tiling_grid(catalog.drop(columns="terrain"), 16) == 1  # size unknown
+
+
+def test_the_grid_setting_is_checked_before_any_work(tmp_path):
+    from cmc_kit.errors import CmcKitError
+
+    for bad in (0, 2.5, "4", True, 17):
+        with pytest.raises(CmcKitError, match="grid"):
+            evaluate.evaluate_run(tmp_path / "no-run", tmp_path / "no-data", grid=bad)
 
 
 def test_label_targets_from_an_embeddings_table():
