@@ -23,12 +23,14 @@
 # network **untrained** (the very weights this run started from), the **raw pixels** of the crop downsampled to
 # 8×8, and the crop's **mean colour**. Probes fit on the run's training split and score on its
 # held-out split. The features are every stage's activations (mean and std per channel), for the
-# trained and the random network alike.
+# trained and the random network alike. Each image is scored on the `GRID` x `GRID` crops that
+# tile it, not only on its centre: more scored crops from the same images, firmer figures.
 #
 # **Accelerator.** Optional (embedding the samples is the only network work).
 #
-# **Expected runtime.** Kaggle, 5,000 samples: a few minutes (estimate); more with
-# `CHECKPOINTS = "all"`, which probes every kept checkpoint. CPU, synthetic set: under a minute.
+# **Expected runtime.** Kaggle, 5,000 samples: a few minutes (estimate; a 2x2 grid embeds 4
+# crops per image); more with `CHECKPOINTS = "all"`, which probes every kept checkpoint. CPU,
+# demo synthetic set with `GRID = 4`: about a minute per checkpoint.
 
 # %% [markdown]
 # ## Setup
@@ -63,7 +65,7 @@ from cmc_kit.config import in_ci
 ENVIRONMENT = notebook.environment_report()
 
 # %%
-from cmc_kit import evaluate
+from cmc_kit import data, evaluate, runs
 
 # %% [markdown]
 # ## Parameters
@@ -72,6 +74,8 @@ from cmc_kit import evaluate
 DATA_DIR = None         # None: the dataset 01_data_prep chose
 RUN_DIR = None          # None: runs/terrain-cmc (or a previous version's output attached on Kaggle)
 CHECKPOINTS = "all"     # "all": one column per kept checkpoint (learning over epochs); "latest"
+GRID = None             # GRID x GRID crops scored per image; None: as many as tile it, at most
+                        # 4x4 (2x2 for 512 px Kaggle tiles, 4x4 for the demo's 256 px); 1: centre
 SMOKE = in_ci()         # CI: the latest checkpoint only
 
 # %%
@@ -81,6 +85,10 @@ if SMOKE:
 DATA = notebook.find_data(DATA_DIR)
 RUN = notebook.require_run(notebook.run_dir(RUN_DIR))
 OUT = RUN / "evaluation.csv"
+DATASET = data.Dataset.find(DATA)  # found once, for the grid and the probes
+if GRID is None:
+    GRID = evaluate.tiling_grid(DATASET.catalog, runs.load_run(RUN).config.data.crop_size)
+print(f"scoring {GRID}x{GRID} crops per image")
 
 # %% [markdown]
 # ## Evaluate
@@ -93,13 +101,16 @@ OUT = RUN / "evaluation.csv"
 # predicting the mean.
 #
 # Every value comes with a 95% interval (`_low`, `_high`): a bootstrap over the held-out
-# samples. It says how much the held-out set's luck moves the figure, not how much another
+# samples. Crops of one image look alike, so the bootstrap draws whole images (all their crops
+# at once), and the linear probes' cross-validation keeps an image's crops in one fold; scoring
+# 16 crops per image therefore does not pretend to 16 times the evidence. The interval says how
+# much the held-out set's luck moves the figure, not how much another
 # training seed would; for that, train several seeds and pass their runs to
 # `evaluate.evaluate_runs` (a t-interval over seeds; `benchmarks/learning.py` does it all).
 # Overlapping intervals mean the difference is not shown by this split.
 
 # %%
-table = evaluate.evaluate_run(RUN, DATA, out=OUT, checkpoints=CHECKPOINTS)
+table = evaluate.evaluate_run(RUN, dataset=DATASET, out=OUT, checkpoints=CHECKPOINTS, grid=GRID)
 print(evaluate.format_table(table))
 print(f"\nwrote {OUT}")
 

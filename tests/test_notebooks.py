@@ -452,7 +452,10 @@ def test_probe_figure_has_one_bar_series_per_feature_source():
              "high": v + 0.05}
             for (t, p, m) in [("dominant_class", "knn", "accuracy"), ("height_mean", "linear", "r2")]
             for s, v in [("trained", 0.8), ("random_init", 0.4), ("raw_pixels", 0.5)]]
-    figure = notebook.probe_figure(pd.DataFrame(rows))
+    table = pd.DataFrame(rows)
+    table.attrs.update(features="stages", grid=4)
+    figure = notebook.probe_figure(table)
+    assert "4x4 crops per sample" in figure.layout.title.text and "stages" in figure.layout.title.text
     sources = {trace.name for trace in figure.data}
     assert sources == {"trained", "random_init", "raw_pixels"}
     assert sum(len(trace.y) for trace in figure.data) == len(rows)

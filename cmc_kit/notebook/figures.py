@@ -264,7 +264,10 @@ def probe_figure(table: pd.DataFrame):
     frame = table.assign(task_probe=table["task"] + " / " + table["probe"],
                          above=table["high"] - table["value"],
                          below=table["value"] - table["low"])
-    title = f"held-out probes; trained and random_init features: {table.attrs.get('features', 'trunk')}"
+    grid = table.attrs.get("grid", 1)
+    crops = "centre crops" if grid == 1 else f"{grid}x{grid} crops per sample"
+    title = (f"held-out probes ({crops}); trained and random_init features: "
+             f"{table.attrs.get('features', 'trunk')}")
     figure = px.bar(frame, x="task_probe", y="value", color="source", barmode="group",
                     error_y="above", error_y_minus="below", facet_row="metric",
                     template="plotly_white", height=620, width=900, title=title,
