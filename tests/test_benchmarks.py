@@ -42,9 +42,9 @@ def test_learning_benchmark_smoke_runs_and_prints_every_source(tmp_path):
                             capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "mean +- sd over 2 seeds" in out
+    assert "mean +- sd over 2 seeds" in out and "2x2 crops each" in out  # 64 px, 32 px crops
     for column in ("trained", "random_init", "raw_pixels", "mean_colour", "trained - best baseline",
-                   "winner", "epoch2_accuracy", "probes with signal"):
+                   "winner", "epoch2_accuracy", "train_seconds", "probes with signal"):
         assert column in out, out
     assert (tmp_path / "seed0" / "log.csv").is_file() and (tmp_path / "seed1" / "log.csv").is_file()
 
