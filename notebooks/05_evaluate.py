@@ -127,3 +127,11 @@ notebook.probe_figure(table)
 # fractions; with `CHECKPOINTS = "all"` the `epoch_N` columns show whether the gap grew with
 # training. If it does not, the embedding learned little about terrain: check the loss curve in
 # `02_train` / `03_resume` and the explorer in `04_explore`.
+#
+# What to expect from the CPU demo (the `cpu-demo` preset on the synthetic set, 4x4 crops per
+# image, 5 training seeds): dominant-class kNN 0.873 +- 0.009 trained against 0.849 +- 0.015 for
+# the network it started from, 0.750 for the mean colour and 0.707 for raw pixels; the gap to the
+# random network is small because a crop's dominant class is mostly its colour and texture,
+# which even a random network's first stages summarise. Training shows more on what colour
+# does not give away: mean height R² 0.889 vs 0.848, relief 0.786 vs 0.753 (README, "What the
+# demo measured").
