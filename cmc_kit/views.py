@@ -282,31 +282,14 @@ def make_dataset(
     load = _sample_loader(catalog, table, order, ids, cache=cache, views=views,
                           crop_size=crop_size)
 
-    def sample_views(element):
-        out = make_views(load(element), element["seed"], views=views, crop_size=crop_size,
-                         training=training, augment=augment)
-        out.update(id=element["id"], position=element["position"],
-                   window=tf.constant(0, tf.int64))
-        return out
-
-    def sample_windows(element):  # grid > 1: every window of one sample, stacked
-        raw = load(element)
-        corners = window_corners(tf.shape(raw[sources[0]])[:2], crop_size, grid)  # [g^2, 2]
-        crops = [make_views(raw, element["seed"], views=views, crop_size=crop_size,
-                            training=False, corner=corners[i]) for i in range(grid * grid)]
-        out = {name: tf.stack([crop[name] for crop in crops]) for name in views}  # [g^2, c, c, C]
-        out.update(id=tf.fill([grid * grid], element["id"]),
-                   position=tf.fill([grid * grid], element["position"]),
-                   window=tf.range(grid * grid, dtype=tf.int64))
-        return out
-
+    sample_views = _view_maker(load, views=views, crop_size=crop_size, training=training,
+                               augment=augment, grid=grid)
     epoch_table = table
     table = {key: value[first:] for key, value in table.items()}
     options = tf.data.Options()
     options.deterministic = True  # parallel decode, but batches in plan order
     dataset = (tf.data.Dataset.from_tensor_slices(table)
-               .map(sample_views if grid == 1 else sample_windows,
-                    num_parallel_calls=num_parallel_calls, deterministic=True)
+               .map(sample_views, num_parallel_calls=num_parallel_calls, deterministic=True)
                .ignore_errors(log_warning=True))
     if grid > 1:
         dataset = dataset.unbatch()  # one element per window, a sample's windows in a row
@@ -319,6 +302,33 @@ def make_dataset(
     dataset = dataset.map(lambda element: {k: v for k, v in element.items() if k in keep})
     dataset = dataset.batch(batch_size, drop_remainder=training)
     return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _view_maker(load: Callable[[dict], dict], *, views: tuple[str, ...], crop_size: int,
+                training: bool, augment: bool, grid: int) -> Callable[[dict], dict]:
+    """The map from an epoch-plan element to its views (plus id, position and window): one crop
+    window per sample, or with grid > 1 every window of the grid, stacked [grid^2, ...]."""
+    source = sources_for(views)[0]
+
+    def sample_views(element):
+        out = make_views(load(element), element["seed"], views=views, crop_size=crop_size,
+                         training=training, augment=augment)
+        out.update(id=element["id"], position=element["position"],
+                   window=tf.constant(0, tf.int64))
+        return out
+
+    def sample_windows(element):
+        raw = load(element)
+        corners = window_corners(tf.shape(raw[source])[:2], crop_size, grid)  # [g^2, 2]
+        crops = [make_views(raw, element["seed"], views=views, crop_size=crop_size,
+                            training=False, corner=corners[i]) for i in range(grid * grid)]
+        out = {name: tf.stack([crop[name] for crop in crops]) for name in views}  # [g^2, c, c, C]
+        out.update(id=tf.fill([grid * grid], element["id"]),
+                   position=tf.fill([grid * grid], element["position"]),
+                   window=tf.range(grid * grid, dtype=tf.int64))
+        return out
+
+    return sample_views if grid == 1 else sample_windows
 
 
 def _first_position(start_batch, start_position, batch_size: int, n: int,
