@@ -293,7 +293,7 @@ def make_dataset(
                .ignore_errors(log_warning=True))
     if grid > 1:
         dataset = dataset.unbatch()  # one element per window, a sample's windows in a row
-    dataset = _count_skipped(dataset, epoch_ids=epoch_ids, views=views, crop_size=crop_size,
+    dataset = _count_skipped(dataset, epoch_ids=epoch_ids,
                              counter=skipped_counter, first=first,
                              epoch_files=None if cache is not None else epoch_table[sources[0]])
     keep = set(views) | {name for name, wanted in (("id", with_ids), ("position", with_positions),
@@ -313,8 +313,7 @@ def _view_maker(load: Callable[[dict], dict], *, views: tuple[str, ...], crop_si
     def sample_views(element):
         out = make_views(load(element), element["seed"], views=views, crop_size=crop_size,
                          training=training, augment=augment)
-        out.update(id=element["id"], position=element["position"],
-                   window=tf.constant(0, tf.int64))
+        out.update(id=element["id"], position=element["position"])
         return out
 
     def sample_windows(element):
@@ -389,7 +388,7 @@ def epoch_plan(n: int, *, seed: int, epoch: int, training: bool) -> tuple[np.nda
     return order, seeds
 
 
-def _count_skipped(dataset, *, epoch_ids, views, crop_size, counter, first=0, epoch_files=None):
+def _count_skipped(dataset, *, epoch_ids, counter, first=0, epoch_files=None):
     """Notices gaps in the positions that survive `ignore_errors`, warns and counts them.
 
     A sentinel element at position n closes the epoch so trailing failures count too; the
@@ -398,10 +397,10 @@ def _count_skipped(dataset, *, epoch_ids, views, crop_size, counter, first=0, ep
     """
     n = len(epoch_ids)
     counter = counter if counter is not None else SkippedCounter()
-    sentinel = {name: tf.zeros((crop_size, crop_size, VIEW_SPECS[name].channels), tf.float32)
-                for name in views}
-    sentinel.update(id=tf.constant(""), position=tf.constant(n, tf.int64),
-                    window=tf.constant(0, tf.int64))
+    # Shaped like the elements (views, plus `window` with a grid), from the dataset's own spec.
+    sentinel = {name: tf.zeros(spec.shape, spec.dtype)
+                for name, spec in dataset.element_spec.items() if spec.dtype != tf.string}
+    sentinel.update(id=tf.constant(""), position=tf.constant(n, tf.int64))
 
     def record(first: np.int64, stop: np.int64) -> np.int64:
         skipped = epoch_ids[int(first):int(stop)]
