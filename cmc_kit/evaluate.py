@@ -75,17 +75,24 @@ def raw_pixel_features(catalog: pd.DataFrame, crop_size: int, batch_size: int = 
     """Terrain centre crops downsampled (area average) to side x side x 3: [N, side*side*3]
     (side 1: the crop's mean colour); with `grid`, every crop of the grid, [N * grid^2, ...],
     in the order of `embed.compute_embeddings(grid=grid)`."""
+    return downsampled_crops(catalog, crop_size, (side,), batch_size=batch_size, grid=grid)[side]
+
+
+def downsampled_crops(catalog: pd.DataFrame, crop_size: int, sides, *, batch_size: int = 64,
+                      grid: int = 1) -> dict[int, np.ndarray]:
+    """`raw_pixel_features` for several sides from one pass over the images: {side: matrix}."""
     import tensorflow as tf
 
     from cmc_kit import views
 
     dataset = views.make_dataset(catalog, views=("terrain",), crop_size=crop_size,
                                  batch_size=batch_size, training=False, seed=0, grid=grid)
-    chunks = []
+    chunks = {side: [] for side in sides}
     for batch in dataset:
-        small = tf.image.resize(batch["terrain"], (side, side), method="area")  # [B, s, s, 3]
-        chunks.append(tf.reshape(small, [tf.shape(small)[0], -1]).numpy())
-    return np.concatenate(chunks, axis=0)
+        for side, parts in chunks.items():
+            small = tf.image.resize(batch["terrain"], (side, side), method="area")  # [B, s, s, 3]
+            parts.append(tf.reshape(small, [tf.shape(small)[0], -1]).numpy())
+    return {side: np.concatenate(parts, axis=0) for side, parts in chunks.items()}
 
 
 def label_targets(table: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
@@ -215,10 +222,12 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
         rows += probe_features(embed.embedding_matrix(source_train),
                                embed.embedding_matrix(source_test), train_table, test_table,
                                source=name, seed=seed, per_target=per_target)
-    for name, side in (("raw_pixels", RAW_PIXEL_SIDE), ("mean_colour", 1)):
-        pixels = {part: raw_pixel_features(catalog, config.data.crop_size, side=side, grid=grid)
-                  for part, catalog in (("train", train_catalog), ("test", test_catalog))}
-        rows += probe_features(pixels["train"], pixels["test"], train_table, test_table,
+    sides = {"raw_pixels": RAW_PIXEL_SIDE, "mean_colour": 1}
+    train_pixels, test_pixels = (downsampled_crops(catalog, config.data.crop_size,
+                                                   sides.values(), grid=grid)
+                                 for catalog in (train_catalog, test_catalog))
+    for name, side in sides.items():
+        rows += probe_features(train_pixels[side], test_pixels[side], train_table, test_table,
                                source=name, seed=seed, per_target=per_target)
     table = _ordered(pd.DataFrame(rows))
     table.attrs.update({"run": str(run), "epoch": handle.epoch, "step": handle.step,
