@@ -109,6 +109,25 @@ def test_the_segmentation_model_starts_every_arm_from_the_same_decoder():
 
 # -- on a tiny run --------------------------------------------------------------------------
 
+def test_the_random_init_arm_starts_from_the_weights_the_run_started_from(trained_run):
+    """Like evaluate's random_init column (tested there against the Trainer's first weights):
+    the arms then differ by what pretraining did, not by the luck of another draw."""
+    from cmc_kit import evaluate, runs
+
+    handle = runs.load_run(trained_run)
+    start = evaluate.initial_encoder(handle.config)
+    arm = finetune.segmenter.arm_encoder(handle, "random_init")
+    trained = finetune.segmenter.arm_encoder(handle, "finetuned")
+
+    def backbone(encoder):
+        model = finetune.build_segmentation_model(encoder, seed=0).get_layer("backbone")
+        return [np.asarray(w) for w in model.weights]
+
+    for a, b in zip(backbone(arm), backbone(start), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(backbone(arm), backbone(trained)))
+
+
 def _copy_run(source, target):
     """A private copy of the shared run (fine-tunes write into RUN/finetune)."""
     shutil.copytree(source, target)
@@ -219,6 +238,27 @@ def test_the_pretrained_arms_read_the_chosen_checkpoint(finetuned, small_dataset
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_arms_encoder_holds_its_fine_tuned_backbone(finetuned):
+    from cmc_kit import evaluate, models
+
+    run, table, _ = finetuned
+    handle = runs.load_run(run)
+    folder = table[(table["arm"] == "random_init") & (table["labels"] == 1.0)]["folder"].iloc[0]
+    encoder = finetune.load_arm_encoder(handle, folder)
+    backbone = finetune.load_arm_model(handle, folder).get_layer("backbone")
+    got = encoder.stem("terrain").weights + encoder.trunk("terrain").weights
+    assert len(got) == len(backbone.weights)
+    for a, b in zip(got, backbone.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Trained away from the run's starting weights, and its stages compute like the backbone's.
+    start = evaluate.initial_encoder(handle.config)
+    assert not np.array_equal(np.asarray(got[0]), np.asarray(start.stem("terrain").weights[0]))
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    stages = models.stage_model(encoder.trunk("terrain"))(encoder.stem("terrain")(x))
+    np.testing.assert_allclose(np.asarray(stages[-1]), np.asarray(backbone(x)[-1]), rtol=1e-5,
+                               atol=1e-6)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ and learning rate:
 
     frozen       the run's terrain stem + trunk, frozen: only the decoder learns
     finetuned    the run's terrain stem + trunk, everything learns
-    random_init  the same architecture from random initialisation, everything learns
+    random_init  the weights the run started from (its random initialisation), everything learns
 
 Every (arm, fraction) trains for the same number of steps of the same batch size, `epochs`
 passes' worth of the whole training split: a smaller labelled subset is repeated (each repeat
@@ -30,7 +30,8 @@ import pandas as pd
 from cmc_kit import runs
 from cmc_kit.errors import CheckpointError, ConfigError
 from cmc_kit.fileio import atomic_write_text, output_file_path
-from cmc_kit.finetune.arms import ARMS, arm_settings, labelled_subset, load_arm_model, run_arm
+from cmc_kit.finetune.arms import (ARMS, arm_settings, labelled_subset, load_arm_encoder,
+                                  load_arm_model, run_arm)
 from cmc_kit.finetune.pictures import label_efficiency_figure, prediction_picture
 from cmc_kit.finetune.scores import (class_iou, confusion_matrix, image_confusions,
                                      segmentation_scores)
@@ -192,5 +193,6 @@ def format_table(table: pd.DataFrame) -> str:
 
 __all__ = ["ARMS", "DEFAULT_LABELS", "DEFAULT_EPOCHS", "TABLE_FILE", "finetune_run",
            "format_table", "parse_labels", "check_arms", "resolve_output", "labelled_subset",
-           "build_segmentation_model", "load_arm_model", "confusion_matrix", "image_confusions",
+           "build_segmentation_model", "load_arm_model", "load_arm_encoder",
+           "confusion_matrix", "image_confusions",
            "class_iou", "segmentation_scores", "label_efficiency_figure", "prediction_picture"]

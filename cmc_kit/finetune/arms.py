@@ -68,7 +68,8 @@ def arm_settings(handle, arm: str, fraction: float, subset: pd.DataFrame, base: 
         settings["pretrained_checkpoint"] = str(handle.checkpoint_path)
         settings["pretrained_fingerprint"] = checkpoint_fingerprint(handle.checkpoint_path)
     else:
-        settings["random_init_seed"] = handle.config.train.seed + segmenter.RANDOM_INIT_SEED_OFFSET
+        # The run's own starting weights (`evaluate.initial_encoder`), made from train.seed.
+        settings["random_init"] = {"start_of_run": True, "seed": handle.config.train.seed}
     return settings
 
 
@@ -77,10 +78,11 @@ def arm_folder(run_dir: Path, settings: dict) -> Path:
     return Path(run_dir) / runs.FINETUNE_DIR / f"{settings['arm']}-labels{settings['labels']:g}-{key}"
 
 
-def build_arm_model(handle, settings: dict):
-    """The arm's segmentation model at its starting weights (backbone frozen for "frozen")."""
+def build_arm_model(handle, settings: dict, encoder=None):
+    """The arm's segmentation model at its starting weights (backbone frozen for "frozen"),
+    sharing the layers of `encoder` (default: a fresh `segmenter.arm_encoder`)."""
     model = segmenter.build_segmentation_model(
-        segmenter.arm_encoder(handle, settings["arm"]),
+        encoder or segmenter.arm_encoder(handle, settings["arm"]),
         decoder_channels=settings["decoder_channels"], seed=settings["seed"])
     model.get_layer("backbone").trainable = settings["arm"] != "frozen"
     return model
@@ -195,10 +197,22 @@ def run_arm(handle, settings: dict, subset: pd.DataFrame, test_catalog: pd.DataF
 
 def load_arm_model(handle, folder: str | Path):
     """An arm's trained segmentation model, from its folder (relative to the run or absolute)."""
+    return _load_arm(handle, folder)[0]
+
+
+def load_arm_encoder(handle, folder: str | Path):
+    """An arm's encoder at its fine-tuned weights (its terrain stem and trunk are the trained
+    model's backbone), e.g. to probe what supervision taught it like a run's own encoder."""
+    return _load_arm(handle, folder)[1]
+
+
+def _load_arm(handle, folder: str | Path):
     folder = Path(handle.run_dir) / folder
     settings = json.loads((folder / SETTINGS_FILE).read_text())
-    training = ArmTraining(build_arm_model(handle, settings), folder, settings["learning_rate"])
+    encoder = segmenter.arm_encoder(handle, settings["arm"])
+    training = ArmTraining(build_arm_model(handle, settings, encoder), folder,
+                           settings["learning_rate"])
     if training.restore() != settings["steps"]:
         raise DataError(f"{folder} holds no finished training: run `cmc-kit finetune` again to "
                         "complete it.")
-    return training.model
+    return training.model, encoder

@@ -19,9 +19,6 @@ VIEW = "terrain"
 # Part of every arm's key: raise it when the decoder changes, so old results are not reused.
 DECODER_VERSION = 1
 MIN_DECODER_CHANNELS = 32
-# The random-init arm's encoder: the seed `cmc-kit evaluate` uses for its random_init column,
-# so both compare against the same untrained weights.
-RANDOM_INIT_SEED_OFFSET = 12345
 
 
 def decoder_channels_for(encoder) -> int:
@@ -92,14 +89,14 @@ def build_segmentation_model(encoder, *, decoder_channels: int | None = None, se
 
 
 def arm_encoder(handle, arm: str):
-    """A fresh encoder for `arm`: the run's checkpoint weights (frozen, finetuned) or the same
-    architecture at its seeded random initialisation (random_init). Never shared between arms,
-    as fine-tuning changes it."""
-    from cmc_kit import models, runs
+    """A fresh encoder for `arm`: the run's checkpoint weights (frozen, finetuned) or the
+    weights the run started training from (random_init). Never shared between arms, as
+    fine-tuning changes it."""
+    from cmc_kit import runs
 
-    config = handle.config
     if arm == "random_init":
-        return models.build_encoder(config.model, crop_size=config.data.crop_size,
-                                    name="random_init",
-                                    seed=config.train.seed + RANDOM_INIT_SEED_OFFSET)
+        # The weights the run started from, as `evaluate`'s random_init column: the arms then
+        # differ only by what pretraining did, seed for seed.
+        from cmc_kit import evaluate
+        return evaluate.initial_encoder(handle.config)
     return runs.load_run(handle.run_dir, checkpoint=handle.checkpoint_path).encoder("online")
