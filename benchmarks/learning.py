@@ -1,7 +1,8 @@
 """Does it learn? A preset trained with several seeds on one dataset, probed against baselines.
 
 Usage: python benchmarks/learning.py [--data DIR] [--preset cpu-demo] [--seeds 3]
-       [--epochs E] [--features stages] [--grid 4] [--set key=value ...] [--out DIR] [--smoke]
+       [--epochs E] [--features stages] [--grid 4] [--supervised] [--set key=value ...]
+       [--out DIR] [--smoke]
 
 For each seed: `cmc-kit train` the preset (train.seed = the seed; the split stays the same, so
 every seed is scored on the same held-out samples), then `evaluate` the trained encoder, the
@@ -13,6 +14,12 @@ of trained over the best baseline, and per seed the contrastive accuracy at the 
 samples of 256 px, generator seed 0), made under the output folder; `--data` takes any folder
 in the Kaggle layout (e.g. one `benchmarks/real_terrain.py` built). `--smoke`: 2 seeds of a
 tiny model for 2 epochs, to check the script runs.
+
+`--supervised` adds a reference that is not a baseline: per seed, the same starting network
+trained for as many epochs on the training split's segmentation labels (`finetune`'s
+random_init arm at labels 1, under RUN/finetune/), probed with the same feature source. It says
+how much of what the labels themselves can teach in that budget the self-supervised run learned
+("share of supervised gain" = (trained - random init) / (supervised - random init)).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -51,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="score GRID x GRID crops per sample (evaluate --grid); default: as "
                              "many as tile the images, at most 4 (4 for the demo's 256 px images "
                              "with 64 px crops); 1: centre crops only")
+    parser.add_argument("--supervised", action="store_true",
+                        help="also probe the starting network trained on the segmentation labels "
+                             "for as many epochs (a reference, not a baseline)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None,
@@ -79,6 +90,50 @@ def train_seeds(data: Path, out: Path, config, seeds: int) -> list[dict]:
     return rows
 
 
+SUPERVISED = "supervised"
+
+
+def supervised_rows(run: Path, dataset, *, features: str, grid: int, epochs: int) -> list[dict]:
+    """Probe rows (source "supervised") of the run's starting network trained for `epochs`
+    passes on the segmentation labels of every training sample (finetune's random_init arm at
+    labels 1: same crops and batch size; resumed or skipped like any arm)."""
+    from cmc_kit import finetune
+
+    arm = finetune.finetune_run(run, dataset=dataset, labels=(1.0,), arms=("random_init",),
+                                epochs=epochs, out=Path(run) / runs.FINETUNE_DIR /
+                                "supervised_reference.csv", progress=False)
+    handle = runs.load_run(run)
+    encoder = finetune.load_arm_encoder(handle, arm["folder"].iloc[0])
+    options = evaluate.embedding_options(handle.config, dataset, features=features, grid=grid)
+    train_catalog, test_catalog = evaluate.run_split(handle, dataset, what="probes")
+    train_table, test_table = (embed.compute_embeddings(encoder, catalog, **options)
+                               for catalog in (train_catalog, test_catalog))
+    return evaluate.probe_features(embed.embedding_matrix(train_table),
+                                   embed.embedding_matrix(test_table), train_table, test_table,
+                                   source=SUPERVISED)
+
+
+def evaluate_seeds(per_seed: list[dict], dataset, *, features: str, grid: int,
+                   supervised_epochs: int | None) -> pd.DataFrame:
+    """Every run evaluated (plus its supervised reference when `supervised_epochs`), then the
+    mean, sd and t-interval over runs per probe and source (`evaluate.summarise_over_runs`)."""
+    tables = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # each run's rough note: the header says
+        for row in per_seed:
+            table = evaluate.evaluate_run(row["run"], dataset=dataset, features=features,
+                                          grid=grid)
+            counts = {key: table.attrs[key] for key in ("train_samples", "test_samples")}
+            if supervised_epochs:
+                extra = supervised_rows(row["run"], dataset, features=features, grid=grid,
+                                        epochs=supervised_epochs)
+                table = pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
+            tables.append(table)
+    summary = evaluate.summarise_over_runs(tables)
+    summary.attrs.update(counts)  # the same split for every seed
+    return summary
+
+
 # A regression probe no source fits better than this predicts nothing (a strongly regularised
 # ridge gives R^2 ~ +-1e-5, not exactly 0, when it falls back to the training mean).
 NO_SIGNAL_R2 = 0.01
@@ -88,7 +143,7 @@ def verdict(by_source: pd.DataFrame, metric: str) -> str:
     """Which source wins a probe: "trained" when the trained encoder beats every baseline, the
     best baseline's name when it does not, "no signal" when no source does better than
     predicting the training mean (R^2 below NO_SIGNAL_R2 for all: nothing to beat)."""
-    values = by_source["value"]
+    values = by_source["value"].drop(SUPERVISED, errors="ignore")  # a reference, not a rival
     if metric == "r2" and (values < NO_SIGNAL_R2).all():
         return "no signal"
     best = best_baseline(values)
@@ -106,15 +161,26 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     for (task, probe, metric), group in table.groupby(["task", "probe", "metric"], sort=False):
         by_source = group.set_index("source")
         row = {"task": task, "probe": probe, "metric": metric}
-        for source in ("trained",) + evaluate.BASELINES:
+        for source in ("trained",) + evaluate.BASELINES + (SUPERVISED,):
             if source in by_source.index:
                 row[source] = f"{by_source.at[source, 'value']:.3f} +- {by_source.at[source, 'sd']:.3f}"
         values = by_source["value"]
         margin = values["trained"] - values[best_baseline(values)]
         row["trained - best baseline"] = f"{margin:+.3f}"
         row["winner"] = verdict(by_source, metric)
+        if SUPERVISED in values.index:
+            row["share of supervised gain"] = supervised_share(values, row["winner"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def supervised_share(values: pd.Series, winner: str) -> str:
+    """(trained - random init) / (supervised - random init) as a percentage; "-" where the
+    probe has no signal or supervision did not beat random init (no gain to share)."""
+    gain = values[SUPERVISED] - values["random_init"]
+    if winner == "no signal" or gain <= 0:
+        return "-"
+    return f"{100 * (values['trained'] - values['random_init']) / gain:.0f}%"
 
 
 def verdict_line(summary: pd.DataFrame) -> str:
@@ -150,6 +216,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = dict(SMOKE_SETTINGS) if args.smoke else {}
     seeds = 2 if args.smoke else args.seeds
+    if seeds < 2:
+        print(f"learning.py: --seeds must be 2 or more (a mean +- sd over seeds). Received: "
+              f"{seeds}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         if args.data is None:  # the demo's set; a small one for the smoke run
@@ -161,14 +231,15 @@ def main(argv=None) -> int:
         if args.epochs is not None:
             config = config.with_overrides({"train.epochs": args.epochs})
         print(f"{args.preset} on {data}, seeds 0..{seeds - 1}, {config.train.epochs} epochs, "
-              f"features {args.features}, settings: "
+              f"features {args.features}"
+              + (", with a supervised reference" if args.supervised else "") + ", settings: "
               f"{args.overrides or 'the preset'}")
         per_seed = train_seeds(Path(data), out, config, seeds)
         dataset = data_module.Dataset.find(data)
         if args.grid is None:
             args.grid = evaluate.tiling_grid(dataset.catalog, config.data.crop_size)
-        table = evaluate.evaluate_runs([row["run"] for row in per_seed], dataset=dataset,
-                                       features=args.features, grid=args.grid)
+        table = evaluate_seeds(per_seed, dataset, features=args.features, grid=args.grid,
+                               supervised_epochs=config.train.epochs if args.supervised else None)
         print(f"\nHeld-out probes, mean +- sd over {seeds} seeds "
               f"({table.attrs['train_samples']} train / {table.attrs['test_samples']} held-out "
               f"samples, {args.grid}x{args.grid} crops each):")

@@ -199,10 +199,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     config = handle.config
     dataset = data_module.as_dataset(data, dataset)
     train_catalog, test_catalog = run_split(handle, dataset, what="probes")
-    options = dict(view="terrain" if "terrain" in config.model.views else config.model.views[0],
-                   source=features, crop_size=config.data.crop_size,
-                   batch_size=max(config.data.batch_size, 32), progress=progress,
-                   metadata_csv=dataset.metadata_csv, grid=grid)
+    options = embedding_options(config, dataset, features=features, grid=grid, progress=progress)
 
     def tables_for(encoder):
         return (embed.compute_embeddings(encoder, train_catalog, **options),
@@ -240,6 +237,16 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     if out is not None:
         write_table(table, out)
     return table
+
+
+def embedding_options(config, dataset: data_module.Dataset, *, features: str, grid: int,
+                      progress: bool = False) -> dict:
+    """`embed.compute_embeddings` keywords that probe an encoder of a run with `config` the way
+    `evaluate_run` probes the run's own (e.g. another network of the same architecture)."""
+    return dict(view="terrain" if "terrain" in config.model.views else config.model.views[0],
+                source=features, crop_size=config.data.crop_size,
+                batch_size=max(config.data.batch_size, 32), progress=progress,
+                metadata_csv=dataset.metadata_csv, grid=grid)
 
 
 def tiling_grid(catalog: pd.DataFrame, crop_size: int, most: int = 4) -> int:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +39,20 @@ def test_gpu_report_without_a_gpu_measures_nothing():
 @pytest.mark.slow
 def test_learning_benchmark_smoke_runs_and_prints_every_source(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--smoke",
-                             "--out", str(tmp_path)],
+                             "--supervised", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "mean +- sd over 2 seeds" in out and "2x2 crops each" in out  # 64 px, 32 px crops
     for column in ("trained", "random_init", "raw_pixels", "mean_colour", "trained - best baseline",
-                   "winner", "epoch2_accuracy", "train_seconds", "probes with signal"):
+                   "winner", "epoch2_accuracy", "train_seconds", "probes with signal",
+                   "supervised", "share of supervised gain"):
         assert column in out, out
     assert (tmp_path / "seed0" / "log.csv").is_file() and (tmp_path / "seed1" / "log.csv").is_file()
+    # The supervised reference is the random_init fine-tune arm at every label, per seed.
+    for seed in (0, 1):
+        reference = pd.read_csv(tmp_path / f"seed{seed}" / "finetune" / "supervised_reference.csv")
+        assert list(reference["arm"]) == ["random_init"] and list(reference["labels"]) == [1.0]
 
 
 @pytest.mark.slow
@@ -71,8 +77,6 @@ def _learning_module():
 
 
 def test_learning_verdict_names_the_winner_and_the_probes_nobody_predicts():
-    import pandas as pd
-
     learning = _learning_module()
     sources = ("trained", "random_init", "raw_pixels", "mean_colour")
     rows = []
@@ -92,8 +96,6 @@ def test_learning_verdict_names_the_winner_and_the_probes_nobody_predicts():
 
 
 def test_learning_lists_per_seed_the_probes_below_random_init():
-    import pandas as pd
-
     learning = _learning_module()
     rows = []
     for task, trained, random_init, pixels in [
@@ -107,3 +109,20 @@ def test_learning_lists_per_seed_the_probes_below_random_init():
     table = pd.DataFrame(rows)
     summary = learning.summary_table(table)
     assert learning.below_random_init(table, summary, seeds=2) == ["-", "dominant_class linear"]
+
+
+def test_the_supervised_reference_is_no_baseline_and_reports_its_share_of_the_gain():
+    learning = _learning_module()
+    sources = ("trained", "random_init", "raw_pixels", "mean_colour", "supervised")
+    rows = []
+    for task, values in [("dominant_class", (0.85, 0.80, 0.6, 0.7, 0.90)),   # half the gain
+                         ("height_mean", (0.50, 0.40, 0.1, 0.1, 0.35)),      # supervision lost
+                         ("ridge", (-0.03, -0.03, -0.03, -0.03, 0.005))]:    # no signal
+        rows += [{"task": task, "probe": "linear", "metric": "r2", "source": s, "value": v,
+                  "sd": 0.0} for s, v in zip(sources, values)]
+    summary = learning.summary_table(pd.DataFrame(rows))
+    # The supervised network beats the trained one on dominant_class but never wins a verdict.
+    assert list(summary["winner"]) == ["trained", "trained", "no signal"]
+    assert list(summary["trained - best baseline"]) == ["+0.050", "+0.100", "+0.000"]
+    assert list(summary["share of supervised gain"]) == ["50%", "-", "-"]
+    assert summary["supervised"].iloc[0] == "0.900 +- 0.000"
