@@ -262,10 +262,7 @@ def feature_function(encoder, *, view: str, source: str, compile: bool = True):
                                   f"stages. Use stage1 .. stage{len(maps)}.")
             return [maps[number - 1]]
     if compile and isinstance(encoder, keras.Model):
-        import tensorflow as tf
-
-        # autograph=False: plain Python control flow, traced once per input shape.
-        network = tf.function(network, reduce_retracing=True, autograph=False)
+        network = _traced_once(network)
 
     def features(x) -> np.ndarray:
         out = network(x)
@@ -274,6 +271,25 @@ def feature_function(encoder, *, view: str, source: str, compile: bool = True):
         return np.concatenate([pooled_stage(m) for m in out], axis=1)
 
     return features
+
+
+def _traced_once(network):
+    """`network` as one tf.function for any batch and crop size: its signature (batch, height
+    and width unknown, the channels of the first input) is fixed on the first call, so it is
+    traced once, not per shape (a last, smaller batch or another grid would retrace, and TF
+    warns after a few of those)."""
+    import tensorflow as tf
+
+    compiled = []
+
+    def call(x):
+        if not compiled:
+            spec = tf.TensorSpec([None, None, None, x.shape[-1]], tf.float32)
+            # autograph=False: plain Python control flow.
+            compiled.append(tf.function(network, input_signature=[spec], autograph=False))
+        return compiled[0](tf.convert_to_tensor(x, tf.float32))
+
+    return call
 
 
 def pooled_stage(feature_map) -> np.ndarray:

@@ -377,3 +377,34 @@ def test_view_names_and_height_scale_agree_with_the_views_module():
     raw = np.arange(0, 65536, dtype=np.uint16)[:, None]  # every 16-bit height [N, 1]
     expected = raw.astype(np.float32) / np.float32(embed.HEIGHT_SCALE) - np.float32(1.0)
     np.testing.assert_array_equal(views.normalise_height(raw).numpy(), expected)
+
+
+def test_compiled_features_are_traced_once_and_equal_the_eager_ones(monkeypatch):
+    import tensorflow as tf
+
+    from cmc_kit import models
+    from cmc_kit.config import ModelConfig
+
+    traces = []
+    real_function = tf.function
+
+    def counting(fn, **kwargs):
+        if "feature_function" not in getattr(fn, "__qualname__", ""):
+            return real_function(fn, **kwargs)  # the layers' own tf.functions
+
+        def traced(*args):
+            traces.append(tuple(args[0].shape))  # runs only while tracing
+            return fn(*args)
+        return real_function(traced, **kwargs)
+
+    monkeypatch.setattr(tf, "function", counting)
+    encoder = models.build_encoder(ModelConfig(width=0.125, embedding_dim=8,
+                                               views=("terrain", "height")), crop_size=32)
+    compiled = embed.feature_function(encoder, view="terrain", source="stages")
+    eager = embed.feature_function(encoder, view="terrain", source="stages", compile=False)
+    rng = np.random.default_rng(0)
+    # Batches of several sizes and crops of two sizes, as a last batch or another grid gives.
+    for batch, side in ((4, 32), (3, 32), (2, 64), (5, 32)):
+        x = rng.uniform(-1, 1, (batch, side, side, 3)).astype("float32")
+        np.testing.assert_allclose(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    assert len(traces) == 1 and traces[0][-1] == 3, traces
