@@ -160,6 +160,40 @@ def probe_features(train_x: np.ndarray, test_x: np.ndarray, train_table: pd.Data
     return rows
 
 
+def probe_sources(features: dict[str, tuple[np.ndarray, np.ndarray]], train_table: pd.DataFrame,
+                  test_table: pd.DataFrame, *, workers: int | None = None,
+                  **options) -> list[dict]:
+    """`probe_features` rows of every source ({name: (train_x, test_x)}), in source order.
+
+    Sources are independent, so `workers` of them (default: one per available core, at most one
+    per source) are probed at once, in threads with single-threaded BLAS: the logistic probes'
+    many small lbfgs steps cannot use a second BLAS thread (see `probes`), and NumPy and
+    scikit-learn release the GIL in their numeric loops. The rows do not depend on `workers`
+    beyond float rounding (one BLAS thread sums in another order: ~1e-16).
+    """
+    def probed(item):
+        name, (train_x, test_x) = item
+        return probe_features(train_x, test_x, train_table, test_table, source=name, **options)
+
+    workers = min(len(features), workers or _available_cores())
+    if workers <= 1:
+        return [row for item in features.items() for row in probed(item)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        return [row for rows in pool.map(probed, features.items()) for row in rows]
+
+
+def _available_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def sample_groups(table: pd.DataFrame) -> np.ndarray | None:
     """The sample id of every row when a sample has several rows (a `window` column), else None."""
     return table["id"].to_numpy() if "window" in table.columns else None
@@ -169,7 +203,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
                  dataset: data_module.Dataset | None = None, out: str | os.PathLike | None = None,
                  checkpoints: str = "latest", features: str = "stages", per_target: bool = False,
                  grid: int = 1, seed: int = 0, progress: bool = False,
-                 force: bool = False) -> pd.DataFrame:
+                 force: bool = False, workers: int | None = None) -> pd.DataFrame:
     """Probes the run's features and the baselines on its held-out split.
 
     Args:
@@ -183,6 +217,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
         per_target: also one row per class fraction.
         grid: score grid x grid crops of every sample (see the module docstring); 1: the
             centre crop only.
+        workers: sources probed at once (`probe_sources`; default one per core).
     Returns:
         long table: task, probe, metric, source, value, low, high; `attrs` say the features,
         the grid, the run's epoch and step and the sample counts. Written wide to `out` (CSV) if given.
@@ -214,18 +249,15 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
             label = f"epoch_{entry['epoch']}" if entry["epoch"] is not None else f"step_{entry['step']}"
             sources[label] = tables_for(earlier)
 
-    rows = []
-    for name, (source_train, source_test) in sources.items():
-        rows += probe_features(embed.embedding_matrix(source_train),
-                               embed.embedding_matrix(source_test), train_table, test_table,
-                               source=name, seed=seed, per_target=per_target)
+    matrices = {name: (embed.embedding_matrix(source_train), embed.embedding_matrix(source_test))
+                for name, (source_train, source_test) in sources.items()}
     sides = {"raw_pixels": RAW_PIXEL_SIDE, "mean_colour": 1}
     train_pixels, test_pixels = (downsampled_crops(catalog, config.data.crop_size,
                                                    sides.values(), grid=grid)
                                  for catalog in (train_catalog, test_catalog))
-    for name, side in sides.items():
-        rows += probe_features(train_pixels[side], test_pixels[side], train_table, test_table,
-                               source=name, seed=seed, per_target=per_target)
+    matrices.update({name: (train_pixels[side], test_pixels[side]) for name, side in sides.items()})
+    rows = probe_sources(matrices, train_table, test_table, seed=seed, per_target=per_target,
+                         workers=workers)
     table = _ordered(pd.DataFrame(rows))
     table.attrs.update({"run": str(run), "epoch": handle.epoch, "step": handle.step,
                         "features": features, "grid": grid,

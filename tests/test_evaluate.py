@@ -176,6 +176,34 @@ def test_probe_features_separable_vs_shuffled():
     assert scores[("dominant_class", "knn")] < 0.35
 
 
+def test_sources_probed_in_parallel_give_the_rows_of_one_at_a_time():
+    rng = np.random.default_rng(2)
+    n = 210
+    labels = rng.permutation(np.repeat(np.arange(7), n // 7))
+    fractions = np.eye(7)[labels] * 0.7 + 0.3 / 7
+    table = pd.DataFrame({f"fraction_{name}": fractions[:, i] for i, name in enumerate(CLASS_NAMES)})
+    table["dominant_class_id"] = labels
+    table["height_mean"] = rng.normal(size=n)
+    table["id"] = [f"{i // 3:04d}" for i in range(n)]  # three crops per sample
+    table["window"] = np.arange(n) % 3
+    train, test = np.arange(150), np.arange(150, n)
+    features = {}
+    for name, signal in (("strong", 4.0), ("weak", 1.0), ("none", 0.0), ("pixels", 2.0)):
+        x = signal * np.eye(7)[labels] @ rng.normal(size=(7, 12)) + rng.normal(size=(n, 12))
+        features[name] = (x[train], x[test])
+    options = dict(seed=0, resamples=50)
+    one = evaluate.probe_sources(features, table.iloc[train], table.iloc[test], workers=1, **options)
+    two = evaluate.probe_sources(features, table.iloc[train], table.iloc[test], workers=2, **options)
+    one, two = pd.DataFrame(one), pd.DataFrame(two)
+    assert one.drop(columns=["value", "low", "high"]).equals(two.drop(columns=["value", "low", "high"]))
+    np.testing.assert_allclose(two[["value", "low", "high"]], one[["value", "low", "high"]],
+                               rtol=1e-12, atol=1e-12)  # BLAS threads only change rounding
+    one, two = one.to_dict("records"), two.to_dict("records")
+    assert list(dict.fromkeys(r["source"] for r in two)) == list(features)
+    accuracy = {r["source"]: r["value"] for r in one if r["probe"] == "knn"}
+    assert accuracy["strong"] > accuracy["weak"] > accuracy["none"]
+
+
 def test_an_unknown_checkpoints_choice_is_refused_before_any_work(tmp_path):
     from cmc_kit import evaluate
     from cmc_kit.errors import CmcKitError
