@@ -82,7 +82,7 @@ def build_arm_model(handle, settings: dict, encoder=None):
     """The arm's segmentation model at its starting weights (backbone frozen for "frozen"),
     sharing the layers of `encoder` (default: a fresh `segmenter.arm_encoder`)."""
     model = segmenter.build_segmentation_model(
-        encoder or segmenter.arm_encoder(handle, settings["arm"]),
+        encoder if encoder is not None else segmenter.arm_encoder(handle, settings["arm"]),
         decoder_channels=settings["decoder_channels"], seed=settings["seed"])
     model.get_layer("backbone").trainable = settings["arm"] != "frozen"
     return model
