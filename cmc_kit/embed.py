@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -245,24 +246,13 @@ def feature_function(encoder, *, view: str, source: str, compile: bool = True):
     """`x [B, H, W, C] -> float32 [B, F]`, the features of `source` (see `SOURCES`).
 
     For a Keras encoder the network's part runs as one `tf.function` (`compile`): called eagerly
-    batch by batch, Keras' per-layer dispatch took most of an evaluation's embedding time.
+    batch by batch, Keras' per-layer dispatch took most of an evaluation's embedding time. It
+    is traced once per (encoder, view, source) and reused by later calls (`_compiled`).
     """
-    if source == "trunk":
-        network = lambda x: encoder.encode_features(x, view=view)  # noqa: E731  [B, F]
-    elif source == "head":
-        network = lambda x: _head_embedding(encoder, x, view)  # noqa: E731  [B, D]
-    else:
-        def network(x):
-            maps = encoder.stage_features(x, view=view)            # [B, h_i, w_i, c_i] each
-            if source == "stages":
-                return list(maps)
-            number = int(_STAGE_SOURCE.fullmatch(source).group(1))
-            if number > len(maps):
-                raise CmcKitError(f"Embedding source {source!r}: the trunk has {len(maps)} "
-                                  f"stages. Use stage1 .. stage{len(maps)}.")
-            return [maps[number - 1]]
     if compile and isinstance(encoder, keras.Model):
-        network = _traced_once(network)
+        network = _compiled(encoder, view, source)
+    else:
+        network = _network(encoder, view, source)
 
     def features(x) -> np.ndarray:
         out = network(x)
@@ -271,6 +261,42 @@ def feature_function(encoder, *, view: str, source: str, compile: bool = True):
         return np.concatenate([pooled_stage(m) for m in out], axis=1)
 
     return features
+
+
+def _network(encoder, view: str, source: str):
+    """x -> the encoder's output for `source`: [B, F] (trunk, head) or a list of stage maps."""
+    if source == "trunk":
+        return lambda x: encoder.encode_features(x, view=view)  # [B, F]
+    if source == "head":
+        return lambda x: _head_embedding(encoder, x, view)  # [B, D]
+
+    def network(x):
+        maps = encoder.stage_features(x, view=view)            # [B, h_i, w_i, c_i] each
+        if source == "stages":
+            return list(maps)
+        number = int(_STAGE_SOURCE.fullmatch(source).group(1))
+        if number > len(maps):
+            raise CmcKitError(f"Embedding source {source!r}: the trunk has {len(maps)} "
+                              f"stages. Use stage1 .. stage{len(maps)}.")
+        return [maps[number - 1]]
+
+    return network
+
+
+# encoder -> {(view, source): its traced network}; weak keys: a dropped encoder takes its
+# functions with it.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled(encoder, view: str, source: str):
+    """The encoder's network for (view, source), traced once and kept for later embeddings of
+    the same encoder (every epoch's `EpochEmbeddings` embeds twice: a new tf.function each time
+    was traced again, ~0.35 s at cpu-demo's shapes, and TF warned about frequent retracing).
+    The function reaches the encoder through a weak proxy, so the cache never keeps it alive."""
+    per_encoder = _COMPILED.setdefault(encoder, {})
+    if (view, source) not in per_encoder:
+        per_encoder[(view, source)] = _traced_once(_network(weakref.proxy(encoder), view, source))
+    return per_encoder[(view, source)]
 
 
 def _traced_once(network):

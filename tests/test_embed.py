@@ -389,7 +389,7 @@ def test_compiled_features_are_traced_once_and_equal_the_eager_ones(monkeypatch)
     real_function = tf.function
 
     def counting(fn, **kwargs):
-        if "feature_function" not in getattr(fn, "__qualname__", ""):
+        if "_network" not in getattr(fn, "__qualname__", ""):
             return real_function(fn, **kwargs)  # the layers' own tf.functions
 
         def traced(*args):
@@ -400,11 +400,33 @@ def test_compiled_features_are_traced_once_and_equal_the_eager_ones(monkeypatch)
     monkeypatch.setattr(tf, "function", counting)
     encoder = models.build_encoder(ModelConfig(width=0.125, embedding_dim=8,
                                                views=("terrain", "height")), crop_size=32)
-    compiled = embed.feature_function(encoder, view="terrain", source="stages")
     eager = embed.feature_function(encoder, view="terrain", source="stages", compile=False)
     rng = np.random.default_rng(0)
-    # Batches of several sizes and crops of two sizes, as a last batch or another grid gives.
-    for batch, side in ((4, 32), (3, 32), (2, 64), (5, 32)):
-        x = rng.uniform(-1, 1, (batch, side, side, 3)).astype("float32")
-        np.testing.assert_allclose(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    # Batches of several sizes and crops of two sizes, as a last batch or another grid gives,
+    # and a second feature function of the same encoder (as every epoch's embeddings make).
+    for _ in range(2):
+        compiled = embed.feature_function(encoder, view="terrain", source="stages")
+        for batch, side in ((4, 32), (3, 32), (2, 64), (5, 32)):
+            x = rng.uniform(-1, 1, (batch, side, side, 3)).astype("float32")
+            np.testing.assert_allclose(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
     assert len(traces) == 1 and traces[0][-1] == 3, traces
+    embed.feature_function(encoder, view="terrain", source="trunk")(x)  # another source: traced
+    assert len(traces) == 2
+
+
+def test_the_compiled_functions_do_not_keep_an_encoder_alive():
+    import gc
+    import weakref
+
+    from cmc_kit import models
+    from cmc_kit.config import ModelConfig
+
+    encoder = models.build_encoder(ModelConfig(width=0.125, embedding_dim=8,
+                                               views=("terrain", "height")), crop_size=32)
+    x = np.zeros((2, 32, 32, 3), np.float32)
+    embed.feature_function(encoder, view="terrain", source="stages")(x)
+    assert encoder in embed._COMPILED
+    alive = weakref.ref(encoder)
+    del encoder
+    gc.collect()  # Keras layers hold reference cycles
+    assert alive() is None  # and with it its entry in the cache
