@@ -93,44 +93,33 @@ def train_seeds(data: Path, out: Path, config, seeds: int) -> list[dict]:
 SUPERVISED = "supervised"
 
 
-def supervised_rows(run: Path, dataset, *, features: str, grid: int, epochs: int) -> list[dict]:
-    """Probe rows (source "supervised") of the run's starting network trained for `epochs`
-    passes on the segmentation labels of every training sample (finetune's random_init arm at
-    labels 1: same crops and batch size; resumed or skipped like any arm)."""
+def supervised_encoder(run: Path, dataset, *, epochs: int):
+    """The run's starting network trained for `epochs` passes on the segmentation labels of
+    every training sample (finetune's random_init arm at labels 1: same crops and batch size;
+    resumed or skipped like any arm), as an encoder of the run's architecture."""
     from cmc_kit import finetune
 
     arm = finetune.finetune_run(run, dataset=dataset, labels=(1.0,), arms=("random_init",),
                                 epochs=epochs, out=Path(run) / runs.FINETUNE_DIR /
                                 "supervised_reference.csv", progress=False)
-    handle = runs.load_run(run)
-    encoder = finetune.load_arm_encoder(handle, arm["folder"].iloc[0])
-    options = evaluate.embedding_options(handle.config, dataset, features=features, grid=grid)
-    train_catalog, test_catalog = evaluate.run_split(handle, dataset, what="probes")
-    train_table, test_table = (embed.compute_embeddings(encoder, catalog, **options)
-                               for catalog in (train_catalog, test_catalog))
-    return evaluate.probe_features(embed.embedding_matrix(train_table),
-                                   embed.embedding_matrix(test_table), train_table, test_table,
-                                   source=SUPERVISED)
+    return finetune.load_arm_encoder(runs.load_run(run), arm["folder"].iloc[0])
 
 
 def evaluate_seeds(per_seed: list[dict], dataset, *, features: str, grid: int,
                    supervised_epochs: int | None) -> pd.DataFrame:
-    """Every run evaluated (plus its supervised reference when `supervised_epochs`), then the
+    """Every run evaluated (with its supervised reference when `supervised_epochs`), then the
     mean, sd and t-interval over runs per probe and source (`evaluate.summarise_over_runs`)."""
     tables = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # each run's rough note: the header says
         for row in per_seed:
-            table = evaluate.evaluate_run(row["run"], dataset=dataset, features=features,
-                                          grid=grid)
-            counts = {key: table.attrs[key] for key in ("train_samples", "test_samples")}
-            if supervised_epochs:
-                extra = supervised_rows(row["run"], dataset, features=features, grid=grid,
-                                        epochs=supervised_epochs)
-                table = pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
-            tables.append(table)
+            references = ({SUPERVISED: supervised_encoder(row["run"], dataset,
+                                                          epochs=supervised_epochs)}
+                          if supervised_epochs else None)
+            tables.append(evaluate.evaluate_run(row["run"], dataset=dataset, features=features,
+                                                grid=grid, references=references))
     summary = evaluate.summarise_over_runs(tables)
-    summary.attrs.update(counts)  # the same split for every seed
+    summary.attrs.update({key: tables[0].attrs[key] for key in ("train_samples", "test_samples")})
     return summary
 
 

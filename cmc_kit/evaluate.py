@@ -203,7 +203,8 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
                  dataset: data_module.Dataset | None = None, out: str | os.PathLike | None = None,
                  checkpoints: str = "latest", features: str = "stages", per_target: bool = False,
                  grid: int = 1, seed: int = 0, progress: bool = False,
-                 force: bool = False, workers: int | None = None) -> pd.DataFrame:
+                 force: bool = False, workers: int | None = None,
+                 references: dict | None = None) -> pd.DataFrame:
     """Probes the run's features and the baselines on its held-out split.
 
     Args:
@@ -218,6 +219,8 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
         grid: score grid x grid crops of every sample (see the module docstring); 1: the
             centre crop only.
         workers: sources probed at once (`probe_sources`; default one per core).
+        references: {name: encoder} of other networks of the run's architecture, probed like
+            the trained one (e.g. one trained on the labels, for scale); never baselines.
     Returns:
         long table: task, probe, metric, source, value, low, high; `attrs` say the features,
         the grid, the run's epoch and step and the sample counts. Written wide to `out` (CSV) if given.
@@ -234,7 +237,10 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     config = handle.config
     dataset = data_module.as_dataset(data, dataset)
     train_catalog, test_catalog = run_split(handle, dataset, what="probes")
-    options = embedding_options(config, dataset, features=features, grid=grid, progress=progress)
+    options = dict(view="terrain" if "terrain" in config.model.views else config.model.views[0],
+                   source=features, crop_size=config.data.crop_size,
+                   batch_size=max(config.data.batch_size, 32), progress=progress,
+                   metadata_csv=dataset.metadata_csv, grid=grid)
 
     def tables_for(encoder):
         return (embed.compute_embeddings(encoder, train_catalog, **options),
@@ -248,6 +254,8 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
             earlier = runs.load_run(run, checkpoint=entry["path"]).encoder("online")
             label = f"epoch_{entry['epoch']}" if entry["epoch"] is not None else f"step_{entry['step']}"
             sources[label] = tables_for(earlier)
+    for name, encoder in (references or {}).items():
+        sources[name] = tables_for(encoder)
 
     matrices = {name: (embed.embedding_matrix(source_train), embed.embedding_matrix(source_test))
                 for name, (source_train, source_test) in sources.items()}
@@ -269,16 +277,6 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     if out is not None:
         write_table(table, out)
     return table
-
-
-def embedding_options(config, dataset: data_module.Dataset, *, features: str, grid: int,
-                      progress: bool = False) -> dict:
-    """`embed.compute_embeddings` keywords that probe an encoder of a run with `config` the way
-    `evaluate_run` probes the run's own (e.g. another network of the same architecture)."""
-    return dict(view="terrain" if "terrain" in config.model.views else config.model.views[0],
-                source=features, crop_size=config.data.crop_size,
-                batch_size=max(config.data.batch_size, 32), progress=progress,
-                metadata_csv=dataset.metadata_csv, grid=grid)
 
 
 def tiling_grid(catalog: pd.DataFrame, crop_size: int, most: int = 4) -> int:

@@ -269,14 +269,20 @@ def test_the_random_init_baseline_uses_the_same_feature_source(trained_run, smal
         return real_knn(train_x, train_y, test_x, **kwargs)
 
     monkeypatch.setattr(probes, "knn_classify", recording_knn)
+    handle = runs.load_run(trained_run)
     with pytest.warns(UserWarning, match="rough"):
-        table = evaluate.evaluate_run(trained_run, small_dataset, features="stage1")
-    config = runs.load_run(trained_run).config
+        # A reference network goes through the same embedding and probes as the trained one.
+        table = evaluate.evaluate_run(trained_run, small_dataset, features="stage1",
+                                      references={"same_network": handle.encoder("online")})
+    config = handle.config
     from cmc_kit import models
 
     stage1_channels = models.trunk_stage_channels(config.model.trunk, config.model.width)[0]
-    # trained, random_init: stage 1's mean and std per channel; pixels 8x8x3; mean colour 3.
-    assert list(widths.values()) == [2 * stage1_channels, 2 * stage1_channels, 192, 3]
+    # trained, random_init, the reference: stage 1's mean and std per channel; pixels 8x8x3;
+    # mean colour 3 (sources are probed in parallel: in any order).
+    assert sorted(widths.values()) == sorted([2 * stage1_channels] * 3 + [192, 3])
+    by_source = {source: part["value"].to_numpy() for source, part in table.groupby("source")}
+    np.testing.assert_array_equal(by_source["same_network"], by_source["trained"])
     assert table.attrs["features"] == "stage1"
     assert "features: stage1" in evaluate.format_table(table)
 
