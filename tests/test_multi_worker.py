@@ -418,6 +418,31 @@ def test_workers_that_disagree_all_stop_naming_what_differs():
     workers.agree(mine, fix="")  # the same everywhere: nothing to say
 
 
+def test_every_worker_decides_resuming_before_the_chief_may_write_a_split(train_root, tmp_path,
+                                                                           monkeypatch):
+    """A slow worker must not take the split.json the chief writes for a new run for an old
+    run's: "resuming" is decided between two barriers, and the chief writes after the second."""
+    from cmc_kit.training import cluster, launch
+    from helpers import tiny_config
+
+    events = []
+    monkeypatch.setattr(cluster.Workers, "barrier", lambda self: events.append("barrier"))
+    has_split = launch._has_split
+    monkeypatch.setattr(launch, "_has_split",
+                        lambda run: events.append(f"resuming: {has_split(run)}") or has_split(run))
+    write = launch.atomic_write_text
+    monkeypatch.setattr(launch, "atomic_write_text",
+                        lambda path, text: events.append(f"write {path.name}") or write(path, text))
+    run = tmp_path / "run"
+    for expected in ("resuming: False", "resuming: True"):
+        events.clear()
+        launch._prepare(train_root, None, run, tiny_config(), chief=True, tf_cluster=None,
+                        fresh=False, resume_from=None, verbose=0)
+        assert events[:3] == ["barrier", expected, "barrier"], events
+        assert events.count("barrier") == 2 and ("write split.json" in events) == \
+            (expected == "resuming: False"), events
+
+
 class _TwoWorkers:
     index, count = 1, 2
 

@@ -100,9 +100,13 @@ def _prepare(data, catalog, run_dir: Path, config: Config | None, *, chief: bool
         with cluster.lost_workers_explained(workers, lambda: "before the first step",
                                             tc.collective_timeout):
             workers.barrier()  # the chief has readied RUN (fresh start, previous run) for all
-            trainer, split_ids, resuming, fingerprint = _checked_trainer(
-                data, catalog, run_dir, config, strategy=strategy, workers=workers,
-                **trainer_options)
+            # A run with a split is resumed. Every worker decides that before the chief may
+            # write a new run's split.json, or a slow worker could take it for an old run's.
+            resuming = _has_split(run_dir)
+            workers.barrier()
+            trainer, split_ids, fingerprint = _checked_trainer(
+                data, catalog, run_dir, config, resuming=resuming, strategy=strategy,
+                workers=workers, **trainer_options)
     except BaseException:
         if set_aside is not None:
             set_aside.put_back()
@@ -115,23 +119,30 @@ def _prepare(data, catalog, run_dir: Path, config: Config | None, *, chief: bool
     return trainer
 
 
-def _checked_trainer(data, catalog, run_dir: Path, config: Config, **trainer_options):
+def _has_split(run_dir: Path) -> bool:
+    """A run with a saved split is resumed on it."""
+    return (run_dir / runs.SPLIT_FILE).exists()
+
+
+def _checked_trainer(data, catalog, run_dir: Path, config: Config, *, resuming: bool,
+                     **trainer_options):
     """A Trainer for the run, once the settings match a run being resumed and the input
     pipeline passed its own checks (the cache, its image size; it reads no batch)."""
     saved_path = run_dir / runs.CONFIG_FILE
     if saved_path.exists() and runs.has_checkpoint(run_dir):
         runs.check_resume_settings(config, Config.load(saved_path), run_dir)
-    trainer, split_ids, resuming, fingerprint = _trainer_for(data, catalog, run_dir, config,
-                                                             **trainer_options)
+    trainer, split_ids, fingerprint = _trainer_for(data, catalog, run_dir, config,
+                                                   resuming=resuming, **trainer_options)
     trainer.dataset(0, transform=False)
-    return trainer, split_ids, resuming, fingerprint
+    return trainer, split_ids, fingerprint
 
 
-def _trainer_for(data, catalog, run_dir: Path, config: Config, **trainer_options):
-    """The run's catalog and split (new, or saved), and a Trainer built on them: building it
-    checks every setting (strategy, pairs, crop size...) before anything is written."""
+def _trainer_for(data, catalog, run_dir: Path, config: Config, *, resuming: bool,
+                 **trainer_options):
+    """The run's catalog and split (saved when `resuming`, else new), and a Trainer built on
+    them: building it checks every setting (strategy, pairs, crop size...) before anything is
+    written."""
     split_path = run_dir / runs.SPLIT_FILE
-    resuming = split_path.exists()
     metadata_csv = None
     if catalog is None:
         catalog = runs.usable_catalog(data, check_pixels=not resuming)
@@ -149,7 +160,7 @@ def _trainer_for(data, catalog, run_dir: Path, config: Config, **trainer_options
     split = runs.apply_split(catalog, split_ids)
     trainer = Trainer(config, run_dir, split["train"], split["validation"],
                       metadata_csv=metadata_csv, **trainer_options)
-    return trainer, split_ids, resuming, fingerprint
+    return trainer, split_ids, fingerprint
 
 
 def _save_settings(run_dir: Path, config: Config, split_ids: dict, resuming: bool,
