@@ -2,7 +2,7 @@
 
 Every source is probed on the same split with the same probes:
   - `trained`: the run's checkpoint (online network, features of the terrain centre crop;
-    which features is `features`, see `cmc_kit.embed.SOURCES`: by default every stage's
+    which features is `features`, see `cmc_kit.features.SOURCES`: by default every stage's
     activations pooled to mean and std per channel, which keeps the early stages' colour and
     texture; "trunk" is the original's UMAP embedding, the last stage mean-pooled);
   - `random_init`: the network the run started from (its `train.seed`'s initial weights, see
@@ -214,7 +214,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
             Checked before any work (see `resolve_output`; `force` replaces a file that is not
             an evaluation table).
         checkpoints: "latest", or "all" to add a column per kept checkpoint (learning over epochs).
-        features: the feature source of the trained and random-init encoders (`embed.SOURCES`).
+        features: the feature source of the trained and random-init encoders (`features.SOURCES`).
         per_target: also one row per class fraction.
         grid: score grid x grid crops of every sample (see the module docstring); 1: the
             centre crop only.
@@ -226,11 +226,12 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
         the grid, the run's epoch and step and the sample counts. Written wide to `out` (CSV) if given.
     """
     from cmc_kit import embed
+    from cmc_kit.features import check_source
 
     if checkpoints not in ("latest", "all"):
         raise CmcKitError(f"checkpoints (CHECKPOINTS in 05_evaluate) must be 'latest' or 'all'. "
                           f"Received: {checkpoints!r}")
-    embed.check_source(features)
+    check_source(features)
     grid = check_grid(grid)
     out = resolve_output(out, run, force=force)
     handle = runs.load_run(run)

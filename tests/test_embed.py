@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cmc_kit import CLASS_NAMES, PALETTE, data, embed, layout
+from cmc_kit import CLASS_NAMES, PALETTE, data, embed, features, layout
 
 SIZE, CROP = 32, 16  # image side, centre crop side: the crop is [8:24, 8:24]
 LO, HI = (SIZE - CROP) // 2, (SIZE + CROP) // 2
@@ -183,9 +183,9 @@ def test_stage_sources_pool_mean_and_std_per_channel_of_the_activated_maps(datas
         return block / np.linalg.norm(block, axis=1, keepdims=True)
 
     stage1, stage2 = reference(x), reference(pooled)                                    # [5, 6]
-    np.testing.assert_allclose(embed.feature_vectors(encoder, batch, view="terrain",
+    np.testing.assert_allclose(features.feature_vectors(encoder, batch, view="terrain",
                                                      source="stage1"), stage1, rtol=1e-5)
-    np.testing.assert_allclose(embed.feature_vectors(encoder, batch, view="terrain",
+    np.testing.assert_allclose(features.feature_vectors(encoder, batch, view="terrain",
                                                      source="stages"),
                                np.concatenate([stage1, stage2], axis=1), rtol=1e-5)
     table = embed.compute_embeddings(encoder, dataset.catalog, source="stage2", crop_size=CROP,
@@ -193,9 +193,9 @@ def test_stage_sources_pool_mean_and_std_per_channel_of_the_activated_maps(datas
     np.testing.assert_allclose(embed.embedding_matrix(table), stage2, rtol=1e-5)
     assert table.attrs["source"] == "stage2"
     with pytest.raises(embed.CmcKitError, match="has 2 stages"):
-        embed.feature_vectors(encoder, batch, view="terrain", source="stage3")
+        features.feature_vectors(encoder, batch, view="terrain", source="stage3")
     with pytest.raises(embed.CmcKitError, match="stage<N>"):
-        embed.check_source("stage0")
+        features.check_source("stage0")
 
 
 def test_bad_arguments_name_the_setting(dataset):
@@ -400,17 +400,17 @@ def test_compiled_features_are_traced_once_and_equal_the_eager_ones(monkeypatch)
     monkeypatch.setattr(tf, "function", counting)
     encoder = models.build_encoder(ModelConfig(width=0.125, embedding_dim=8,
                                                views=("terrain", "height")), crop_size=32)
-    eager = embed.feature_function(encoder, view="terrain", source="stages", compile=False)
+    eager = features.feature_function(encoder, view="terrain", source="stages", compile=False)
     rng = np.random.default_rng(0)
     # Batches of several sizes and crops of two sizes, as a last batch or another grid gives,
     # and a second feature function of the same encoder (as every epoch's embeddings make).
     for _ in range(2):
-        compiled = embed.feature_function(encoder, view="terrain", source="stages")
+        compiled = features.feature_function(encoder, view="terrain", source="stages")
         for batch, side in ((4, 32), (3, 32), (2, 64), (5, 32)):
             x = rng.uniform(-1, 1, (batch, side, side, 3)).astype("float32")
             np.testing.assert_allclose(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
     assert len(traces) == 1 and traces[0][-1] == 3, traces
-    embed.feature_function(encoder, view="terrain", source="trunk")(x)  # another source: traced
+    features.feature_function(encoder, view="terrain", source="trunk")(x)  # another source: traced
     assert len(traces) == 2
 
 
@@ -424,8 +424,8 @@ def test_the_compiled_functions_do_not_keep_an_encoder_alive():
     encoder = models.build_encoder(ModelConfig(width=0.125, embedding_dim=8,
                                                views=("terrain", "height")), crop_size=32)
     x = np.zeros((2, 32, 32, 3), np.float32)
-    embed.feature_function(encoder, view="terrain", source="stages")(x)
-    assert encoder in embed._COMPILED
+    features.feature_function(encoder, view="terrain", source="stages")(x)
+    assert encoder in features._COMPILED
     alive = weakref.ref(encoder)
     del encoder
     gc.collect()  # Keras layers hold reference cycles

@@ -17,7 +17,7 @@ FLOORS = [
     {"kaggle", "synth"},
     {"data", "decode", "views", "cache"},
     {"layers", "models", "objectives", "training", "runs"},
-    {"embed", "explore", "probes", "evaluate", "finetune", "export"},
+    {"features", "embed", "explore", "probes", "evaluate", "finetune", "export"},
     {"notebook", "demo", "arguments", "cli", "__main__"},
 ]
 ENVIRONMENT_READERS = {"config", "kaggle"}

@@ -19,6 +19,7 @@ import pandas as pd
 
 from cmc_kit import data as data_module
 from cmc_kit import embed
+from cmc_kit.features import SOURCES
 from cmc_kit.errors import CmcKitError, DataError
 from cmc_kit.layout import find_metadata_csv
 from cmc_kit.explore.scatter import (DOMINANT, check_layout, colour_options, marker_colours,
@@ -138,7 +139,7 @@ class Explorer:
             controls.update({
                 "checkpoint": widgets.Dropdown(options=labels, value=None,
                                                description="checkpoint"),
-                "source": widgets.Dropdown(options=list(embed.SOURCES),
+                "source": widgets.Dropdown(options=list(SOURCES),
                                            value=self.embed_options["source"],
                                            description="source"),
                 "view": widgets.Dropdown(options=list(views or embed.EMBEDDABLE_VIEWS),
