@@ -6,6 +6,7 @@
     queues     memory queues [K, D] with pointer and fill
     step       the compiled train step
     state      counters, the epoch's running sums, the checkpoint
+    health     collapsed embeddings (warned once), streaks of non-finite steps
     logs       log.csv, log_steps.csv and TensorBoard
     trainer    Trainer.fit (epochs of steps, time limit, callbacks)
     launch     `train` for a run directory, on one machine or every worker of a cluster

@@ -25,19 +25,13 @@ from cmc_kit import models, objectives, runs, views
 from cmc_kit.config import Config
 from cmc_kit.errors import ConfigError, TrainingError
 from cmc_kit.fileio import free_megabytes, write_problem
-from cmc_kit.training import cluster, devices
+from cmc_kit.training import cluster, devices, health
 from cmc_kit.training.logs import RunLog
 from cmc_kit.training.queues import MemoryQueues, queue_size
 from cmc_kit.training.schedules import make_learning_rate
 from cmc_kit.training.state import (Checkpointer, EpochTally, TrainState, saved_optimizer,
                                     state_summary)
 from cmc_kit.training.step import StepSettings, build_train_step, jit_mode
-
-
-# Below this `embedding_spread` (std of normalised embeddings x sqrt(D); ~1 healthy) an epoch's
-# embeddings count as collapsed and the trainer warns. Measured on cpu-demo: a stalled run's
-# first epoch read 0.05-0.08, healthy ReZero runs 0.15-0.19 after their first epoch.
-COLLAPSE_SPREAD = 0.1
 
 
 @dataclasses.dataclass
@@ -152,7 +146,7 @@ class Trainer:
         self.skipped_samples = views.SkippedCounter()  # files unreadable since validation
         self.log = RunLog(self.run_dir, enabled=self.is_chief)
         self._epoch_end_seconds = 0.0  # measured cost of the epoch-end work, for the time limit
-        self._warned_collapse = False
+        self.collapse_watch = health.CollapseWatch(self.run_dir)
         self.callbacks = list(callbacks or [])
         for callback in self.callbacks:
             if hasattr(callback, "set_trainer"):
@@ -407,11 +401,8 @@ class Trainer:
             return
         session.consecutive_bad += 1
         if session.consecutive_bad >= self.config.train.max_nonfinite_steps:
-            raise TrainingError(
-                f"{session.consecutive_bad} consecutive steps had a non-finite loss or gradient "
-                f"(step {int(self.state.step.numpy())}); training stopped. The last good "
-                f"checkpoint is intact: {session.last_checkpoint}. Lower train.learning_rate, "
-                "check the data with `cmc-kit validate`, or raise train.max_nonfinite_steps.")
+            raise health.nonfinite_streak(session.consecutive_bad, int(self.state.step.numpy()),
+                                          session.last_checkpoint)
 
     def _show_step(self, run: _EpochRun, logs: dict, in_epoch: int, step_seconds: float,
                    last: bool) -> None:
@@ -447,7 +438,7 @@ class Trainer:
                                       / max(seconds, 1e-9), 2)}
         if means:
             row["embedding_spread"] = round(self.embedding_spread(means), 4)
-            self._watch_for_collapse(run.epoch, row["embedding_spread"])
+            self.collapse_watch.check(run.epoch, row["embedding_spread"])
         self.state.next_epoch()
         self._notify("on_epoch_end", run.epoch, row)  # may add values to the row
         with self.writing("logging"):
@@ -473,22 +464,9 @@ class Trainer:
         return values + [("samples/s", self.global_batch / max(step_seconds, 1e-9))]
 
     def embedding_spread(self, logs: dict) -> float:
-        """The least spread-out view's embedding std, times sqrt(D): ~1 when the embeddings
-        cover the sphere, ~0 when they collapse to a point."""
-        spreads = [logs[f"spread_{view}"] for view in self.config.model.views]
-        return float(min(spreads) * np.sqrt(self.config.model.embedding_dim))
-
-    def _watch_for_collapse(self, epoch: int, spread: float) -> None:
-        """Warns once per session when an epoch's embeddings have (nearly) collapsed."""
-        if spread >= COLLAPSE_SPREAD or self._warned_collapse:
-            return
-        self._warned_collapse = True
-        warnings.warn(
-            f"Epoch {epoch + 1} of {self.run_dir}: the embeddings have nearly collapsed "
-            f"(embedding_spread {spread:.3f}, below {COLLAPSE_SPREAD}; ~1 is healthy), so they "
-            "tell samples apart poorly. Lower train.learning_rate, raise train.warmup_steps or "
-            "train.momentum, or check log.csv's spread_<view> columns for the view that "
-            "collapsed.", stacklevel=3)
+        """`health.embedding_spread` of this run's views: ~1 healthy, ~0 collapsed."""
+        return health.embedding_spread(logs, self.config.model.views,
+                                       self.config.model.embedding_dim)
 
     def _notify(self, hook: str, *args) -> None:
         if not self.is_chief:  # callbacks write (embeddings, plots): the chief's job
