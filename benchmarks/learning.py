@@ -42,7 +42,8 @@ from cmc_kit import embed, evaluate, runs, training  # noqa: E402
 from cmc_kit.config import preset  # noqa: E402
 from cmc_kit.demo import DEMO_IMAGE_SIZE, ensure_synthetic  # noqa: E402
 
-SMOKE_SETTINGS = {"data.crop_size": 32, "data.batch_size": 8, "model.width": 0.125,
+SMOKE_SETTINGS = {"data.crop_size": 32, "data.batch_size": 8, "model.trunk": "resnet18",
+                  "model.width": 0.125,
                   "model.embedding_dim": 16, "train.epochs": 2, "train.queue_multiplier": 2,
                   "train.eval_subset": 8, "data.validation_fraction": 0.25}
 

@@ -23,6 +23,7 @@ ALL_VIEWS = ("terrain", "segmentation", "height", "overview")
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker", "tpu")
 TRUNK_NAMES = (
     "resnet34",
+    "resnet18",
     "original",
     "regnetx-200mf",
     "regnetx-400mf",

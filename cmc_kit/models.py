@@ -69,6 +69,9 @@ TRUNK_SPECS = {
     # torchvision's ResNet-34 stages (its 7x7 stem and max-pool replaced by our 5x5 s2 stems).
     "resnet34": TrunkSpec("basic", (3, 4, 6, 3), (64, 128, 256, 512), stem_width=64,
                           strides=(1, 2, 2, 2)),
+    # ResNet-18's stages, the same stems: half the blocks, for quick runs (and the tests).
+    "resnet18": TrunkSpec("basic", (2, 2, 2, 2), (64, 128, 256, 512), stem_width=64,
+                          strides=(1, 2, 2, 2)),
     # The seed's first trunk: 5 stride-2 bottleneck stages. Its exact widths are not
     # published; these follow ResNet's doubling with a bottleneck ratio of 4.
     "original": TrunkSpec("bottleneck", (2, 2, 2, 2, 2), (64, 128, 256, 512, 1024),

@@ -88,7 +88,7 @@ SMOKE = in_ci()       # CI: a tiny model for two epochs
 if SMOKE:
     PRESET, EPOCHS = "cpu-demo", 2
     OVERRIDES = {"data.crop_size": 32, "data.batch_size": 8, "data.validation_fraction": 0.2,
-                 "model.width": 0.125, "model.embedding_dim": 16,
+                 "model.trunk": "resnet18", "model.width": 0.125, "model.embedding_dim": 16,
                  "train.queue_multiplier": 2, "train.eval_subset": 8, **OVERRIDES}
 
 DATA = notebook.find_data(DATA_DIR)

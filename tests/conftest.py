@@ -50,7 +50,8 @@ def trained_run(small_dataset, tmp_path_factory):
 
     config = preset("cpu-demo").with_overrides({
         "data.crop_size": 32, "data.batch_size": 6, "data.validation_fraction": 0.25,
-        "model.width": 0.125, "model.embedding_dim": 16, "train.epochs": 2,
+        "model.trunk": "resnet18", "model.width": 0.125, "model.embedding_dim": 16,
+        "train.epochs": 2,
         "train.queue_multiplier": 2, "train.eval_subset": 8})
     run = tmp_path_factory.mktemp("trained_run") / "run"
     training.train(small_dataset, run, config, verbose=0, callbacks=[embed.EpochEmbeddings()])

@@ -19,13 +19,13 @@ from cmc_kit.errors import TrainingError
 
 
 def tiny_config(**overrides):
-    """Crop 32, width 0.125, global batch 8 (4 per replica), 3 steps per epoch, a checkpoint
+    """ResNet-18, crop 32, width 0.125, global batch 8 (4 per replica), 3 steps per epoch, a checkpoint
     after every step. A small learning rate: Adam turns round-off in near-zero gradient
     entries into +-lr steps, which would swamp a multi-step comparison at lr 1e-3."""
     base = {
         "train.learning_rate": 1e-5,
         "data.crop_size": 32, "data.batch_size": 8, "data.validation_fraction": 0.2,
-        "model.width": 0.125, "model.embedding_dim": 16,
+        "model.trunk": "resnet18", "model.width": 0.125, "model.embedding_dim": 16,
         "model.views": "terrain,height,segmentation", "train.pairs": "full",
         "train.epochs": 1, "train.queue_multiplier": 2, "train.eval_subset": 0,
         "train.checkpoint_every_steps": 1, "train.keep_checkpoints": 10,

@@ -105,6 +105,7 @@ def test_a_learning_rate_changed_on_resume_is_the_one_that_trains(dataset, tmp_p
     run = tmp_path / "run"
     base = ["train", "--data", str(dataset), "--run", str(run), "--set", "data.crop_size=32",
             "--set", "data.batch_size=4", "--set", "model.width=0.125",
+            "--set", "model.trunk=resnet18",
             "--set", "model.embedding_dim=16", "--set", "train.queue_multiplier=2",
             "--set", "train.eval_subset=0", "--set", "data.validation_fraction=0.2"]
     assert cli.main(base + ["--epochs", "1"]) == 0
@@ -152,6 +153,7 @@ def test_resuming_on_other_images_under_the_same_ids_is_noticed(dataset, tmp_pat
 # -- 3. an interrupted fresh start ------------------------------------------------------------------
 
 TINY_TRAIN = ["--set", "data.crop_size=32", "--set", "data.batch_size=4", "--set", "model.width=0.125",
+              "--set", "model.trunk=resnet18",
               "--set", "model.embedding_dim=16", "--set", "train.queue_multiplier=2",
               "--set", "train.eval_subset=0", "--set", "data.validation_fraction=0.2"]
 

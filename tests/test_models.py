@@ -66,6 +66,15 @@ def test_resnet34_stages_hold_torchvision_conv_weight_count():
     assert trunk.count_params() == 21_258_240  # no biases, no BatchNorm
 
 
+def test_resnet18_stages_hold_torchvision_conv_weights():
+    # torchvision's resnet18 has 11,689,512 parameters: minus its 7x7 stem conv (9,408), its
+    # BatchNorms (9,600) and the 1000-way classifier (513,000), the stages' conv weights.
+    trunk = build_trunk("resnet18", width=1.0)
+    assert conv_weight_count(trunk) == 11_689_512 - 9_408 - 9_600 - 513_000
+    blocks = {layer.name.split("_")[1] for layer in trunk.layers if "_block" in layer.name}
+    assert blocks == {"block1", "block2"}  # two basic blocks in every stage
+
+
 @pytest.mark.parametrize("name, torchvision_params, stem_width", [
     ("regnetx-200mf", 2_684_792, 32),
     ("regnetx-800mf", 7_259_656, 32),

@@ -61,7 +61,8 @@ WORKER_SCRIPT = textwrap.dedent("""
 def tiny_config():
     return preset("cpu-demo").with_overrides({
         "data.crop_size": 32, "data.batch_size": 8, "data.validation_fraction": 0.2,
-        "model.width": 0.125, "model.embedding_dim": 16, "model.views": "terrain,height",
+        "model.trunk": "resnet18", "model.width": 0.125, "model.embedding_dim": 16,
+        "model.views": "terrain,height",
         "train.pairs": "full", "train.epochs": 1, "train.queue_multiplier": 1,
         "train.eval_subset": 4, "train.learning_rate": 1e-5, "train.checkpoint_every_steps": 1,
         "train.keep_checkpoints": 10, "train.log_every_steps": 1,
