@@ -84,7 +84,8 @@ def main() -> None:
         return
     if args.smoke:
         config = preset("cpu-demo").with_overrides({
-            "data.crop_size": 32, "data.batch_size": 4, "model.width": 0.125,
+            "data.crop_size": 32, "data.batch_size": 4, "model.trunk": "resnet18",
+            "model.width": 0.125,
             "model.embedding_dim": 16, "train.queue_multiplier": 2,
             "train.mixed_precision": "off" if name == "no GPU" else args.precision})
         args.steps, samples, image_size, matmul_n = 2, 16, 64, 512

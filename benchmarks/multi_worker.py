@@ -127,7 +127,7 @@ def main() -> None:
     if args.smoke:
         args.steps, args.warmup, args.rounds = 3, 1, 1
         args.set = (args.set or []) + ["data.crop_size=32", "model.views=terrain,height",
-                                       "data.batch_size=8"]
+                                       "data.batch_size=8", "model.trunk=resnet18"]
     from cmc_kit import synth
     from cmc_kit.cache import prepare_cache
     from cmc_kit.config import preset
