@@ -145,7 +145,7 @@ def _write_shard(root: Path, name: str, rows: pd.DataFrame, image_size, bar) -> 
 def _read_shard_meta(folder: Path) -> dict | None:
     try:
         return json.loads((folder / _SHARD_META).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # not JSON, or not UTF-8 text
         return None
 
 
@@ -175,7 +175,7 @@ class CacheReader:
         path = root / CACHE_MANIFEST
         try:
             manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError) as err:  # not JSON, or not UTF-8 text
             raise DataError(f"Cannot read the cache manifest {path} ({err}). Build the cache "
                             f"with `cmc-kit prepare DATA {root}`.") from None
         if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:

@@ -189,7 +189,7 @@ class Config:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8 text
             raise ConfigError(f"Cannot read run config {path}: {err}. "
                               "Delete it or start the run with --fresh.") from err
         try:

@@ -217,6 +217,27 @@ def test_a_rerun_skips_finished_arms(finetuned, small_dataset, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_damaged_result_is_scored_again_from_the_arms_checkpoint(finetuned, small_dataset,
+                                                                  tmp_path, monkeypatch):
+    run, table, _ = finetuned
+    run = _copy_run(run, tmp_path / "run")
+    result = next((run / "finetune").rglob("frozen-labels1-*/result.json"))
+    result.write_bytes(b"\xff\xfe\x00")
+    calls = DatasetCalls(monkeypatch)
+    with pytest.warns(UserWarning, match=r"result.json is damaged .*continued from its "
+                                         r"checkpoints and scored again"):
+        again = finetune.finetune_run(run, small_dataset, labels="0.2,1", epochs=1,
+                                      progress=False)
+    assert not calls.training() and len(calls.calls) == 1  # one arm scored, none trained
+    pd.testing.assert_frame_equal(again, table)
+    assert json.loads(result.read_text())  # written again
+    # The copy found every other finished arm too: their folders do not depend on where the run
+    # lives (the fine-tune did not train again).
+    assert sorted(p.name for p in (run / "finetune").iterdir() if p.is_dir()) == \
+        sorted(p.name for p in (finetuned[0] / "finetune").iterdir() if p.is_dir())
+
+
+@pytest.mark.slow
 def test_the_pretrained_arms_read_the_chosen_checkpoint(finetuned, small_dataset):
     run, latest, _ = finetuned
     earlier = finetune.finetune_run(run, small_dataset, labels="1", epochs=1, checkpoint="1",

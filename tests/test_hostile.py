@@ -339,7 +339,11 @@ def test_a_second_trainer_on_a_live_run_is_refused_at_once_and_a_killed_ones_loc
             line = _one_error_line(capsys.readouterr().err, "train")
             assert f"pid {first.pid}" in line and "another process" in line
             assert time.monotonic() - started < 60  # refused at once, not after its own setup
-        assert (run / "log.csv").read_text() == before and not (run / ".before-fresh").exists()
+        # The live trainer may have logged another epoch meanwhile; nothing else wrote.
+        after = (run / "log.csv").read_text()
+        epochs = [int(row.split(",")[0]) for row in after.splitlines()[1:]]
+        assert after.startswith(before) and epochs == list(range(1, len(epochs) + 1)), after
+        assert not (run / ".before-fresh").exists()
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -447,6 +451,10 @@ def test_broken_credentials_are_named_as_broken_not_as_missing(tmp_path, monkeyp
                                                r".*line 1") as err:
         kaggle.download(dest=tmp_path / "data")
     assert planted not in str(err.value) and "not found" not in str(err.value)
+    (tmp_path / "kaggle.json").write_bytes(b"\xff\xfe" + planted.encode("utf-16-le"))
+    with pytest.raises(CredentialsError, match=r"cannot be used: .*kaggle.json is not a text "
+                                               r"file; download a new one"):
+        kaggle.download(dest=tmp_path / "data")
     (tmp_path / "kaggle.json").unlink()
     monkeypatch.setenv("KAGGLE_API_TOKEN", f'"{planted}"')  # pasted with its quotes
     with pytest.raises(CredentialsError, match=r"KAGGLE_API_TOKEN is set but is not a Kaggle "
@@ -549,3 +557,47 @@ def test_soak_random_sigkills_resume_bit_identical_to_a_straight_run(dataset, tm
         if name.startswith("queues/") and "OPTIMIZER" not in name:
             np.testing.assert_array_equal(ra.get_tensor(name), rb.get_tensor(name))
     assert pd.read_csv(victim_run / "log.csv")["epoch"].tolist() == [1, 2, 3]
+
+
+# -- run files that are not even text (a disk error, a half-synced bucket) -----------------------
+
+NOT_TEXT = b"\xff\xfe\x00\x81"
+
+
+def test_a_state_file_that_is_not_text_only_costs_its_summary(trained_run, tmp_path, capsys):
+    """state.json only summarises the checkpoints: info and every reader carry on from them."""
+    import json
+    import shutil
+
+    from cmc_kit import runs
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    expected = runs.list_checkpoints(run)[-1]
+    (run / "state.json").write_bytes(NOT_TEXT)
+    assert cli.main(["info", "--run", str(run), "--json"]) == 0
+    captured = capsys.readouterr()
+    info = json.loads(captured.out)
+    assert (info["epoch"], info["step"], info["latest_checkpoint"]) == \
+        (expected["epoch"], expected["step"], expected["path"])
+    assert info["queue_fill"] is None  # unknown, not a made-up 0
+    warning = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "state.json is damaged" in warning[0], captured.err
+    assert "Traceback" not in captured.err
+    assert runs.load_run(run).encoder("online") is not None
+
+
+@pytest.mark.parametrize("name", ["config.json", "split.json"])
+def test_a_run_file_that_is_not_text_is_one_line_naming_it(trained_run, small_dataset, tmp_path,
+                                                          capsys, name):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / name).write_bytes(NOT_TEXT)
+    command = ["embed", "--run", str(run), "--data", str(small_dataset), "--out",
+               str(tmp_path / "table.parquet")]
+    assert cli.main(command) == 2
+    line = _one_error_line(capsys.readouterr().err, "embed")
+    assert f"{run / name}" in line and "codec can't decode" in line
+    assert (run / name).read_bytes() == NOT_TEXT  # left for the user to look at

@@ -351,6 +351,10 @@ def test_a_pushed_notebook_finds_the_attached_dataset_without_01s_record(tmp_pat
     monkeypatch.setattr(datasets, "on_kaggle", lambda: False)
     with pytest.raises(DataError, match="No dataset recorded"):
         datasets.find_data()
+    paths["data"].mkdir(parents=True)
+    (paths["data"] / datasets.DATASET_POINTER).write_bytes(b"\xff\xfe\x00")  # not even text
+    with pytest.raises(DataError, match="No dataset recorded"):
+        datasets.find_data()
     monkeypatch.setattr(datasets, "on_kaggle", lambda: True)
     assert datasets.find_data() == attached
     assert f"attached at {attached}" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,9 @@ def arm_settings(handle, arm: str, fraction: float, subset: pd.DataFrame, base: 
                 **base, "model": handle.config.to_dict()["model"],
                 "decoder_version": segmenter.DECODER_VERSION}
     if arm in PRETRAINED_ARMS:
-        settings["pretrained_checkpoint"] = str(handle.checkpoint_path)
+        # Its name in the run, not its path: a run moved or copied (a Kaggle output attached to
+        # the next session) keeps its finished arms; the fingerprint pins the weights.
+        settings["pretrained_checkpoint"] = Path(handle.checkpoint_path).name
         settings["pretrained_fingerprint"] = checkpoint_fingerprint(handle.checkpoint_path)
     else:
         # The run's own starting weights (`evaluate.initial_encoder`), made from train.seed.
@@ -175,10 +178,11 @@ def run_arm(handle, settings: dict, subset: pd.DataFrame, test_catalog: pd.DataF
     folder = arm_folder(handle.run_dir, settings)
     title = f"{settings['arm']}, labels {settings['labels']:g}"
     result_path = folder / RESULT_FILE
-    if result_path.is_file():
+    finished = _finished_result(result_path)
+    if finished is not None:
         if progress:
             print(f"{title}: finished before, skipped ({result_path})")
-        return json.loads(result_path.read_text())
+        return finished
     atomic_write_text(folder / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
     training = ArmTraining(build_arm_model(handle, settings), folder, settings["learning_rate"])
     training.fit(subset, settings, checkpoint_every=checkpoint_every, progress=progress,
@@ -206,9 +210,26 @@ def load_arm_encoder(handle, folder: str | Path):
     return _load_arm(handle, folder)[1]
 
 
+def _finished_result(path: Path) -> dict | None:
+    """A finished arm's result row; None if there is none, or it is damaged (then the arm's
+    checkpoints continue it and score it again)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # not JSON, or not even UTF-8 text
+        warnings.warn(f"{path} is damaged ({err}); that arm is continued from its checkpoints "
+                      "and scored again.", stacklevel=4)
+        return None
+
+
 def _load_arm(handle, folder: str | Path):
     folder = Path(handle.run_dir) / folder
-    settings = json.loads((folder / SETTINGS_FILE).read_text())
+    try:
+        settings = json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"Cannot read {folder / SETTINGS_FILE} ({err}). Delete {folder} and run "
+                        "`cmc-kit finetune` again to train that arm anew.") from None
     encoder = segmenter.arm_encoder(handle, settings["arm"])
     training = ArmTraining(build_arm_model(handle, settings, encoder), folder,
                            settings["learning_rate"])

@@ -58,6 +58,9 @@ def credentials_problem() -> str | None:
     if config_file.is_file():
         try:
             content = json.loads(config_file.read_text())
+        except UnicodeDecodeError:
+            return (f"{config_file} is not a text file; download a new one from kaggle.com -> "
+                    "Settings -> API -> Create New Token")
         except ValueError as err:
             return (f"{config_file} is not valid JSON ({err.msg}, line {err.lineno}); download a "
                     "new one from kaggle.com -> Settings -> API -> Create New Token")

@@ -93,7 +93,7 @@ def find_data(data_dir: str | os.PathLike | None = None, *, pointer: Path | None
                             "01_data_prep.ipynb with the same DATA_DIR first, or fix DATA_DIR.")
         return folder
     pointer = Path(pointer) if pointer is not None else default_paths()["data"] / DATASET_POINTER
-    folder = Path(json.loads(pointer.read_text())["path"]) if pointer.is_file() else None
+    folder = _pointed_to(pointer)
     if folder is not None and holds_samples(folder):
         return folder
     attached = _attached_on_kaggle()
@@ -106,6 +106,15 @@ def find_data(data_dir: str | os.PathLike | None = None, *, pointer: Path | None
                         "(it picks the Kaggle or the synthetic data), or set DATA_DIR.")
     raise DataError(f"{pointer} points to {folder}, which holds no samples any more. Run "
                     "01_data_prep.ipynb again, or set DATA_DIR.")
+
+
+def _pointed_to(pointer: Path) -> Path | None:
+    """The folder 01_data_prep remembered in `pointer`; None when there is none or the file is
+    damaged (then the other ways of finding the data apply)."""
+    try:
+        return Path(json.loads(pointer.read_text())["path"]) if pointer.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):  # not JSON / UTF-8, or no "path"
+        return None
 
 
 def _attached_on_kaggle() -> Path | None:

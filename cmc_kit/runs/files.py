@@ -76,7 +76,7 @@ def epoch_table_path(run_dir: str | os.PathLike, epoch: int) -> Path:
 def read_json(path: str | os.PathLike) -> dict:
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not even UTF-8 text
         raise CheckpointError(f"Cannot read {path}: {err}. The run directory may be damaged; "
                               "restore the file or start over with --fresh.") from err
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ def run_info(run: str | os.PathLike) -> dict:
                               f"`cmc-kit train --data DATA --run {run_dir}` or notebook 02_train "
                               "with this RUN_DIR.")
     config = Config.load(run_dir / CONFIG_FILE)
-    state = read_json(run_dir / STATE_FILE) if (run_dir / STATE_FILE).exists() else {}
+    state = _summary_or_nothing(run_dir / STATE_FILE)
     checkpoints = list_checkpoints(run_dir)
     usable = [c for c in checkpoints if c["problem"] is None]
     # Where the run stands is what its newest usable checkpoint holds (state.json may name a
@@ -42,7 +43,7 @@ def run_info(run: str | os.PathLike) -> dict:
         "epoch": latest.get("epoch", state.get("epoch", 0)),
         "epochs": config.train.epochs,
         "step": latest.get("step", state.get("step", 0)),
-        "queue_fill": state.get("queue_fill", 0),
+        "queue_fill": state.get("queue_fill", 0 if state or not usable else None),
         "queue_size": state.get("queue_size"),
         "skipped_steps": state.get("skipped_steps", 0),
         "latest_checkpoint": latest["path"],
@@ -50,6 +51,20 @@ def run_info(run: str | os.PathLike) -> dict:
         "damaged_checkpoints": {c["path"]: c["problem"] for c in checkpoints if c["problem"]},
         "config": config.to_dict(),
     }
+
+
+def _summary_or_nothing(path: Path) -> dict:
+    """state.json, or {} when it is missing or damaged: it only summarises the checkpoints,
+    which say where the run stands, and the next training session writes it again."""
+    if not path.exists():
+        return {}
+    try:
+        return read_json(path)
+    except CheckpointError as err:
+        warnings.warn(f"{path} is damaged ({err.__cause__}); epoch and step are read from the "
+                      "checkpoints instead, and the next `cmc-kit train` of this run writes it "
+                      "again. Nothing else is lost.", stacklevel=3)
+        return {}
 
 
 class RunHandle:
