@@ -577,6 +577,16 @@ def test_non_finite_embeddings_are_left_out_with_a_warning(dataset, epoch_run):
         assert np.isfinite(frame.data[0].x).all()
 
 
+def test_an_epoch_table_that_cannot_be_read_is_left_out_with_a_warning(epoch_run):
+    damaged = epoch_run / "embeddings" / "epoch_002.parquet"
+    damaged.write_bytes(b"\xff\xfe\x00 not parquet")
+    with pytest.warns(UserWarning, match=r"Epoch 2 is left out of the animation .*epoch_002"
+                                         r"\.parquet cannot be read"):
+        figure = explore.embedding_over_epochs(epoch_run, n_neighbors=5)
+    assert [frame.name for frame in figure.frames] == ["epoch 1", "epoch 3"]
+    assert damaged.read_bytes().startswith(b"\xff\xfe")  # left as it was
+
+
 def test_embedding_over_epochs_without_tables_says_how_to_get_them(tmp_path):
     with pytest.raises(Exception, match="train.eval_subset"):
         explore.embedding_over_epochs(tmp_path / "empty_run")

@@ -601,3 +601,37 @@ def test_a_run_file_that_is_not_text_is_one_line_naming_it(trained_run, small_da
     line = _one_error_line(capsys.readouterr().err, "embed")
     assert f"{run / name}" in line and "codec can't decode" in line
     assert (run / name).read_bytes() == NOT_TEXT  # left for the user to look at
+
+
+def test_a_log_that_is_not_text_is_set_aside_and_training_goes_on(trained_run, small_dataset,
+                                                                 tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "log.csv").write_bytes(NOT_TEXT)
+    assert cli.main(["train", "--data", str(small_dataset), "--run", str(run), "--epochs", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "log.csv could not be read" in err and "moved to" in err and "Traceback" not in err
+    assert (run / "log.csv.damaged").read_bytes() == NOT_TEXT  # kept, not deleted
+    assert list(pd.read_csv(run / "log.csv")["epoch"]) == [3]  # a new log from here on
+
+
+def test_a_damaged_data_fingerprint_says_the_run_is_intact_and_how_to_resume(
+        trained_run, small_dataset, tmp_path, capsys):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "dataset.json").write_bytes(NOT_TEXT)
+    command = ["train", "--data", str(small_dataset), "--run", str(run), "--epochs", "3"]
+    assert cli.main(command) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "dataset.json" in line and "run itself is intact: delete that file" in line
+    assert "--fresh" not in line  # starting over would throw the run away
+    (run / "dataset.json").unlink()
+    assert cli.main(command) == 0  # as the message says
+    assert json.loads((run / "dataset.json").read_text())["checksums"]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cmc_kit import embed
-from cmc_kit.errors import CmcKitError
+from cmc_kit.errors import CmcKitError, DataError
 from cmc_kit.explore.page import GENERATOR_TAG
 from cmc_kit.explore.scatter import DOMINANT, marker_colours, marker_size, point_marker
 from cmc_kit.fileio import atomic_write_bytes
@@ -90,10 +90,17 @@ def embedding_over_epochs(run: str | os.PathLike, *, colour_by: str = DOMINANT,
 
 
 def _finite_tables(run, found: list[tuple[int, Path]]) -> list[tuple[int, pd.DataFrame]]:
-    """(epoch, table) with the rows of non-finite embeddings left out (with a warning)."""
+    """(epoch, table) with the rows of non-finite embeddings left out, and epochs whose table
+    cannot be read (a damaged file: training wrote it, nothing can write it again), with a
+    warning."""
     tables, dropped = [], []
     for epoch, path in found:
-        table = embed.load_table(path)
+        try:
+            table = embed.load_table(path)
+        except DataError as err:
+            warnings.warn(f"Epoch {epoch} is left out of the animation of {run}: {path} cannot "
+                          f"be read ({err.__cause__ or err}).", stacklevel=3)
+            continue
         finite = np.isfinite(embed.embedding_matrix(table)).all(axis=1)
         if not finite.any():  # e.g. an epoch whose weights overflowed: no frame for it
             dropped.append(f"epoch {epoch}: all")
@@ -105,7 +112,7 @@ def _finite_tables(run, found: list[tuple[int, Path]]) -> list[tuple[int, pd.Dat
         warnings.warn(f"Non-finite embeddings left out of the animation of {run} "
                       f"({'; '.join(dropped)} sample(s)).", stacklevel=3)
     if not tables:
-        raise CmcKitError(f"Every epoch table of {run} holds only non-finite embeddings.")
+        raise CmcKitError(f"No epoch table of {run} holds finite embeddings that can be read.")
     return tables
 
 

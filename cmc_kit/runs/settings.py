@@ -13,7 +13,7 @@ from cmc_kit import layout
 from cmc_kit.config import Config, preset
 from cmc_kit.errors import CheckpointError
 from cmc_kit.fileio import atomic_write_text
-from cmc_kit.runs.files import CONFIG_FILE, DATASET_FILE, read_json
+from cmc_kit.runs.files import CONFIG_FILE, DATASET_FILE
 from cmc_kit.runs.lifecycle import recover_set_aside
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `cmc-kit --help` needs none of it
@@ -160,7 +160,14 @@ def check_dataset(run_dir: str | os.PathLike, now: dict, *, allow_changed: bool)
     path = Path(run_dir) / DATASET_FILE
     if not path.is_file():
         return
-    saved = read_json(path)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # not JSON, or not even UTF-8 text
+        raise CheckpointError(
+            f"Cannot read {path} ({err}), the fingerprint of the data {run_dir} was trained on. "
+            "The run itself is intact: delete that file and run the same command again to "
+            "resume (it is written anew from the data given then, which is not compared with "
+            "the data the run was trained on this once).") from None
     size_then, size_now = saved.get("image_size"), now.get("image_size")
     if size_then and size_now and size_then != size_now and not allow_changed:
         raise CheckpointError(

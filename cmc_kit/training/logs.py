@@ -25,19 +25,60 @@ class _NoSummaries:
         pass
 
 
-def append_csv(path: Path, row: dict) -> None:
-    """Appends a row; a row with new columns (e.g. kNN enabled later) rewrites the file with the
-    wider header."""
+def readable_log(path: Path, column: str) -> pd.DataFrame | None:
+    """The log at `path` as a table, or None when there is none. One that cannot be read (not
+    CSV, not UTF-8 text, no `column`) is set aside (`_set_aside`) and None returned."""
+    if not path.exists():
+        return None
+    try:
+        frame = pd.read_csv(path)
+        if column not in frame.columns:
+            raise ValueError(f"no {column!r} column")
+        return frame
+    except (OSError, ValueError) as err:  # pandas' ParserError and UnicodeDecodeError included
+        _set_aside(path, err)
+        return None
+
+
+def _set_aside(path: Path, err: Exception) -> None:
+    """Moves an unreadable log to `<name>.damaged[-N]`, never deleting it, and warns: a log only
+    records, the checkpoints are what resumes, so training goes on with a new one."""
+    aside = path.with_name(f"{path.name}.damaged")
+    number = 1
+    while aside.exists():
+        number += 1
+        aside = path.with_name(f"{path.name}.damaged-{number}")
+    path.rename(aside)
+    warnings.warn(f"{path} could not be read ({err}); it was moved to {aside} and a new log "
+                  "starts with the next row. The checkpoints are intact.", stacklevel=4)
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, newline="") as handle:
+        return next(csv.reader(handle), None) or []
+
+
+def append_csv(path: Path, row: dict, key: str) -> None:
+    """Appends a row (`key`: a column every row has) after reading only the header; a row with
+    new columns (e.g. kNN enabled later) rewrites the file with the wider header."""
     path.parent.mkdir(parents=True, exist_ok=True)
     exists = path.exists()
     if exists:
-        with open(path, newline="") as handle:
-            header = next(csv.reader(handle), None) or []
-        if any(k not in header for k in row):
-            frame = pd.concat([pd.read_csv(path), pd.DataFrame([row])], ignore_index=True)
+        try:
+            header = _header(path)
+            if key not in header:
+                raise ValueError(f"no {key!r} column in its header")
+        except (OSError, ValueError, csv.Error) as err:  # not UTF-8 text, not CSV
+            _set_aside(path, err)
+            exists = False
+    if exists and any(k not in header for k in row):
+        frame = readable_log(path, key)
+        if frame is not None:
+            frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
             atomic_write_text(path, frame.to_csv(index=False))
             return
-    else:
+        exists = False
+    if not exists:
         header = list(row)
     with open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
@@ -81,13 +122,13 @@ class RunLog:
     def step_row(self, step: int, logs: dict) -> None:
         if not self.enabled:
             return
-        append_csv(self.run_dir / runs.STEP_LOG_FILE, {"step": step, **logs})
+        append_csv(self.run_dir / runs.STEP_LOG_FILE, {"step": step, **logs}, key="step")
         self._scalars("step", step, logs)
 
     def epoch_row(self, row: dict) -> None:
         if not self.enabled:
             return
-        append_csv(self.run_dir / runs.LOG_FILE, row)
+        append_csv(self.run_dir / runs.LOG_FILE, row, key="epoch")
         self._scalars("epoch", row["step"],
                       {k: v for k, v in row.items() if k not in ("epoch", "step")})
         self.writer.flush()
@@ -99,9 +140,9 @@ class RunLog:
         for name, column, limit in ((runs.LOG_FILE, "epoch", epoch),
                                     (runs.STEP_LOG_FILE, "step", step)):
             path = self.run_dir / name
-            if not path.exists():
+            frame = readable_log(path, column)
+            if frame is None:
                 continue
-            frame = pd.read_csv(path)
             kept = frame[frame[column] <= limit]
             if len(kept) < len(frame):
                 atomic_write_text(path, kept.to_csv(index=False))
