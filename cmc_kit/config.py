@@ -168,9 +168,16 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Settings must be an object of sections ({', '.join(names)}). "
+                              f"Received: {type(raw).__name__} {str(raw)[:60]}")
         sections = {}
         for f in dataclasses.fields(cls):
             section_cls = f.default_factory
+            if not isinstance(raw.get(f.name, {}), dict):
+                raise ConfigError(f"Settings section '{f.name}' must be an object of "
+                                  f"{f.name}.* settings. Received: {raw[f.name]!r:.60}")
             values = dict(raw.get(f.name, {}))
             known = {sf.name for sf in dataclasses.fields(section_cls)}
             unknown = sorted(set(values) - known)

@@ -587,6 +587,42 @@ def test_a_state_file_that_is_not_text_only_costs_its_summary(trained_run, tmp_p
     assert runs.load_run(run).encoder("online") is not None
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("config.json", b"[]", "Settings must be an object of sections"),
+    ("config.json", b'{"train": 5}', "section 'train' must be an object of train.* settings"),
+    ("split.json", b"[1, 2]", "a JSON object was expected, not list"),
+    ("split.json", b'{"train": 5, "validation": []}', "'train' should be a list of sample ids"),
+])
+def test_run_files_that_are_json_of_the_wrong_shape_are_one_line(trained_run, small_dataset,
+                                                                 tmp_path, capsys, name, content,
+                                                                 message):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / name).write_bytes(content)
+    for command in (["embed", "--run", str(run), "--data", str(small_dataset), "--out",
+                     str(tmp_path / "table.parquet")],
+                    ["train", "--run", str(run), "--data", str(small_dataset), "--epochs", "3"]):
+        assert cli.main(command) == 2
+        line = _one_error_line(capsys.readouterr().err, command[0])
+        assert str(run / name) in line and message in line, line
+    assert (run / name).read_bytes() == content
+
+
+def test_a_state_file_of_the_wrong_shape_only_costs_its_summary(trained_run, tmp_path):
+    import shutil
+
+    from cmc_kit import runs
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "state.json").write_text("[]")
+    with pytest.warns(UserWarning, match=r"state.json is damaged \(a JSON object was expected"):
+        info = runs.run_info(run)
+    assert info["step"] == runs.list_checkpoints(run)[-1]["step"]
+
+
 @pytest.mark.parametrize("name", ["config.json", "split.json"])
 def test_a_run_file_that_is_not_text_is_one_line_naming_it(trained_run, small_dataset, tmp_path,
                                                           capsys, name):

@@ -28,7 +28,7 @@ from cmc_kit.runs.files import (CHECKPOINT_DIR, CHECKPOINT_NAME, CONFIG_FILE, DA
                                 LOG_FILE, MOSAIC_FILE, RUN_OUTPUTS, SET_ASIDE_DIR, SPLIT_FILE,
                                 STATE_FILE, STEP_LOG_FILE, TENSORBOARD_DIR, TRAINING_FILES,
                                 UMAP_CACHE_DIR, epoch_table_path, output_path, read_json,
-                                write_state)
+                                read_split, write_state)
 from cmc_kit.runs.lifecycle import (FreshStart, RunLock, bring_in_previous_run, find_run,
                                     is_run_dir, recover_set_aside, refuse_fresh_with_resume_from)
 from cmc_kit.runs.reading import RunHandle, load_run, run_info
@@ -45,7 +45,7 @@ __all__ = [
     "check_dataset", "check_resume_settings", "checkpoint_number", "checkpoint_paths",
     "dataset_fingerprint", "epoch_table_path", "find_run", "has_checkpoint", "is_run_dir",
     "keep_lost_training_samples", "list_checkpoints", "load_run", "new_split",
-    "newest_usable_checkpoint", "output_path", "read_json", "recover_set_aside",
+    "newest_usable_checkpoint", "output_path", "read_json", "read_split", "recover_set_aside",
     "refuse_fresh_with_resume_from", "resolve_checkpoint", "resolve_config", "run_info",
     "saved_state", "usable_catalog", "write_dataset_fingerprint", "write_state",
 ]

@@ -74,11 +74,30 @@ def epoch_table_path(run_dir: str | os.PathLike, epoch: int) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> dict:
+    """A run file's JSON object; CheckpointError naming the file if it is anything else."""
     try:
-        return json.loads(Path(path).read_text())
+        content = json.loads(Path(path).read_text())
+        if not isinstance(content, dict):
+            raise ValueError(f"a JSON object was expected, not {type(content).__name__} "
+                             f"{str(content)[:60]}")
+        return content
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not even UTF-8 text
         raise CheckpointError(f"Cannot read {path}: {err}. The run directory may be damaged; "
                               "restore the file or start over with --fresh.") from err
+
+
+def read_split(path: str | os.PathLike) -> dict:
+    """RUN/split.json: {"train": ids, "validation": ids}; CheckpointError naming the file if it
+    holds anything else."""
+    split = read_json(path)
+    for side in ("train", "validation"):
+        ids = split.get(side)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise CheckpointError(
+                f"{path} is damaged: '{side}' should be a list of sample ids, not "
+                f"{str(ids)[:60]}. Restore the file (the split decides which samples were held "
+                "out) or start over with --fresh.")
+    return split
 
 
 def write_state(run_dir: str | os.PathLike, state: dict) -> None:

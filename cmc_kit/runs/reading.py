@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from cmc_kit.config import Config
 from cmc_kit.errors import CheckpointError
 from cmc_kit.runs.checkpoints import list_checkpoints, newest_usable_checkpoint
-from cmc_kit.runs.files import CONFIG_FILE, SET_ASIDE_DIR, SPLIT_FILE, STATE_FILE, read_json
+from cmc_kit.runs.files import (CONFIG_FILE, SET_ASIDE_DIR, SPLIT_FILE, STATE_FILE, read_json,
+                               read_split)
 from cmc_kit.runs.settings import apply_split
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class RunHandle:
         if not split_path.exists():
             raise CheckpointError(f"{split_path} is missing, so the held-out samples are unknown. "
                                   "Restore it from the run's output.")
-        return read_json(split_path)
+        return read_split(split_path)
 
     def split(self, catalog: pd.DataFrame) -> dict:
         """{'train': df, 'validation': df}: the catalog's rows on each side of the run's split."""

@@ -162,6 +162,8 @@ def check_dataset(run_dir: str | os.PathLike, now: dict, *, allow_changed: bool)
         return
     try:
         saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("checksums", {}), dict):
+            raise ValueError("not the fingerprint's JSON object")
     except (OSError, ValueError) as err:  # not JSON, or not even UTF-8 text
         raise CheckpointError(
             f"Cannot read {path} ({err}), the fingerprint of the data {run_dir} was trained on. "

@@ -148,7 +148,7 @@ def _trainer_for(data, catalog, run_dir: Path, config: Config, *, resuming: bool
         catalog = runs.usable_catalog(data, check_pixels=not resuming)
         metadata_csv = layout.find_metadata_csv(data)
     if resuming:
-        split_ids = runs.read_json(split_path)
+        split_ids = runs.read_split(split_path)
         if data is not None:
             catalog = runs.keep_lost_training_samples(catalog, split_ids, data, run_dir,
                                                       cache=config.data.cache)
