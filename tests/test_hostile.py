@@ -653,6 +653,10 @@ def test_a_log_that_is_not_text_is_set_aside_and_training_goes_on(trained_run, s
     assert "log.csv could not be read" in err and "moved to" in err and "Traceback" not in err
     assert (run / "log.csv.damaged").read_bytes() == NOT_TEXT  # kept, not deleted
     assert list(pd.read_csv(run / "log.csv")["epoch"]) == [3]  # a new log from here on
+    # A fresh start replaces it with the rest of the old run.
+    assert cli.main(["train", "--data", str(small_dataset), "--run", str(run), "--epochs", "1",
+                     "--fresh", *TINY_TRAIN]) == 0
+    assert not list(run.glob("log.csv.damaged*")) and not (run / ".before-fresh").exists()
 
 
 def test_a_damaged_data_fingerprint_says_the_run_is_intact_and_how_to_resume(

@@ -22,7 +22,8 @@ The trainer asks and this package answers; nothing here builds a training step:
 from cmc_kit.runs.checkpoints import (COUNTERS, checkpoint_number, checkpoint_paths,
                                       has_checkpoint, list_checkpoints, newest_usable_checkpoint,
                                       resolve_checkpoint, saved_state)
-from cmc_kit.runs.files import (CHECKPOINT_DIR, CHECKPOINT_NAME, CONFIG_FILE, DATASET_FILE,
+from cmc_kit.runs.files import (CHECKPOINT_DIR, CHECKPOINT_NAME, CONFIG_FILE, DAMAGED_SUFFIX,
+                                DATASET_FILE,
                                 EMBEDDINGS_DIR, EMBEDDINGS_TABLE, EPOCHS_PAGE_FILE,
                                 EVALUATION_FILE, EXPLORER_FILE, FINETUNE_DIR, LOCK_FILE,
                                 LOG_FILE, MOSAIC_FILE, RUN_OUTPUTS, SET_ASIDE_DIR, SPLIT_FILE,
@@ -37,7 +38,8 @@ from cmc_kit.runs.settings import (apply_split, check_dataset, check_resume_sett
                                    resolve_config, usable_catalog, write_dataset_fingerprint)
 
 __all__ = [
-    "CHECKPOINT_DIR", "CHECKPOINT_NAME", "CONFIG_FILE", "COUNTERS", "DATASET_FILE",
+    "CHECKPOINT_DIR", "CHECKPOINT_NAME", "CONFIG_FILE", "COUNTERS", "DAMAGED_SUFFIX",
+    "DATASET_FILE",
     "EMBEDDINGS_DIR", "EMBEDDINGS_TABLE", "EPOCHS_PAGE_FILE", "EVALUATION_FILE", "EXPLORER_FILE",
     "FINETUNE_DIR", "FreshStart", "LOCK_FILE", "LOG_FILE", "MOSAIC_FILE", "RUN_OUTPUTS",
     "RunHandle", "RunLock", "SET_ASIDE_DIR", "SPLIT_FILE", "STATE_FILE", "STEP_LOG_FILE",

@@ -38,6 +38,17 @@ RUN_OUTPUTS = (CHECKPOINT_DIR, TENSORBOARD_DIR, EMBEDDINGS_DIR, STATE_FILE, LOG_
                EVALUATION_FILE, EXPLORER_FILE, MOSAIC_FILE, EPOCHS_PAGE_FILE, FINETUNE_DIR)
 
 
+# A log training could not read is moved to <name>.damaged[-N] (training/logs.py); a fresh
+# start replaces those with the rest of the old run.
+DAMAGED_SUFFIX = ".damaged"
+
+
+def damaged_logs(run_dir: str | os.PathLike) -> list[str]:
+    """Names of the logs of `run_dir` that training set aside as unreadable."""
+    return sorted(path.name for name in (LOG_FILE, STEP_LOG_FILE)
+                  for path in Path(run_dir).glob(f"{name}{DAMAGED_SUFFIX}*"))
+
+
 # What training owns in a run directory: no output of another command may replace these.
 TRAINING_FILES = (CONFIG_FILE, SPLIT_FILE, STATE_FILE, LOG_FILE, STEP_LOG_FILE, DATASET_FILE,
                   CHECKPOINT_DIR, TENSORBOARD_DIR, SET_ASIDE_DIR, LOCK_FILE)

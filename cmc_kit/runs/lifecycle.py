@@ -12,7 +12,8 @@ from pathlib import Path
 from cmc_kit.errors import CheckpointError
 from cmc_kit.fileio import atomic_write_text
 from cmc_kit.runs.checkpoints import has_checkpoint, saved_state
-from cmc_kit.runs.files import CHECKPOINT_DIR, CONFIG_FILE, LOCK_FILE, RUN_OUTPUTS, SET_ASIDE_DIR
+from cmc_kit.runs.files import (CHECKPOINT_DIR, CONFIG_FILE, LOCK_FILE, RUN_OUTPUTS,
+                                SET_ASIDE_DIR, damaged_logs)
 
 
 class RunLock:
@@ -95,7 +96,7 @@ class FreshStart:
         folder = run_dir / SET_ASIDE_DIR
         # Still here only next to a newer run's checkpoint (else recovered): superseded.
         shutil.rmtree(folder, ignore_errors=True)
-        moved = [name for name in names if (run_dir / name).exists()]
+        moved = [name for name in (*names, *damaged_logs(run_dir)) if (run_dir / name).exists()]
         if moved:
             folder.mkdir(parents=True)
             for name in moved:

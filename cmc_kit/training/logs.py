@@ -43,11 +43,11 @@ def readable_log(path: Path, column: str) -> pd.DataFrame | None:
 def _set_aside(path: Path, err: Exception) -> None:
     """Moves an unreadable log to `<name>.damaged[-N]`, never deleting it, and warns: a log only
     records, the checkpoints are what resumes, so training goes on with a new one."""
-    aside = path.with_name(f"{path.name}.damaged")
+    aside = path.with_name(f"{path.name}{runs.DAMAGED_SUFFIX}")
     number = 1
     while aside.exists():
         number += 1
-        aside = path.with_name(f"{path.name}.damaged-{number}")
+        aside = path.with_name(f"{path.name}{runs.DAMAGED_SUFFIX}-{number}")
     path.rename(aside)
     warnings.warn(f"{path} could not be read ({err}); it was moved to {aside} and a new log "
                   "starts with the next row. The checkpoints are intact.", stacklevel=4)
