@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="cpu-demo")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1")
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--features", default="stages", help="feature source (cmc_kit.features.SOURCES)")
+    parser.add_argument("--features", default="stages",
+                        help="feature source (cmc_kit.features.SOURCES)")
     parser.add_argument("--grid", type=int, default=None,
                         help="score GRID x GRID crops per sample (evaluate --grid); default: as "
                              "many as tile the images, at most 4 (4 for the demo's 256 px images "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -59,6 +60,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         with open(tmp, "w") as handle:
             handle.write(text)
     return path
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in `path`. Raises OSError (unreadable) or ValueError (not UTF-8 text, not
+    JSON, or JSON that is not an object) for the caller to turn into its own one-line message."""
+    content = json.loads(Path(path).read_text())
+    if not isinstance(content, dict):
+        raise ValueError(f"a JSON object was expected, not {type(content).__name__} "
+                         f"{str(content)[:60]}")
+    return content
 
 
 def write_problem(err: BaseException) -> str | None:

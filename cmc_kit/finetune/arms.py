@@ -24,7 +24,7 @@ import pandas as pd
 
 from cmc_kit import runs
 from cmc_kit.errors import DataError
-from cmc_kit.fileio import atomic_write_text
+from cmc_kit.fileio import atomic_write_text, read_json_object
 from cmc_kit.finetune import scores, segmenter
 
 ARMS = ("frozen", "finetuned", "random_init")
@@ -216,8 +216,8 @@ def _finished_result(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:  # not JSON, or not even UTF-8 text
+        return read_json_object(path)
+    except (OSError, ValueError) as err:
         warnings.warn(f"{path} is damaged ({err}); that arm is continued from its checkpoints "
                       "and scored again.", stacklevel=4)
         return None
@@ -226,7 +226,7 @@ def _finished_result(path: Path) -> dict | None:
 def _load_arm(handle, folder: str | Path):
     folder = Path(handle.run_dir) / folder
     try:
-        settings = json.loads((folder / SETTINGS_FILE).read_text())
+        settings = read_json_object(folder / SETTINGS_FILE)
     except (OSError, ValueError) as err:
         raise DataError(f"Cannot read {folder / SETTINGS_FILE} ({err}). Delete {folder} and run "
                         "`cmc-kit finetune` again to train that arm anew.") from None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cmc_kit.errors import CheckpointError
-from cmc_kit.fileio import atomic_write_text, output_file_path
+from cmc_kit.fileio import atomic_write_text, output_file_path, read_json_object
 
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"
@@ -87,12 +87,8 @@ def epoch_table_path(run_dir: str | os.PathLike, epoch: int) -> Path:
 def read_json(path: str | os.PathLike) -> dict:
     """A run file's JSON object; CheckpointError naming the file if it is anything else."""
     try:
-        content = json.loads(Path(path).read_text())
-        if not isinstance(content, dict):
-            raise ValueError(f"a JSON object was expected, not {type(content).__name__} "
-                             f"{str(content)[:60]}")
-        return content
-    except (OSError, ValueError) as err:  # ValueError: not JSON, or not even UTF-8 text
+        return read_json_object(path)
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"Cannot read {path}: {err}. The run directory may be damaged; "
                               "restore the file or start over with --fresh.") from err
 

@@ -44,7 +44,7 @@ def run_info(run: str | os.PathLike) -> dict:
         "epoch": latest.get("epoch", state.get("epoch", 0)),
         "epochs": config.train.epochs,
         "step": latest.get("step", state.get("step", 0)),
-        "queue_fill": state.get("queue_fill", 0 if state or not usable else None),
+        "queue_fill": state.get("queue_fill", None if usable else 0),  # None: unknown
         "queue_size": state.get("queue_size"),
         "skipped_steps": state.get("skipped_steps", 0),
         "latest_checkpoint": latest["path"],

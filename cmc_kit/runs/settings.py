@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from cmc_kit import layout
 from cmc_kit.config import Config, preset
 from cmc_kit.errors import CheckpointError
-from cmc_kit.fileio import atomic_write_text
+from cmc_kit.fileio import atomic_write_text, read_json_object
 from cmc_kit.runs.files import CONFIG_FILE, DATASET_FILE
 from cmc_kit.runs.lifecycle import recover_set_aside
 
@@ -161,10 +161,10 @@ def check_dataset(run_dir: str | os.PathLike, now: dict, *, allow_changed: bool)
     if not path.is_file():
         return
     try:
-        saved = json.loads(path.read_text())
-        if not isinstance(saved, dict) or not isinstance(saved.get("checksums", {}), dict):
-            raise ValueError("not the fingerprint's JSON object")
-    except (OSError, ValueError) as err:  # not JSON, or not even UTF-8 text
+        saved = read_json_object(path)
+        if not isinstance(saved.get("checksums", {}), dict):
+            raise ValueError("its checksums are not an object")
+    except (OSError, ValueError) as err:
         raise CheckpointError(
             f"Cannot read {path} ({err}), the fingerprint of the data {run_dir} was trained on. "
             "The run itself is intact: delete that file and run the same command again to "
